@@ -1,0 +1,105 @@
+"""Shape arithmetic of merged convolutions, without weights (numpy only).
+
+Composing conv1 (kernel k1, stride s1, padding p1) then conv2 (k2, s2, p2) with
+the padding applied once at the input gives kernel ``k1 + s1*(k2-1)``, stride
+``s1*s2`` and padding ``p1 + s1*p2``. Dilated kernels count with their dilated
+extent ``d*(k-1)+1``. Groups follow the channel connectivity: the merged conv
+keeps the largest grouping under which it is still exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+from dpcompress.chain import Chain
+
+
+def connectivity(in_channels: int, out_channels: int, groups: int) -> np.ndarray:
+    """Boolean [out, in] mask: which input channels each output channel of a grouped conv reads."""
+    out_group = np.arange(out_channels) // (out_channels // groups)
+    in_group = np.arange(in_channels) // (in_channels // groups)
+    return out_group[:, None] == in_group[None, :]
+
+
+def compose_connectivity(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Mask of ``second ∘ first``: output reads input when some middle channel links them."""
+    return (second.astype(np.int64) @ first.astype(np.int64)) > 0
+
+
+def largest_exact_groups(mask: np.ndarray) -> int:
+    """The largest g dividing both channel counts whose block-diagonal structure covers ``mask``."""
+    out_channels, in_channels = mask.shape
+    rows, cols = np.nonzero(mask)
+    for g in range(min(out_channels, in_channels), 0, -1):
+        if out_channels % g or in_channels % g:
+            continue
+        if np.array_equal(rows // (out_channels // g), cols // (in_channels // g)):
+            return g
+    return 1
+
+
+@dataclass(frozen=True)
+class BlockGeometry:
+    """What block (start, end) becomes: one convolution, plus the activation at ``end``."""
+
+    start: int
+    end: int
+    in_channels: int
+    out_channels: int
+    kernel: Tuple[int, int]
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    groups: int
+    in_shape: Tuple[int, int, int, int]
+    out_shape: Tuple[int, int, int, int]
+    activation: Optional[str]
+    bias: bool
+
+
+def effective_kernel(kernel: Sequence[int], dilation: Sequence[int]) -> Tuple[int, int]:
+    return (dilation[0] * (kernel[0] - 1) + 1, dilation[1] * (kernel[1] - 1) + 1)
+
+
+def block_geometry(chain: Chain, start: int, end: int) -> BlockGeometry:
+    """The merged convolution that valid block (start, end) of ``chain`` turns into."""
+    if not chain.is_valid_block(start, end):
+        raise ValueError(f"({start}, {end}) is not a valid block of this chain")
+    first = chain.unit(start + 1)
+    kernel = list(effective_kernel(first.kernel, first.dilation))
+    stride = list(first.stride)
+    padding = list(first.padding)
+    # Connectivity masks per position, so that identity residuals can be OR-ed in.
+    mask_at = {start: np.eye(first.in_channels, dtype=bool)}
+    mask = connectivity(first.in_channels, first.out_channels, first.groups)
+    mask_at[start + 1] = mask
+    has_bias = first.bias or first.batchnorm is not None
+    for p in range(start + 2, end + 1):
+        u = chain.unit(p)
+        k = effective_kernel(u.kernel, u.dilation)
+        for axis in range(2):
+            kernel[axis] += stride[axis] * (k[axis] - 1)
+            padding[axis] += stride[axis] * u.padding[axis]
+            stride[axis] *= u.stride[axis]
+        mask = compose_connectivity(mask, connectivity(u.in_channels, u.out_channels, u.groups))
+        mask_at[p] = mask
+        has_bias = has_bias or u.bias or u.batchnorm is not None
+    for r in chain.residuals_inside(start, end):
+        # x_end = f(x_start) + x_start: the shortcut carries x_start's own connectivity.
+        mask = mask_at[r.end] | mask_at[r.start]
+        mask_at[r.end] = mask
+        for p in range(r.end + 1, end + 1):
+            u = chain.unit(p)
+            mask = compose_connectivity(mask, connectivity(u.in_channels, u.out_channels, u.groups))
+            mask_at[p] = mask
+    last = chain.unit(end)
+    return BlockGeometry(
+        start=start, end=end,
+        in_channels=first.in_channels, out_channels=last.out_channels,
+        kernel=(kernel[0], kernel[1]), stride=(stride[0], stride[1]), padding=(padding[0], padding[1]),
+        groups=largest_exact_groups(mask_at[end]),
+        in_shape=first.in_shape, out_shape=last.out_shape,
+        activation=last.activation, bias=has_bias,
+    )
