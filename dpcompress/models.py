@@ -1,0 +1,123 @@
+"""Model specs: ``torchvision:NAME[?k=v&...]``, ``path/to/file.py:factory``, ``package.module:factory``."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from dpcompress.errors import UserError
+
+
+def parse_spec(spec: str) -> Tuple[str, str, Dict[str, Any]]:
+    """Split a spec into (source, factory, keyword arguments).
+
+    Keyword values are Python literals where they parse as one (``width_mult=1.4``,
+    ``num_classes=10``) and strings otherwise.
+    """
+    base, _, query = spec.partition("?")
+    source, sep, factory = base.rpartition(":")
+    if not sep or not source or not factory:
+        raise UserError(f"model spec {spec!r} must look like torchvision:NAME, path/to/file.py:factory "
+                        "or package.module:factory")
+    kwargs: Dict[str, Any] = {}
+    for item in filter(None, query.split("&")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.isidentifier():
+            raise UserError(f"model spec {spec!r}: keyword argument {item!r} must look like name=value")
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return source, factory, kwargs
+
+
+def _torchvision_factory(name: str) -> Callable[..., Any]:
+    from dpcompress.tv_compat import import_torchvision
+
+    models = import_torchvision().models
+    known = set(models.list_models(module=models))
+    if name not in known:
+        close = sorted(n for n in known if n.startswith(name[:4]))[:6]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise UserError(f"unknown torchvision model {name!r}{hint}; see torchvision.models.list_models()")
+    return models.get_model_builder(name)
+
+
+def _file_factory(path: str, name: str) -> Callable[..., Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"model file {path} does not exist")
+    module_name = f"dpcompress_user_{abs(hash(str(file.resolve())))}"
+    spec = importlib.util.spec_from_file_location(module_name, file)
+    if spec is None or spec.loader is None:
+        raise UserError(f"cannot import {path} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look modules up here
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # the user's file failed at import: say where
+        raise UserError(f"importing {path} failed: {type(err).__name__}: {err}") from err
+    return _attribute(module, name, path)
+
+
+def _module_factory(module_name: str, name: str) -> Callable[..., Any]:
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise UserError(f"cannot import module {module_name!r}: {err}") from err
+    return _attribute(module, name, module_name)
+
+
+def _attribute(module: Any, name: str, where: str) -> Callable[..., Any]:
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise UserError(f"{where} has no callable {name!r} (the part after ':' must name a model factory)")
+    return factory
+
+
+def build_model(spec: str, weights: Optional[str] = None) -> Any:
+    """Build the model a spec names, load ``weights`` (a state_dict file) if given, in eval mode."""
+    import torch
+
+    source, name, kwargs = parse_spec(spec)
+    if source == "torchvision":
+        factory = _torchvision_factory(name)
+    elif source.endswith(".py"):
+        factory = _file_factory(source, name)
+    else:
+        factory = _module_factory(source, name)
+    try:
+        model = factory(**kwargs)
+    except TypeError as err:
+        raise UserError(f"building {spec!r} failed: {err}") from err
+    if not isinstance(model, torch.nn.Module):
+        raise UserError(f"{spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    if weights is not None:
+        load_weights(model, weights)
+    return model.eval()
+
+
+def load_weights(model: Any, path: str) -> None:
+    """Load a state_dict (or a checkpoint dict holding one under 'state_dict'/'model') into ``model``."""
+    import torch
+
+    if not Path(path).is_file():
+        raise UserError(f"weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"cannot read weights {path}: {type(err).__name__}: {err}") from err
+    if isinstance(state, dict) and not any(hasattr(v, "shape") for v in state.values()):
+        for key in ("state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise UserError(f"weights {path} do not fit the model: {first}") from err
