@@ -1,0 +1,161 @@
+"""Latency backends: one small module per runtime behind one interface, imported lazily.
+
+A :class:`Backend` turns a module plus an input shape into a :class:`Runner` whose
+``time(warmup, iters)`` returns one wall-clock latency per timed run, in ms.
+``get_backend`` imports a backend's runtime (onnxruntime, torch, tensorrt) only
+when that backend is asked for, so the package works without any of them.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+
+from dpcompress.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.nn
+
+BACKEND_NAMES = ("onnxruntime", "torch", "tensorrt")
+PRECISIONS = ("fp32", "fp16")
+DEVICES = ("cpu", "cuda")
+
+
+class Runner(ABC):
+    """One prepared model at one input shape, ready to be timed repeatedly."""
+
+    @abstractmethod
+    def time(self, warmup: int, iters: int) -> List[float]:
+        """Run ``warmup`` untimed passes, then return the latency of each of ``iters`` timed passes, in ms."""
+
+
+class Backend(ABC):
+    """A runtime on a device: prepares modules for timing and says what it is."""
+
+    name: str
+    device: str  # "cpu" or "cuda"
+
+    @property
+    @abstractmethod
+    def version(self) -> str:
+        """Version of the runtime library (for the table's meta)."""
+
+    @property
+    @abstractmethod
+    def device_name(self) -> str:
+        """Human-readable device: the CPU model or the GPU name."""
+
+    @property
+    def threads(self) -> Optional[int]:
+        """CPU threads the runtime uses, where it is set (None on GPU)."""
+        return None
+
+    @abstractmethod
+    def prepare(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str = "fp32") -> Runner:
+        """Build ``module`` for input ``input_shape`` (N, C, H, W) at ``precision`` ("fp32" or "fp16")."""
+
+    def options(self) -> Dict[str, Any]:
+        """Settings that change the timings beyond name, device and threads (for the table's meta)."""
+        return {}
+
+    def describe(self) -> str:
+        threads = f", {self.threads} threads" if self.threads else ""
+        return f"{self.name} {self.version} on {self.device_name}{threads}"
+
+
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it, else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def default_threads() -> int:
+    """All cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def check_precision(precision: str, device: str) -> None:
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device != "cuda":
+        raise UserError("fp16 timing needs a CUDA device; use --precision fp32 on the CPU, or --gpu")
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def require_cuda(what: str) -> None:
+    if not cuda_available():
+        raise UserError(f"{what} needs a CUDA device and torch sees none (torch.cuda.is_available() is False); "
+                        "run on a GPU machine or use --backend onnxruntime for the CPU")
+
+
+def get_backend(name: str, *, device: str = "cpu", threads: Optional[int] = None,
+                cuda_graphs: bool = False, channels_last: bool = False) -> Backend:
+    """The backend called ``name`` on ``device``; its runtime is imported here, not before.
+
+    ``threads`` applies to CPU runtimes (default: all cores); ``cuda_graphs`` and
+    ``channels_last`` to the torch backend.
+    """
+    if name not in BACKEND_NAMES:
+        raise UserError(f"unknown backend {name!r}; use one of {', '.join(BACKEND_NAMES)}")
+    if device not in DEVICES:
+        raise UserError(f"unknown device {device!r}; use cpu or cuda")
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be at least 1 (got {threads})")
+    if name == "onnxruntime":
+        from dpcompress.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(device=device, threads=threads)
+    if name == "torch":
+        from dpcompress.backends.torch_backend import TorchBackend
+
+        return TorchBackend(device=device, threads=threads, cuda_graphs=cuda_graphs, channels_last=channels_last)
+    from dpcompress.backends.tensorrt_backend import TensorRTBackend
+
+    return TensorRTBackend()
+
+
+def select_gpu_backend(*, cuda_graphs: bool = False, channels_last: bool = False) -> Tuple[Backend, str]:
+    """``--gpu``: TensorRT where it imports, else eager torch on CUDA. Returns the backend and why it was picked."""
+    require_cuda("--gpu")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        backend = get_backend("torch", device="cuda", cuda_graphs=cuda_graphs, channels_last=channels_last)
+        return backend, f"--gpu: TensorRT is not installed, using {backend.describe()}"
+    backend = get_backend("tensorrt", device="cuda")
+    return backend, f"--gpu: using {backend.describe()}"
+
+
+def export_onnx_bytes(module: "torch.nn.Module", example: "torch.Tensor") -> bytes:
+    """``module`` as an in-memory single-file ONNX model with input ``x`` and output ``y``.
+
+    The TorchScript exporter (``dynamo=False``) is used: it is several times faster
+    than the dynamo exporter for the small convolutions a latency table is made of.
+    """
+    import io
+    import warnings
+
+    import torch
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(module, (example,), buffer, input_names=["x"], output_names=["y"],
+                          opset_version=17, dynamo=False)
+    return buffer.getvalue()

@@ -1,0 +1,317 @@
+"""Latency tables: every valid block of a chain timed as the merged convolution it becomes.
+
+Each block (i, j) is built as one ``nn.Conv2d`` with the geometry of
+``block_geometry`` (random weights: latency does not depend on their values),
+followed by the activation at position j as in the model, and timed at the input
+shape it would see. Blocks with identical geometry (all but their positions) are
+timed once. Rows are appended to ``<out>.partial`` as they finish (flushed and
+fsynced), so an interrupted run resumes where it stopped; the finished table is
+written sorted and atomically, with ``<name>.meta.json`` beside it.
+
+Table columns: ``start,end,latency_ms,std_ms,in_channels,out_channels,kernel,
+stride,groups,in_h,in_w``. ``kernel`` and ``stride`` are one integer when square
+(``3``) and ``HxW`` otherwise (``3x5``); ``in_h``/``in_w`` are the block's input size.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+
+from dpcompress import __version__
+from dpcompress.chain import Chain
+from dpcompress.errors import UserError
+from dpcompress.fileio import write_json_atomic, write_text_atomic
+from dpcompress.geometry import BlockGeometry, block_geometry
+from dpcompress.tables import meta_path_for
+from dpcompress.timing import time_runner
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.nn
+
+    from dpcompress.backends import Backend
+
+TABLE_FORMAT = "dpcompress-latency-table/1"
+TABLE_COLUMNS = ("start", "end", "latency_ms", "std_ms", "in_channels", "out_channels",
+                 "kernel", "stride", "groups", "in_h", "in_w")
+# Meta fields that must agree for a run to resume (or reuse) an existing table.
+RESUME_KEYS = ("format", "model", "input_shape", "batch_size", "backend", "backend_version", "backend_options",
+               "device", "device_name", "threads", "precision", "warmup", "iters", "chain_fingerprint",
+               "dpcompress_version")
+
+Block = Tuple[int, int]
+Row = Dict[str, Any]
+
+
+class BlockShape(NamedTuple):
+    """Everything about a block that affects its latency: its geometry minus its positions."""
+
+    in_channels: int
+    out_channels: int
+    kernel: Tuple[int, int]
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    groups: int
+    in_chw: Tuple[int, ...]
+    activation: Optional[str]
+    bias: bool
+
+
+@dataclass(frozen=True)
+class ProfileProgress:
+    done_blocks: int  # rows in the table so far (resumed ones included)
+    total_blocks: int
+    timed_shapes: int  # distinct shapes timed in this run so far
+    shapes_to_time: int  # distinct shapes this run has to time
+    elapsed_s: float
+    eta_s: Optional[float]  # None until the first shape has been timed
+
+
+@dataclass(frozen=True)
+class ProfileResult:
+    table_path: Path
+    meta_path: Path
+    meta: Dict[str, Any]
+    rows: List[Row]
+    timed_shapes: int  # backend runs made by this call
+    resumed_blocks: int  # rows found from an earlier (interrupted) run
+
+
+def partial_paths(table_path: "os.PathLike[str] | str") -> Tuple[Path, Path]:
+    """Where an unfinished run keeps its rows and meta."""
+    path = Path(table_path)
+    return path.with_name(path.name + ".partial"), path.with_name(meta_path_for(path).name + ".partial")
+
+
+def format_pair(pair: Sequence[int]) -> str:
+    """``(3, 3)`` -> ``"3"``; ``(3, 5)`` -> ``"3x5"``."""
+    return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}x{pair[1]}"
+
+
+def block_shape(geometry: BlockGeometry) -> BlockShape:
+    g = geometry
+    return BlockShape(g.in_channels, g.out_channels, g.kernel, g.stride, g.padding, g.groups,
+                      tuple(g.in_shape[1:]), g.activation, g.bias)
+
+
+def group_by_shape(chain: Chain, blocks: Iterable[Block]) -> Dict[BlockShape, List[Block]]:
+    """Blocks grouped by shape, groups in order of their first block."""
+    groups: Dict[BlockShape, List[Block]] = {}
+    for block in blocks:
+        groups.setdefault(block_shape(block_geometry(chain, *block)), []).append(block)
+    return groups
+
+
+def activation_module(kind: Optional[str]) -> "torch.nn.Module":
+    """The ``torch.nn`` module for an activation kind as the tracer names it ("ReLU", "relu6", "SiLU", ...)."""
+    from torch import nn
+
+    if kind is None:
+        return nn.Identity()
+    known = {cls.__name__.lower(): cls for cls in (
+        nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.GELU, nn.LeakyReLU, nn.ELU,
+        nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.PReLU, nn.SELU, nn.CELU, nn.Softplus)}
+    cls = known.get(kind.lower())
+    if cls is None:
+        raise UserError(f"the profiler does not know activation {kind!r}; "
+                        f"known: {', '.join(sorted(c.__name__ for c in known.values()))}")
+    return cls()
+
+
+def block_module(geometry: BlockGeometry) -> "torch.nn.Module":
+    """The merged convolution of a block plus its end activation, with random weights."""
+    from torch import nn
+
+    g = geometry
+    conv = nn.Conv2d(g.in_channels, g.out_channels, g.kernel, stride=g.stride, padding=g.padding,
+                     groups=g.groups, bias=g.bias)
+    return nn.Sequential(conv, activation_module(g.activation)).eval()
+
+
+def block_input_shape(geometry: BlockGeometry, batch_size: int) -> Tuple[int, int, int, int]:
+    _, c, h, w = geometry.in_shape
+    return (batch_size, c, h, w)
+
+
+def table_row(geometry: BlockGeometry, latency_ms: float, std_ms: float) -> Row:
+    g = geometry
+    return {"start": g.start, "end": g.end, "latency_ms": latency_ms, "std_ms": std_ms,
+            "in_channels": g.in_channels, "out_channels": g.out_channels,
+            "kernel": format_pair(g.kernel), "stride": format_pair(g.stride), "groups": g.groups,
+            "in_h": g.in_shape[2], "in_w": g.in_shape[3]}
+
+
+def _csv_line(row: Row) -> str:
+    buffer = io.StringIO()
+    values = dict(row, latency_ms=f"{row['latency_ms']:.6f}", std_ms=f"{row['std_ms']:.6f}")
+    csv.DictWriter(buffer, TABLE_COLUMNS, lineterminator="\n").writerow(values)
+    return buffer.getvalue()
+
+
+def table_text(rows: Iterable[Row]) -> str:
+    """The CSV text of ``rows``, header first, sorted by (start, end)."""
+    ordered = sorted(rows, key=lambda r: (r["start"], r["end"]))
+    return ",".join(TABLE_COLUMNS) + "\n" + "".join(_csv_line(r) for r in ordered)
+
+
+def read_rows(path: Path) -> Dict[Block, Row]:
+    """Rows of a (possibly partial) table by block. A line cut short by an interruption is dropped."""
+    rows: Dict[Block, Row] = {}
+    with open(path, newline="") as f:
+        for record in csv.DictReader(f):
+            try:
+                block = (int(record["start"]), int(record["end"]))
+                row: Row = dict(record, start=block[0], end=block[1],
+                                latency_ms=float(record["latency_ms"]), std_ms=float(record["std_ms"]))
+            except (KeyError, TypeError, ValueError):
+                continue
+            if any(row.get(c) in (None, "") for c in TABLE_COLUMNS):
+                continue
+            rows[block] = row
+    return rows
+
+
+def profile_meta(chain: Chain, backend: "Backend", *, model_spec: Optional[str], input_shape: Sequence[int],
+                 batch_size: int, precision: str, warmup: int, iters: int) -> Dict[str, Any]:
+    """The meta of a table profiled with these settings (``date`` is set when the table is finished)."""
+    return {
+        "format": TABLE_FORMAT,
+        "model": model_spec,
+        "input_shape": [int(x) for x in input_shape],
+        "batch_size": int(batch_size),
+        "backend": backend.name,
+        "backend_version": backend.version,
+        "backend_options": backend.options(),
+        "device": backend.device,
+        "device_name": backend.device_name,
+        "threads": backend.threads,
+        "precision": precision,
+        "warmup": int(warmup),
+        "iters": int(iters),
+        "statistic": "median of the timed runs; std_ms is their standard deviation",
+        "chain_fingerprint": chain.fingerprint(),
+        "num_positions": chain.num_positions,
+        "dpcompress_version": __version__,
+        "columns": list(TABLE_COLUMNS),
+    }
+
+
+def _check_resumable(path: Path, found: Dict[str, Any], wanted: Dict[str, Any], table_path: Path) -> None:
+    differing = [k for k in RESUME_KEYS if found.get(k) != wanted.get(k)]
+    if differing:
+        details = ", ".join(f"{k}: {found.get(k)!r} there, {wanted.get(k)!r} now" for k in differing)
+        raise UserError(f"{path} was made with other settings ({details}); "
+                        f"use a new --out or --overwrite to replace {table_path}")
+
+
+def _read_meta(path: Path, table_path: Path) -> Dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{table_path} exists without its meta file {path}; "
+                        "use a new --out or --overwrite to replace it") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err}); use a new --out or --overwrite") from None
+
+
+def _existing_rows(table_path: Path, meta: Dict[str, Any], overwrite: bool) -> Dict[Block, Row]:
+    """Rows already measured with the same settings: from an interrupted run, else from the finished table."""
+    partial_table, partial_meta = partial_paths(table_path)
+    if overwrite:
+        for path in (partial_table, partial_meta):
+            path.unlink(missing_ok=True)
+        return {}
+    if partial_table.exists():
+        _check_resumable(partial_meta, _read_meta(partial_meta, table_path), meta, table_path)
+        return read_rows(partial_table)
+    if table_path.exists():
+        meta_path = meta_path_for(table_path)
+        _check_resumable(meta_path, _read_meta(meta_path, table_path), meta, table_path)
+        return read_rows(table_path)
+    return {}
+
+
+def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str", *,
+                  model_spec: Optional[str] = None, input_shape: Optional[Sequence[int]] = None,
+                  batch_size: Optional[int] = None, precision: str = "fp32", warmup: int = 10, iters: int = 50,
+                  overwrite: bool = False,
+                  progress: Optional[Callable[[ProfileProgress], None]] = None) -> ProfileResult:
+    """Time every valid block of ``chain`` on ``backend`` and write the latency table ``out`` (+ meta).
+
+    ``batch_size`` replaces N of the chain's input shape for timing (default: that N).
+    Re-running with the same settings resumes an interrupted run and re-times nothing
+    it already has; other settings are refused unless ``overwrite``.
+    """
+    from dpcompress.backends import check_precision
+
+    if warmup < 0 or iters < 1:
+        raise UserError("--warmup must be >= 0 and --iters >= 1")
+    check_precision(precision, backend.device)
+    input_shape = tuple(input_shape or chain.input_shape)
+    batch_size = int(batch_size or input_shape[0])
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
+    table_path = Path(out)
+    meta = profile_meta(chain, backend, model_spec=model_spec, input_shape=input_shape, batch_size=batch_size,
+                        precision=precision, warmup=warmup, iters=iters)
+    blocks = chain.valid_blocks()
+    valid = set(blocks)
+    rows = {b: r for b, r in _existing_rows(table_path, meta, overwrite).items() if b in valid}
+    resumed = len(rows)
+    groups = group_by_shape(chain, blocks)
+    for shape in groups:
+        activation_module(shape.activation)  # an unknown activation fails now, not halfway through
+    # A shape one of whose blocks already has a row needs no timing: its latency is reused.
+    to_time = [shape for shape, members in groups.items() if not any(b in rows for b in members)]
+
+    partial_table, partial_meta = partial_paths(table_path)
+    write_json_atomic(partial_meta, meta)
+    write_text_atomic(partial_table, table_text(rows.values()))  # drops a line cut short last time
+    started = time.perf_counter()
+    timed = 0
+
+    def report() -> None:
+        if progress is None:
+            return
+        elapsed = time.perf_counter() - started
+        eta = elapsed / timed * (len(to_time) - timed) if timed else None
+        progress(ProfileProgress(len(rows), len(blocks), timed, len(to_time), elapsed, eta))
+
+    report()
+    with open(partial_table, "a") as sink:
+        for members in groups.values():
+            missing = [b for b in members if b not in rows]
+            if not missing:
+                continue
+            done = next((rows[b] for b in members if b in rows), None)
+            if done is not None:
+                latency, std = done["latency_ms"], done["std_ms"]
+            else:
+                geometry = block_geometry(chain, *members[0])
+                runner = backend.prepare(block_module(geometry), block_input_shape(geometry, batch_size), precision)
+                stats = time_runner(runner, warmup, iters)
+                latency, std = stats.median_ms, stats.std_ms
+                timed += 1
+            for block in missing:
+                row = table_row(block_geometry(chain, *block), latency, std)
+                rows[block] = row
+                sink.write(_csv_line(row))
+            sink.flush()
+            os.fsync(sink.fileno())
+            report()
+
+    meta = dict(meta, num_blocks=len(blocks), unique_shapes=len(groups),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    write_json_atomic(meta_path_for(table_path), meta)
+    write_text_atomic(table_path, table_text(rows.values()))
+    partial_table.unlink()
+    partial_meta.unlink()
+    return ProfileResult(table_path, meta_path_for(table_path), meta,
+                         sorted(rows.values(), key=lambda r: (r["start"], r["end"])), timed, resumed)

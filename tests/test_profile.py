@@ -1,0 +1,202 @@
+"""Profiler: covers exactly the valid blocks, times each shape once, resumes, refuses other settings."""
+
+from __future__ import annotations
+
+import csv
+import json
+from typing import List, Optional, Sequence, Tuple
+
+import pytest
+
+from dpcompress.backends import Backend, Runner
+from dpcompress.chain import Chain, ConvUnit, Residual
+from dpcompress.errors import UserError
+from dpcompress.profile import (TABLE_COLUMNS, format_pair, partial_paths, profile_table)
+from dpcompress.tables import meta_path_for, read_latency_table
+
+
+def unit(position: int, cin: int, cout: int, hw: int, *, kernel: int = 3, stride: int = 1, groups: int = 1,
+         activation: Optional[str] = "ReLU", linked: bool = True) -> ConvUnit:
+    pad = kernel // 2
+    out_hw = (hw + 2 * pad - kernel) // stride + 1
+    return ConvUnit(position=position, name=f"conv{position}", in_channels=cin, out_channels=cout,
+                    kernel=(kernel, kernel), stride=(stride, stride), padding=(pad, pad), dilation=(1, 1),
+                    groups=groups, bias=False, in_shape=(1, cin, hw, hw), out_shape=(1, cout, out_hw, out_hw),
+                    batchnorm=f"bn{position}", activation=activation, linked=linked and position > 1,
+                    barrier=None if linked else "pool")
+
+
+def uniform_chain(length: int = 4) -> Chain:
+    """``length`` identical 3x3 8->8 convs at 8x8: a block's shape depends only on its length."""
+    return Chain(model="test:uniform", input_shape=(1, 8, 8, 8),
+                 units=[unit(p, 8, 8, 8) for p in range(1, length + 1)])
+
+
+def mixed_chain() -> Chain:
+    """Stem, a residual (1 -> 3) with a depthwise conv, a barrier before conv 5, then a strided conv."""
+    units = [
+        unit(1, 3, 8, 8),
+        unit(2, 8, 8, 8, groups=8),
+        unit(3, 8, 8, 8, kernel=1, activation=None),
+        unit(4, 8, 16, 8, kernel=1),
+        unit(5, 16, 16, 8, stride=2, linked=False),
+        unit(6, 16, 16, 4, kernel=1, activation=None),
+    ]
+    return Chain(model="test:mixed", input_shape=(1, 3, 8, 8), units=units, residuals=[Residual(1, 3)])
+
+
+class RecordingBackend(Backend):
+    """Counts prepare calls; a block's 'latency' is its kernel area times its output channels."""
+
+    name = "recording"
+    device = "cpu"
+
+    def __init__(self, fail_after: Optional[int] = None) -> None:
+        self.prepared: List[Tuple[Tuple[int, ...], Tuple[int, ...]]] = []
+        self.fail_after = fail_after
+
+    @property
+    def version(self) -> str:
+        return "1"
+
+    @property
+    def device_name(self) -> str:
+        return "test device"
+
+    def prepare(self, module, input_shape: Sequence[int], precision: str = "fp32") -> Runner:
+        if self.fail_after is not None and len(self.prepared) >= self.fail_after:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-run
+        conv = module[0]
+        self.prepared.append((tuple(conv.kernel_size), tuple(input_shape)))
+        cost = float(conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels)
+        return _ConstantRunner(cost)
+
+
+class _ConstantRunner(Runner):
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def time(self, warmup: int, iters: int) -> List[float]:
+        return [self.value] * iters
+
+
+def read_csv(path) -> List[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def brute_force_valid_blocks(chain: Chain) -> List[Tuple[int, int]]:
+    """Valid blocks from the definitions in DESIGN.md, independently of Chain.valid_blocks."""
+    blocks = []
+    for i in range(chain.num_positions):
+        for j in range(i + 1, chain.num_positions + 1):
+            crosses_barrier = any(not chain.unit(p).linked for p in range(i + 2, j + 1))
+            splits_residual = any((i < r.start < j or i < r.end < j) and not (i <= r.start and r.end <= j)
+                                  for r in chain.residuals)
+            if not crosses_barrier and not splits_residual:
+                blocks.append((i, j))
+    return blocks
+
+
+def test_rows_are_exactly_the_valid_blocks_sorted_with_shapes(tmp_path):
+    chain = mixed_chain()
+    out = tmp_path / "mixed.csv"
+    profile_table(chain, RecordingBackend(), out, model_spec="test:mixed", warmup=0, iters=2)
+    rows = read_csv(out)
+    assert tuple(rows[0].keys()) == TABLE_COLUMNS
+    blocks = [(int(r["start"]), int(r["end"])) for r in rows]
+    assert blocks == brute_force_valid_blocks(chain)
+    assert (0, 2) not in blocks and (1, 3) in blocks and (3, 5) not in blocks  # residual, barrier
+    by_block = {(int(r["start"]), int(r["end"])): r for r in rows}
+    row = by_block[(1, 4)]  # 3x3 dw + 1x1 + residual + 1x1 -> 3x3, 8 -> 16, dense (the residual mixes)
+    assert (row["kernel"], row["stride"], row["in_channels"], row["out_channels"]) == ("3", "1", "8", "16")
+    assert float(row["latency_ms"]) == 3 * 3 * 16
+    strided = by_block[(4, 6)]
+    assert (strided["kernel"], strided["stride"], strided["in_h"]) == ("3", "2", "8")
+    assert float(strided["std_ms"]) == 0.0
+    # The table reads back through the solver's reader, with the meta beside it.
+    table = read_latency_table(out)
+    assert set(table.latency_ms) == set(blocks)
+    assert table.meta["chain_fingerprint"] == chain.fingerprint()
+
+
+def test_identical_shapes_are_timed_once(tmp_path):
+    chain = uniform_chain(4)  # 10 blocks, but only 4 shapes: lengths 1..4 -> kernels 3, 5, 7, 9
+    backend = RecordingBackend()
+    result = profile_table(chain, backend, tmp_path / "u.csv", warmup=0, iters=1, batch_size=5)
+    assert len(result.rows) == 10
+    assert sorted(k for k, _ in backend.prepared) == [(3, 3), (5, 5), (7, 7), (9, 9)]
+    assert {shape for _, shape in backend.prepared} == {(5, 8, 8, 8)}  # batch size overrides N
+    latency = {(r["start"], r["end"]): r["latency_ms"] for r in result.rows}
+    for (i, j), value in latency.items():
+        k = 1 + 2 * (j - i)
+        assert value == k * k * 8
+    meta = json.loads(meta_path_for(tmp_path / "u.csv").read_text())
+    assert meta["batch_size"] == 5 and meta["unique_shapes"] == 4 and meta["num_blocks"] == 10
+
+
+def test_resume_after_interruption_retimes_nothing(tmp_path):
+    chain = mixed_chain()
+    out = tmp_path / "t.csv"
+    full = RecordingBackend()
+    reference = profile_table(chain, full, tmp_path / "reference.csv", warmup=0, iters=1)
+    with pytest.raises(KeyboardInterrupt):
+        profile_table(chain, RecordingBackend(fail_after=3), out, warmup=0, iters=1)
+    assert not out.exists() and not meta_path_for(out).exists()
+    partial_table, _ = partial_paths(out)
+    written = read_csv(partial_table)
+    assert written  # rows of the three timed shapes were flushed
+    with open(partial_table, "a") as f:
+        f.write("5,6,0.1")  # a line cut short by the interruption
+    second = RecordingBackend()
+    result = profile_table(chain, second, out, warmup=0, iters=1)
+    assert len(second.prepared) == len(full.prepared) - 3
+    assert not set(second.prepared) & set(full.prepared[:3])
+    assert result.timed_shapes == len(full.prepared) - 3 and result.resumed_blocks == len(written)
+    assert read_csv(out) == read_csv(tmp_path / "reference.csv")
+    assert not partial_table.exists()
+    # Running again with the same settings re-times nothing at all.
+    third = RecordingBackend()
+    profile_table(chain, third, out, warmup=0, iters=1)
+    assert third.prepared == []
+
+
+def test_other_settings_are_refused_on_resume(tmp_path):
+    chain = uniform_chain(3)
+    out = tmp_path / "t.csv"
+    with pytest.raises(KeyboardInterrupt):
+        profile_table(chain, RecordingBackend(fail_after=1), out, warmup=0, iters=1)
+    with pytest.raises(UserError, match="iters.*--overwrite"):
+        profile_table(chain, RecordingBackend(), out, warmup=0, iters=7)
+    profile_table(chain, RecordingBackend(), out, warmup=0, iters=1)
+    with pytest.raises(UserError, match="batch_size.*new --out or --overwrite"):
+        profile_table(chain, RecordingBackend(), out, warmup=0, iters=1, batch_size=2)
+    with pytest.raises(UserError, match="chain_fingerprint"):
+        profile_table(uniform_chain(4), RecordingBackend(), out, warmup=0, iters=1)
+    replaced = RecordingBackend()
+    profile_table(chain, replaced, out, warmup=0, iters=1, batch_size=2, overwrite=True)
+    assert len(replaced.prepared) == 3
+    assert json.loads(meta_path_for(out).read_text())["batch_size"] == 2
+
+
+def test_fp16_on_cpu_and_unknown_activation_fail_before_writing(tmp_path):
+    out = tmp_path / "t.csv"
+    with pytest.raises(UserError, match="fp16"):
+        profile_table(uniform_chain(2), RecordingBackend(), out, precision="fp16")
+    odd = Chain(model=None, input_shape=(1, 8, 8, 8), units=[unit(1, 8, 8, 8, activation="Swoosh")])
+    with pytest.raises(UserError, match="Swoosh"):
+        profile_table(odd, RecordingBackend(), out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_reports_counts_and_eta(tmp_path):
+    seen = []
+    profile_table(uniform_chain(3), RecordingBackend(), tmp_path / "t.csv", warmup=0, iters=1,
+                  progress=seen.append)
+    assert seen[0].done_blocks == 0 and seen[0].eta_s is None
+    assert seen[-1].done_blocks == seen[-1].total_blocks == 6
+    assert seen[-1].timed_shapes == seen[-1].shapes_to_time == 3 and seen[-1].eta_s == 0
+
+
+def test_format_pair():
+    assert format_pair((3, 3)) == "3" and format_pair((1, 7)) == "1x7"
