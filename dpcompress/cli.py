@@ -6,9 +6,10 @@ them so that ``dpcompress --help`` and ``dpcompress solve`` start fast.
 
 from __future__ import annotations
 
+import json
 import sys
 import traceback
-from typing import Any
+from typing import Any, Optional
 
 import click
 
@@ -51,9 +52,142 @@ def model_options(func: Any) -> Any:
 
 # ---- trace / export (model structure) ----
 
+
+@main.command()
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print the Chain JSON instead of a table.")
+def trace(model_spec: str, weights: Optional[str], input_shape: str, as_json: bool) -> None:
+    """Show the model's mergeable trunk: positions, barriers, residuals, valid blocks."""
+    from dpcompress.report import chain_table
+    from dpcompress.trace import chain_for_spec, parse_input_shape
+
+    chain = chain_for_spec(model_spec, parse_input_shape(input_shape), weights)
+    if as_json:
+        click.echo(json.dumps(chain.to_json(), indent=2))
+    else:
+        click.echo(chain_table(chain))
+
+
+@main.command()
+@model_options
+@click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False),
+              help="plan.json from `dpcompress solve`, or hand-written with activations and boundaries.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="Fine-tuned checkpoint from `dpcompress finetune` (replaces --weights for the trunk).")
+@click.option("--format", "fmt", type=click.Choice(["torch", "onnx", "tensorrt"]), default="onnx", show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the merged model.")
+@click.option("--verify", is_flag=True, help="Check the export against the unmerged reference in ONNX Runtime.")
+@click.option("--tolerance", type=float, default=1e-3, show_default=True,
+              help="Largest relative error --verify accepts (max |diff| / max |reference|).")
+@click.option("--dynamic-batch", is_flag=True, help="ONNX: leave the batch dimension dynamic.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="TensorRT engine precision.")
+def export(model_spec: str, weights: Optional[str], input_shape: str, plan_path: str, checkpoint: Optional[str],
+           fmt: str, out: str, verify: bool, tolerance: float, dynamic_batch: bool, precision: str) -> None:
+    """Merge the model as the plan says and write it as TorchScript, ONNX or a TensorRT engine."""
+    from dpcompress.pipeline import export_from_spec
+    from dpcompress.report import export_summary
+
+    report = export_from_spec(model_spec, weights, input_shape, plan_path, fmt, out, verify=verify,
+                              tolerance=tolerance, dynamic_batch=dynamic_batch, precision=precision,
+                              checkpoint=checkpoint)
+    click.echo(export_summary(report, out))
+
 # ---- solve ----
 
 # ---- profile / bench ----
+
+
+def backend_options(func: Any) -> Any:
+    """Options choosing and tuning the latency backend (profile and bench)."""
+    options = [
+        click.option("--backend", "backend_name", type=click.Choice(["onnxruntime", "torch", "tensorrt"]),
+                     default=None, help="Runtime to time on.  [default: onnxruntime]"),
+        click.option("--gpu", is_flag=True,
+                     help="Time on the GPU: tensorrt where it imports, else torch on CUDA."),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                     help="Device for --backend onnxruntime|torch (tensorrt is always cuda)."),
+        click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True),
+        click.option("--threads", type=int, default=None, help="CPU threads.  [default: all cores]"),
+        click.option("--cuda-graphs", is_flag=True, help="torch on CUDA: replay the forward as a CUDA graph."),
+        click.option("--channels-last", is_flag=True, help="torch: channels_last memory format."),
+        click.option("--warmup", type=int, default=10, show_default=True, help="Untimed runs first."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _backend(backend_name: Optional[str], gpu: bool, device: str, threads: Optional[int], cuda_graphs: bool,
+             channels_last: bool) -> Any:
+    from dpcompress.backends import choose_backend
+
+    backend, why = choose_backend(backend_name, gpu=gpu, device=device, threads=threads,
+                                  cuda_graphs=cuda_graphs, channels_last=channels_last)
+    click.echo(why or f"backend: {backend.describe()}", err=True)
+    return backend
+
+
+def _print_progress(p: Any) -> None:
+    eta = "estimating" if p.eta_s is None else f"{int(p.eta_s) // 60}:{int(p.eta_s) % 60:02d} left"
+    line = f"profile: {p.done_blocks}/{p.total_blocks} blocks, {p.timed_shapes}/{p.shapes_to_time} shapes timed, {eta}"
+    finished = p.done_blocks == p.total_blocks
+    if sys.stderr.isatty():
+        click.echo("\r" + line, err=True, nl=finished)
+    elif finished or p.timed_shapes % 20 == 0:
+        click.echo(line, err=True)
+
+
+@main.command()
+@model_options
+@backend_options
+@click.option("--batch-size", type=int, default=None, help="Batch size to time at.  [default: N of --input-shape]")
+@click.option("--iters", type=int, default=50, show_default=True, help="Timed runs per block; the median is kept.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Latency table CSV to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing table made with other settings.")
+def profile(model_spec: str, weights: Optional[str], input_shape: str, backend_name: Optional[str], gpu: bool,
+            device: str, precision: str, threads: Optional[int], cuda_graphs: bool, channels_last: bool,
+            warmup: int, batch_size: Optional[int], iters: int, out: str, overwrite: bool) -> None:
+    """Time every valid block as its merged convolution and write the latency table (resumable)."""
+    from dpcompress.profile import profile_table
+    from dpcompress.trace import chain_for_spec, parse_input_shape
+
+    backend = _backend(backend_name, gpu, device, threads, cuda_graphs, channels_last)
+    shape = parse_input_shape(input_shape)
+    chain = chain_for_spec(model_spec, shape, weights)
+    result = profile_table(chain, backend, out, model_spec=model_spec, input_shape=shape, batch_size=batch_size,
+                           precision=precision, warmup=warmup, iters=iters, overwrite=overwrite,
+                           progress=_print_progress)
+    click.echo(f"wrote {result.table_path} ({len(result.rows)} blocks, {result.timed_shapes} shapes timed now, "
+               f"{result.resumed_blocks} rows resumed) and {result.meta_path}")
+
+
+@main.command()
+@model_options
+@backend_options
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False), default=None,
+              help="plan.json: also time the merged model and compare.")
+@click.option("--rounds", type=int, default=10, show_default=True, help="Alternating rounds of original/compressed.")
+@click.option("--iters", type=int, default=10, show_default=True, help="Timed runs of each model per round.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full record as JSON.")
+def bench(model_spec: str, weights: Optional[str], input_shape: str, backend_name: Optional[str], gpu: bool,
+          device: str, precision: str, threads: Optional[int], cuda_graphs: bool, channels_last: bool,
+          warmup: int, plan_path: Optional[str], rounds: int, iters: int, as_json: bool) -> None:
+    """Time the original model (and the plan's merged model, alternating) end to end."""
+    from dpcompress.bench import bench_spec
+    from dpcompress.trace import parse_input_shape
+
+    backend = _backend(backend_name, gpu, device, threads, cuda_graphs, channels_last)
+    result = bench_spec(backend, model_spec, weights=weights, input_shape=parse_input_shape(input_shape),
+                        plan_path=plan_path, precision=precision, warmup=warmup, rounds=rounds,
+                        iters_per_round=iters)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        click.echo(f"backend: {backend.describe()}")
+        for line in result.summary_lines():
+            click.echo(line)
+
 
 # ---- importance / finetune / compress ----
 

@@ -10,7 +10,7 @@ keeps the largest grouping under which it is still exact.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -103,3 +103,29 @@ def block_geometry(chain: Chain, start: int, end: int) -> BlockGeometry:
         in_shape=first.in_shape, out_shape=last.out_shape,
         activation=last.activation, bias=has_bias,
     )
+
+
+def greedy_boundaries(chain: Chain, start: int, end: int, max_kernel: Optional[int] = None) -> List[int]:
+    """Split (start, end) into valid blocks greedily, each as long as possible.
+
+    With ``max_kernel``, a block grows only while its merged kernel stays within that
+    size (single-conv blocks are always allowed). Returns the inner boundaries.
+    Raises ValueError when (start, end) cannot be covered by valid blocks.
+    """
+    inner: List[int] = []
+    position = start
+    while position < end:
+        best = None
+        for stop in range(position + 1, end + 1):
+            if not chain.is_valid_block(position, stop):
+                continue
+            if stop > position + 1 and max_kernel is not None and \
+                    max(block_geometry(chain, position, stop).kernel) > max_kernel:
+                continue
+            best = stop
+        if best is None:
+            raise ValueError(f"({position}, {end}) cannot be split into valid blocks")
+        if best < end:
+            inner.append(best)
+        position = best
+    return inner

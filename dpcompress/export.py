@@ -1,0 +1,165 @@
+"""Write a merged network as torch (TorchScript .pt), ONNX or a TensorRT engine, and verify it."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from dpcompress.errors import UserError
+from dpcompress.fileio import PathLike, atomic_path
+
+FORMATS = ("torch", "onnx", "tensorrt")
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    parameters: int
+    flops: int  # multiply-accumulates of convolutions and linear layers, times two
+    conv_layers: int
+
+
+def model_stats(model: nn.Module, input_shape: Sequence[int]) -> ModelStats:
+    """Parameters, FLOPs (2 x MACs of conv and linear layers) and Conv2d count at ``input_shape``."""
+    import torch.fx as fx
+
+    gm = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
+    with torch.no_grad():
+        ShapeProp(gm).propagate(torch.randn(*input_shape, dtype=next(model.parameters()).dtype))
+    macs = 0
+    convs = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        out = node.meta["tensor_meta"].shape
+        if isinstance(module, nn.Conv2d):
+            convs += 1
+            kh, kw = module.kernel_size
+            macs += int(np.prod(out)) * (module.in_channels // module.groups) * kh * kw
+        elif isinstance(module, nn.Linear):
+            macs += int(np.prod(out)) * module.in_features
+    return ModelStats(parameters=sum(p.numel() for p in model.parameters()), flops=2 * macs, conv_layers=convs)
+
+
+def onnx_bytes(model: nn.Module, input_shape: Sequence[int], dynamic_batch: bool = False) -> bytes:
+    """The model as one self-contained ONNX file (static shapes unless ``dynamic_batch``)."""
+    sample = torch.randn(*input_shape)
+    dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = Path(folder) / "model.onnx"
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
+            torch.onnx.export(model.eval(), (sample,), str(path), dynamo=True, external_data=False,
+                              input_names=["input"], output_names=["output"], dynamic_shapes=dynamic_shapes)
+        return path.read_bytes()
+
+
+def export_bytes(model: nn.Module, fmt: str, input_shape: Sequence[int], dynamic_batch: bool = False,
+                 precision: str = "fp32", onnx_model: Optional[bytes] = None) -> bytes:
+    """``model`` serialised in format ``fmt``: TorchScript (torch), ONNX or a TensorRT engine."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    model = model.eval()
+    if fmt == "torch":
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            scripted = torch.jit.trace(model, torch.randn(*input_shape))
+        buffer = io.BytesIO()
+        torch.jit.save(scripted, buffer)
+        return buffer.getvalue()
+    data = onnx_model if onnx_model is not None else onnx_bytes(model, input_shape, dynamic_batch)
+    if fmt == "onnx":
+        import onnx
+
+        onnx.checker.check_model(onnx.load_from_string(data))
+        return data
+    from dpcompress.backends.tensorrt_backend import build_engine
+
+    return build_engine(data, input_shape, precision)
+
+
+def write_bytes_atomic(path: PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+@dataclass(frozen=True)
+class Verification:
+    max_abs_error: float
+    max_rel_error: float  # max |a - b| / max |b|
+    output_scale: float  # max |b| of the reference output
+    passed: bool
+
+    def to_json(self) -> Dict[str, object]:
+        return asdict(self)
+
+
+def verify_onnx(onnx_model: bytes, reference: nn.Module, input_shape: Sequence[int],
+                tolerance: float = 1e-3, trials: int = 3, seed: int = 0) -> Verification:
+    """Run the exported model in ONNX Runtime and ``reference`` in torch on random inputs; compare."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    generator = torch.Generator().manual_seed(seed)
+    max_abs, scale = 0.0, 0.0
+    reference = reference.eval()
+    for _ in range(trials):
+        x = torch.randn(*input_shape, generator=generator)
+        with torch.no_grad():
+            expected = reference(x).double().numpy()
+        got = session.run(None, {input_name: x.numpy()})[0].astype(np.float64)
+        max_abs = max(max_abs, float(np.max(np.abs(got - expected))))
+        scale = max(scale, float(np.max(np.abs(expected))))
+    relative = max_abs / scale if scale > 0 else float("inf")
+    return Verification(max_abs_error=max_abs, max_rel_error=relative, output_scale=scale,
+                        passed=relative <= tolerance)
+
+
+def check_verification(result: Verification, tolerance: float) -> None:
+    if not result.passed:
+        raise UserError(f"verification failed: max relative error {result.max_rel_error:.3g} exceeds "
+                        f"{tolerance:g} (max abs {result.max_abs_error:.3g}); the export was not written")
+
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    before: ModelStats
+    after: ModelStats
+    verification: Optional[Verification]
+    size_bytes: int
+
+    def to_json(self) -> Dict[str, object]:
+        return {"before": asdict(self.before), "after": asdict(self.after), "size_bytes": self.size_bytes,
+                "verification": self.verification.to_json() if self.verification else None}
+
+
+def export_plan(original: nn.Module, reference: nn.Module, merged: nn.Module, fmt: str, out: PathLike,
+                input_shape: Sequence[int], verify: bool = False, tolerance: float = 1e-3,
+                dynamic_batch: bool = False, precision: str = "fp32") -> ExportReport:
+    """Export ``merged`` (the plan applied to ``original``); with ``verify``, check it against ``reference``
+    in ONNX Runtime first and write nothing if it is off by more than ``tolerance`` (relative)."""
+    onnx_model = None
+    verification = None
+    if verify:
+        onnx_model = onnx_bytes(merged, input_shape, dynamic_batch)
+        verification = verify_onnx(onnx_model, reference, input_shape, tolerance)
+        check_verification(verification, tolerance)
+    data = export_bytes(merged, fmt, input_shape, dynamic_batch, precision,
+                        onnx_model=onnx_model if fmt != "torch" else None)
+    write_bytes_atomic(out, data)
+    return ExportReport(before=model_stats(original, input_shape), after=model_stats(merged, input_shape),
+                        verification=verification, size_bytes=len(data))

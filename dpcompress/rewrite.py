@@ -1,0 +1,169 @@
+"""Apply a plan to a traced model: the reference network and the merged network.
+
+The reference network keeps every conv and BatchNorm but removes the plan's
+activations and applies each block's padding once, at the block's input (the
+network to fine-tune). The merged network replaces each block by one convolution
+computed from the reference network's weights; the two agree to float precision.
+Everything outside the trunk (pooling, squeeze-excitation, the head) is kept as is.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dpcompress import merge
+from dpcompress.chain import Chain
+from dpcompress.plan import Plan, check_plan_against_chain
+from dpcompress.trace import TracedModel
+
+BLOCK_PREFIX = "dpc_block_"
+
+
+class ReorderedBlock(nn.Module):
+    """Convs of one block run in sequence with the block's total padding applied once at the input.
+
+    Identity residuals inside the block add their shortcut cropped by the padding
+    of the convs they skip, so that the tensors line up as in the merged conv.
+    """
+
+    def __init__(self, convs: Sequence[nn.Conv2d], norms: Sequence[Optional[nn.BatchNorm2d]],
+                 conv_paddings: Sequence[Tuple[int, int]], residuals: Sequence[Tuple[int, int]]):
+        super().__init__()
+        self.convs = nn.ModuleList(convs)
+        self.norms = nn.ModuleList([n if n is not None else nn.Identity() for n in norms])
+        self.conv_paddings = [tuple(p) for p in conv_paddings]  # the convs' own paddings, for merging
+        self.residuals = [tuple(r) for r in residuals]  # (start, end) as local positions 0..len(convs)
+        for conv in self.convs:
+            conv.padding = (0, 0)
+        self.padding = _total_padding(self.convs, self.conv_paddings)
+        self._crops = {end: (start, _sum_padding(self.conv_paddings[start:end])) for start, end in self.residuals}
+        self._saved = {start for start, _ in self.residuals}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ph, pw = self.padding
+        x = F.pad(x, (pw, pw, ph, ph))
+        saved: Dict[int, torch.Tensor] = {0: x} if 0 in self._saved else {}
+        for position, (conv, norm) in enumerate(zip(self.convs, self.norms), start=1):
+            x = norm(conv(x))
+            if position in self._crops:
+                start, (ch, cw) = self._crops[position]
+                shortcut = saved[start]
+                x = x + shortcut[:, :, ch:shortcut.shape[2] - ch, cw:shortcut.shape[3] - cw]
+            if position in self._saved:
+                saved[position] = x
+        return x
+
+    def merged(self) -> nn.Conv2d:
+        """This block as one convolution (BatchNorm in eval mode folded in)."""
+        pieces: List[Tuple[int, int, merge.AffineConv]] = []
+        for position, (conv, norm, padding) in enumerate(zip(self.convs, self.norms, self.conv_paddings), start=1):
+            weight, bias = conv.weight, conv.bias
+            if isinstance(norm, nn.BatchNorm2d):
+                weight, bias = merge.fold_batchnorm(weight, bias, norm.running_mean, norm.running_var,
+                                                    norm.weight, norm.bias, norm.eps)
+            affine = merge.AffineConv.from_conv(weight, bias, tuple(conv.stride), padding,
+                                                tuple(conv.dilation), conv.groups)
+            pieces.append((position - 1, position, affine))
+        # Innermost residuals first, so nested shortcuts compose correctly.
+        for start, end in sorted(self.residuals, key=lambda r: r[1] - r[0]):
+            inside = [p for p in pieces if start <= p[0] and p[1] <= end]
+            combined = merge.add_identity(merge.compose_all([p[2] for p in inside]))
+            first = pieces.index(inside[0])
+            pieces[first:first + len(inside)] = [(start, end, combined)]
+        result = merge.compose_all([p[2] for p in pieces])
+        conv = merge.to_conv2d(result)
+        return conv.to(dtype=self.convs[0].weight.dtype, device=self.convs[0].weight.device)
+
+
+def _sum_padding(paddings: Sequence[Tuple[int, int]]) -> Tuple[int, int]:
+    return sum(p[0] for p in paddings), sum(p[1] for p in paddings)
+
+
+def _total_padding(convs: Sequence[nn.Conv2d], paddings: Sequence[Tuple[int, int]]) -> Tuple[int, int]:
+    """Padding at the input equivalent to each conv padding its own input: p1 + s1*(p2 + s2*(...))."""
+    total = [0, 0]
+    scale = [1, 1]
+    for conv, padding in zip(convs, paddings):
+        for axis in range(2):
+            total[axis] += scale[axis] * padding[axis]
+            scale[axis] *= conv.stride[axis]
+    return total[0], total[1]
+
+
+def reference_model(traced: TracedModel, plan: Plan) -> fx.GraphModule:
+    """The plan's network before merging: activations removed, padding reordered per block."""
+    check_plan_against_chain(plan, traced.chain)
+    holder = copy.deepcopy(traced.gm)
+    chain = traced.chain
+
+    def make_block(start: int, end: int) -> nn.Module:
+        units = [chain.unit(p) for p in range(start + 1, end + 1)]
+        convs = [copy.deepcopy(holder.get_submodule(u.name)) for u in units]
+        norms = [copy.deepcopy(holder.get_submodule(u.batchnorm)) if u.batchnorm else None for u in units]
+        residuals = [(r.start - start, r.end - start) for r in chain.residuals_inside(start, end)]
+        return ReorderedBlock(convs, norms, [u.padding for u in units], residuals)
+
+    return _rewrite(traced, plan, holder, make_block)
+
+
+def merge_reference(reference: fx.GraphModule) -> fx.GraphModule:
+    """Replace each ReorderedBlock of a reference network by its single merged convolution."""
+    merged = copy.deepcopy(reference)
+    with torch.no_grad():
+        for name, module in list(merged.named_children()):
+            if isinstance(module, ReorderedBlock):
+                setattr(merged, name, module.merged())
+    return merged.eval()
+
+
+def merged_model(traced: TracedModel, plan: Plan) -> fx.GraphModule:
+    """The compressed network: one convolution per block of the plan."""
+    return merge_reference(reference_model(traced, plan).eval())
+
+
+def _rewrite(traced: TracedModel, plan: Plan, holder: nn.Module,
+             make_block: Callable[[int, int], nn.Module]) -> fx.GraphModule:
+    chain: Chain = traced.chain
+    kept = set(plan.activations)
+    skipped: Set[fx.Node] = set()
+    block_at: Dict[fx.Node, Tuple[str, fx.Node]] = {}  # node the block replaces -> (module name, input node)
+    for index, (start, end) in enumerate(plan.blocks):
+        absorbed_ends = {r.end for r in chain.residuals_inside(start, end)}
+        for position in range(start + 1, end + 1):
+            nodes = traced.unit_nodes(position)
+            skipped.update([nodes.conv, *nodes.identities])
+            if nodes.batchnorm is not None:
+                skipped.add(nodes.batchnorm)
+            if nodes.residual_add is not None and position in absorbed_ends:
+                skipped.add(nodes.residual_add)
+            if position < end and nodes.activation is not None:
+                skipped.add(nodes.activation)
+        last = traced.unit_nodes(end)
+        output = last.residual_add if end in absorbed_ends else last.pre_add
+        name = f"{BLOCK_PREFIX}{index}"
+        holder.add_module(name, make_block(start, end))
+        block_at[output] = (name, traced.unit_nodes(start + 1).input)
+        skipped.discard(output)
+    removed_activations = {
+        traced.unit_nodes(p).activation for p in chain.activation_positions if p not in kept
+    }
+    graph = fx.Graph()
+    env: Dict[fx.Node, fx.Node] = {}
+    for node in traced.gm.graph.nodes:
+        if node in skipped:
+            continue
+        if node in block_at:
+            name, source = block_at[node]
+            env[node] = graph.call_module(name, (env[source],))
+        elif node in removed_activations:
+            env[node] = env[node.args[0]]
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.lint()
+    return fx.GraphModule(holder, graph, class_name="DpcompressNet")

@@ -1,0 +1,116 @@
+"""Tracing: trunk convs, residuals, barriers, valid blocks; torchvision models without model-specific code."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dpcompress.chain import Chain
+from dpcompress.trace import trace_model
+
+
+def brute_force_valid(chain: Chain, start: int, end: int) -> bool:
+    """Independent statement of validity: a linked run, and no residual with exactly one end strictly inside."""
+    if any(not chain.unit(p).linked for p in range(start + 2, end + 1)):
+        return False
+    for r in chain.residuals:
+        inside = start <= r.start and r.end <= end
+        ends_outside = (r.start <= start or r.start >= end) and (r.end <= start or r.end >= end)
+        if not (inside or ends_outside):
+            return False
+    return True
+
+
+class Branchy(nn.Module):
+    """conv1 -> relu -> [conv2, conv3 in parallel] -> cat -> conv4 -> unknown op -> conv5 -> relu -> conv6"""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 4, 1)
+        self.c3 = nn.Conv2d(8, 4, 3, padding=1)
+        self.c4 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c5 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c6 = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        x = torch.cat([self.c2(x), self.c3(x)], dim=1)
+        x = self.c4(x)
+        x = torch.sin(x)  # an op the tracer does not know
+        return self.c6(torch.relu(self.c5(x))).mean((2, 3))
+
+
+def test_branch_concat_and_unknown_op_are_barriers():
+    chain = trace_model(Branchy(), (1, 3, 16, 16)).chain
+    assert [u.name for u in chain.units] == ["c1", "c2", "c3", "c4", "c5", "c6"]
+    linked = {u.position: u.linked for u in chain.units}
+    # c2 reads position 1 but position 1 is also read by c3: no merge across it.
+    assert not linked[2] and "also read" in chain.unit(2).barrier
+    assert not linked[3] and "reads position 1" in chain.unit(3).barrier
+    assert not linked[4] and "cat" in chain.unit(4).barrier
+    assert not linked[5] and "sin" in chain.unit(5).barrier
+    assert linked[6]
+    assert chain.valid_blocks() == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (4, 6), (5, 6)]
+    assert chain.activation_positions == [1, 5]
+
+
+class TinyResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU6())
+        self.b = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU6())
+        self.c = nn.Sequential(nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8))
+        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 8, 1), nn.Sigmoid())
+        self.d = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.c(self.b(self.a(x)))
+        x = x * self.gate(x)  # squeeze-excitation: the gate's conv is not on the trunk
+        return self.d(x)
+
+
+def test_identity_residual_and_gate():
+    chain = trace_model(TinyResidual(), (1, 3, 16, 16)).chain
+    assert [u.name for u in chain.units] == ["stem.0", "a.0", "b.0", "c.0", "d"]
+    assert [(r.start, r.end) for r in chain.residuals] == [(1, 4)]
+    assert chain.unit(2).batchnorm == "a.1" and chain.unit(2).activation == "ReLU6"
+    assert not chain.unit(5).linked and "squeeze-excitation" in chain.unit(5).barrier
+    # A block holds the residual whole, lies inside its branch, or leaves its ends as boundaries;
+    # (0, 2) and (0, 3) would need the shortcut's source, position 1, inside them.
+    assert {(1, 4), (0, 4), (2, 4), (1, 3)} <= set(chain.valid_blocks())
+    assert (0, 2) not in chain.valid_blocks() and (0, 3) not in chain.valid_blocks()
+    for i in range(chain.num_positions):
+        for j in range(i + 1, chain.num_positions + 1):
+            assert chain.is_valid_block(i, j) == brute_force_valid(chain, i, j), (i, j)
+
+
+MODELS = ["mobilenet_v2", "mobilenet_v2?width_mult=1.4", "vgg19_bn", "vgg11", "resnet18", "resnet50",
+          "efficientnet_b0", "mobilenet_v3_large", "mnasnet1_0", "regnet_x_400mf"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_torchvision_models_trace(name, torchvision_chain):
+    chain = torchvision_chain(name)
+    assert chain.num_positions > 5
+    blocks = chain.valid_blocks()
+    assert all(chain.is_valid_block(i, j) for i, j in blocks)
+    assert all((p - 1, p) in blocks for p in range(1, chain.num_positions + 1))  # every conv alone is a block
+    assert len(blocks) > chain.num_positions  # something merges
+    for i, j in blocks[:200]:
+        assert brute_force_valid(chain, i, j)
+    round_trip = Chain.from_json(chain.to_json())
+    assert round_trip.fingerprint() == chain.fingerprint() and round_trip.valid_blocks() == blocks
+
+
+def test_expected_structure_of_known_models(torchvision_chain):
+    vgg = torchvision_chain("vgg19_bn")
+    assert vgg.num_positions == 16 and not vgg.residuals
+    assert [u.position for u in vgg.units if not u.linked] == [1, 3, 5, 9, 13]  # after each max-pool
+    resnet = torchvision_chain("resnet18")
+    assert resnet.num_positions == 20 and len(resnet.residuals) == 5  # 8 blocks, 3 with a conv shortcut
+    mbv2 = torchvision_chain("mobilenet_v2")
+    assert mbv2.num_positions == 52 and len(mbv2.residuals) == 10 and len(mbv2.activation_positions) == 34
+    effnet = torchvision_chain("efficientnet_b0")
+    assert effnet.num_positions == 49  # the 32 squeeze-excitation convs are not trunk convs
