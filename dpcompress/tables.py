@@ -1,0 +1,165 @@
+"""Latency and importance tables: CSV files read, validated and written (numpy-free, torch-free).
+
+Latency table: one row per valid block, ``start,end,latency_ms`` required; any further
+columns (``std_ms``, ``in_channels``, ...) are kept in the file but ignored here. A block
+with no row is not allowed. Beside ``<name>.csv`` may sit ``<name>.meta.json`` (model spec,
+backend, chain fingerprint, ...).
+
+Importance table: one row per allowed segment between two kept activations,
+``start,end,importance`` required; extra columns (raw measurements) are ignored.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from dpcompress.errors import UserError
+from dpcompress.fileio import PathLike, write_json_atomic, write_text_atomic
+
+Block = Tuple[int, int]
+
+LATENCY_COLUMNS = ("start", "end", "latency_ms")
+IMPORTANCE_COLUMNS = ("start", "end", "importance")
+
+
+@dataclass
+class LatencyTable:
+    """Measured latency (ms) of every allowed block (i, j) of a chain with ``num_positions`` convs."""
+
+    num_positions: int
+    latency_ms: Dict[Block, float]
+    meta: Dict[str, Any] = field(default_factory=dict)  # contents of <name>.meta.json, if any
+    source: str = "<memory>"
+
+    def original_latency_ms(self) -> float:
+        """Latency of the uncompressed chain: the sum of the single-conv blocks (p-1, p)."""
+        missing = [p for p in range(1, self.num_positions + 1) if (p - 1, p) not in self.latency_ms]
+        if missing:
+            raise UserError(
+                f"{self.source}: no row for the single-conv block ({missing[0] - 1}, {missing[0]}), "
+                "so the original latency is unknown; profile every single conv or use --budget-ms")
+        return math.fsum(self.latency_ms[(p - 1, p)] for p in range(1, self.num_positions + 1))
+
+
+@dataclass
+class ImportanceTable:
+    """Importance of every allowed segment (i, j) between two kept activations."""
+
+    importance: Dict[Block, float]
+    source: str = "<memory>"
+
+
+def meta_path_for(table_path: PathLike) -> Path:
+    """``dir/<name>.csv`` -> ``dir/<name>.meta.json``."""
+    path = Path(table_path)
+    return path.with_name(path.stem + ".meta.json")
+
+
+def read_latency_table(path: PathLike) -> LatencyTable:
+    """Read and validate a latency table (and its meta file when present)."""
+    rows = _read_rows(path, LATENCY_COLUMNS)
+    latency = _parse_values(path, rows, "latency_ms", allow_negative=False)
+    num_positions = max(end for _, end in latency)
+    meta_file = meta_path_for(path)
+    meta: Dict[str, Any] = {}
+    if meta_file.exists():
+        try:
+            loaded = json.loads(meta_file.read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"{meta_file}: not readable JSON ({err}); fix or delete it") from err
+        if not isinstance(loaded, dict):
+            raise UserError(f"{meta_file}: expected a JSON object; fix or delete it")
+        meta = loaded
+    return LatencyTable(num_positions=num_positions, latency_ms=latency, meta=meta, source=str(path))
+
+
+def read_importance_table(path: PathLike) -> ImportanceTable:
+    """Read and validate an importance table (importances may be negative)."""
+    rows = _read_rows(path, IMPORTANCE_COLUMNS)
+    return ImportanceTable(importance=_parse_values(path, rows, "importance", allow_negative=True),
+                           source=str(path))
+
+
+def write_csv_table(path: PathLike, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
+    """Write rows (dicts; missing keys left empty) as CSV with ``columns``, atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="raise", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: _format_cell(value) for key, value in row.items()})
+    write_text_atomic(path, buffer.getvalue())
+
+
+def write_latency_table(path: PathLike, rows: Iterable[Mapping[str, Any]],
+                        extra_columns: Sequence[str] = (), meta: Optional[Mapping[str, Any]] = None) -> None:
+    """Write a latency table (rows need start, end, latency_ms) and, if given, its meta file."""
+    write_csv_table(path, [*LATENCY_COLUMNS, *extra_columns], rows)
+    if meta is not None:
+        write_json_atomic(meta_path_for(path), dict(meta))
+
+
+def write_importance_table(path: PathLike, rows: Iterable[Mapping[str, Any]],
+                           extra_columns: Sequence[str] = ()) -> None:
+    """Write an importance table (rows need start, end, importance)."""
+    write_csv_table(path, [*IMPORTANCE_COLUMNS, *extra_columns], rows)
+
+
+def _format_cell(value: Any) -> Any:
+    # repr keeps every digit of a float, so a table read back gives the same numbers.
+    return repr(value) if isinstance(value, float) else value
+
+
+def _read_rows(path: PathLike, required: Sequence[str]) -> List[Dict[str, str]]:
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise UserError(f"cannot read table {path}: {err.strerror or err}") from err
+    reader = csv.DictReader(io.StringIO(text))
+    header = [name.strip() for name in (reader.fieldnames or [])]
+    missing = [name for name in required if name not in header]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)}; "
+                        f"the header must include {','.join(required)}")
+    reader.fieldnames = header
+    rows = [row for row in reader if any((v or "").strip() for v in row.values() if isinstance(v, str))]
+    if not rows:
+        raise UserError(f"{path}: the table has no rows")
+    return rows
+
+
+def _parse_values(path: PathLike, rows: List[Dict[str, str]], column: str,
+                  allow_negative: bool) -> Dict[Block, float]:
+    values: Dict[Block, float] = {}
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        where = f"{path}, line {line}"
+        start = _parse_int(row.get("start"), "start", where)
+        end = _parse_int(row.get("end"), "end", where)
+        if not 0 <= start < end:
+            raise UserError(f"{where}: need 0 <= start < end, got start={start} end={end}")
+        raw = (row.get(column) or "").strip()
+        try:
+            value = float(raw)
+        except ValueError:
+            raise UserError(f"{where}: {column} {raw!r} is not a number") from None
+        if not math.isfinite(value):
+            raise UserError(f"{where}: {column} {raw!r} is not a finite number")
+        if value < 0 and not allow_negative:
+            raise UserError(f"{where}: {column} {raw!r} is negative; latencies must be >= 0")
+        if (start, end) in values:
+            raise UserError(f"{where}: duplicate row for ({start}, {end}); keep one row per pair")
+        values[(start, end)] = value
+    return values
+
+
+def _parse_int(raw: Optional[str], name: str, where: str) -> int:
+    text = (raw or "").strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"{where}: {name} {text!r} is not an integer position") from None
