@@ -42,14 +42,16 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 def train(model: nn.Module, dataset: Dataset, *, epochs: Optional[int] = None, steps: Optional[int] = None,
           lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 4e-5, batch_size: int = 64,
           teacher: Optional[nn.Module] = None, distill: float = 0.0, temperature: float = 1.0,
-          seed: int = 0, checkpoint: Union[str, Path, None] = None, data_parallel: Optional[bool] = None,
+          seed: int = 0, checkpoint: Union[str, Path, None] = None,
+          checkpoint_key: Optional[Dict[str, Any]] = None, data_parallel: Optional[bool] = None,
           device: Optional[torch.device] = None,
           progress: Optional[Callable[[str], None]] = None) -> TrainResult:
     """Train ``model`` in place for ``epochs`` or ``steps`` (exactly one), SGD with per-step cosine decay.
 
     loss = (1 - distill) * CE(labels) + distill * KD(teacher), the paper's fine-tuning loss.
     With ``checkpoint`` (epochs mode) the model, optimizer, scheduler and epoch are saved
-    atomically after every epoch, and a run that finds the file resumes after its epoch.
+    atomically after every epoch, and a run that finds the file resumes after its epoch, provided
+    the settings and ``checkpoint_key`` (what else identifies the run: plan, model) are the same.
     ``data_parallel`` defaults to whether a torchrun process group is active.
     """
     if (epochs is None) == (steps is None):
@@ -80,7 +82,7 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: Optional[int] = None, s
 
     start_epoch = 0
     settings = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "distill": distill,
-                "world_size": distributed.world_size() if data_parallel else 1}
+                "world_size": distributed.world_size() if data_parallel else 1, **(checkpoint_key or {})}
     if checkpoint is not None and epochs is not None and Path(checkpoint).exists():
         start_epoch = _resume(Path(checkpoint), model, optimizer, scheduler, settings, device)
         if progress:
