@@ -95,6 +95,71 @@ def export(model_spec: str, weights: Optional[str], input_shape: str, plan_path:
 
 # ---- solve ----
 
+
+@main.command()
+@click.option("--latency-table", "latency_table_path", required=True, type=click.Path(dir_okay=False),
+              help="Latency table CSV (start,end,latency_ms), from `dpcompress profile`.")
+@click.option("--importance", "importance_source", default="uniform", show_default=True,
+              help="Importance table CSV (start,end,importance), or 'uniform' to keep as many activations "
+                   "as the budget allows.")
+@click.option("--budget-ms", type=float, default=None, help="Latency budget in ms.")
+@click.option("--budget-ratio", type=float, default=None, help="Budget as a fraction of the original latency.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Plan JSON to write.")
+@click.option("--frontier", "frontier_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write every Pareto-optimal (latency, importance) plan to this CSV.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Also draw the frontier with the chosen plan marked (PNG).")
+@click.option("--chain", "chain_path", type=click.Path(dir_okay=False), default=None,
+              help="Chain JSON from `dpcompress trace --json`: segments end only at its activations.")
+@click.option("--model", "model_spec", default=None, help="Trace this model for the chain instead of --chain.")
+@click.option("--input-shape", default="1,3,224,224", show_default=True, help="N,C,H,W, with --model.")
+def solve(latency_table_path: str, importance_source: str, budget_ms: Optional[float],
+          budget_ratio: Optional[float], out: str, frontier_path: Optional[str], plot_path: Optional[str],
+          chain_path: Optional[str], model_spec: Optional[str], input_shape: str) -> None:
+    """Choose the activations to keep and the convs to merge within a latency budget (no torch needed)."""
+    from dpcompress.plan import save_plan
+    from dpcompress.solver import load_chain, resolve_budget, solve_for_model, write_frontier_csv
+    from dpcompress.tables import read_importance_table, read_latency_table
+
+    if chain_path and model_spec:
+        raise UserError("give --chain or --model, not both")
+    table = read_latency_table(latency_table_path)
+    importance = None if importance_source == "uniform" else read_importance_table(importance_source)
+    chain = load_chain(chain_path) if chain_path else None
+    if model_spec:
+        from dpcompress.trace import chain_for_spec, parse_input_shape
+
+        chain = chain_for_spec(model_spec, parse_input_shape(input_shape))
+    budget = resolve_budget(table, budget_ms, budget_ratio)
+    plan, frontier = solve_for_model(table, importance, budget, chain,
+                                     with_frontier=bool(frontier_path or plot_path))
+    save_plan(out, plan)
+    if frontier_path:
+        write_frontier_csv(frontier_path, frontier)
+    if plot_path:
+        from dpcompress.frontier_plot import plot_frontier
+
+        plot_frontier(plot_path, frontier, plan, budget, plan.original_latency_ms)
+    click.echo(plan_summary(plan, chain.activation_positions if chain else None))
+    for path in (out, frontier_path, plot_path):
+        if path:
+            click.echo(f"wrote {path}")
+
+
+def plan_summary(plan: Any, eligible: Optional[list] = None) -> str:
+    kept = " ".join(map(str, plan.activations)) or "none"
+    of = f" of {len(eligible)}" if eligible is not None else ""
+    lines = [f"kept activations: {len(plan.activations)}{of} ({kept})",
+             f"blocks: {len(plan.boundaries) - 1} merged convs for {plan.num_positions} original convs"]
+    latency = f"predicted latency: {plan.latency_ms:.4f} ms (budget {plan.budget_ms:.4f} ms"
+    if plan.original_latency_ms:
+        latency += (f", original {plan.original_latency_ms:.4f} ms, "
+                    f"{plan.latency_ms / plan.original_latency_ms:.1%} of it")
+    lines += [latency + ")", f"importance: {plan.importance:.6g}",
+              f"solve time: {plan.solve_seconds * 1e3:.1f} ms"]
+    return "\n".join(lines)
+
+
 # ---- profile / bench ----
 
 

@@ -18,16 +18,20 @@ numpy only: no torch, no model; it works on tables alone.
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from dataclasses import dataclass
+from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from dpcompress.chain import Chain
 from dpcompress.errors import UserError
 from dpcompress.plan import Plan
-from dpcompress.tables import Block, ImportanceTable, LatencyTable
+from dpcompress.fileio import PathLike
+from dpcompress.tables import Block, ImportanceTable, LatencyTable, check_table_against_chain, write_csv_table
 
 # Partial plans whose cheapest completion exceeds the budget by more than this
 # relative slack are pruned; the slack only guards against float summation order,
@@ -170,11 +174,17 @@ def cheapest_completion(s1: Stage1Result, segments: Segments) -> np.ndarray:
 
 @dataclass
 class FrontierPoint:
-    """One Pareto-optimal plan: its latency, importance and kept activations (without 0 and L)."""
+    """One Pareto-optimal plan: its latency and importance as the DP summed them."""
 
     latency_ms: float
     importance: float
-    activations: Tuple[int, ...]
+    _store: "_Store" = field(repr=False)
+    _index: int = field(repr=False)
+
+    @property
+    def activations(self) -> Tuple[int, ...]:
+        """The kept activations (without 0 and L), read back along the DP's parent links."""
+        return _activations(self._store, self._index)
 
 
 class _Store:
@@ -243,17 +253,26 @@ def stage2_frontier(s1: Stage1Result, segments: Segments,
     for index in range(int(first[L]), int(stop[L])):
         if store.latency[index] > limit:
             break
-        points.append(FrontierPoint(float(store.latency[index]), float(store.importance[index]),
-                                    _activations(store, index)))
+        points.append(FrontierPoint(float(store.latency[index]), float(store.importance[index]), store, index))
     return points
 
 
 def _pareto_indices(latency: np.ndarray, importance: np.ndarray) -> np.ndarray:
-    """Indices of the non-dominated points, by increasing latency (ties: first one wins)."""
-    order = np.lexsort((-importance, latency))  # latency ascending, then importance descending
-    sorted_importance = importance[order]
-    best_before = np.maximum.accumulate(np.concatenate(([-np.inf], sorted_importance[:-1])))
-    return order[sorted_importance > best_before]
+    """Indices of the non-dominated points, by increasing latency.
+
+    Of points with equal latency only the most important counts (the first of equals).
+    """
+    # The candidates are runs already sorted by latency, which a stable sort merges fast.
+    order = np.argsort(latency, kind="stable")
+    sorted_latency, sorted_importance = latency[order], importance[order]
+    group_start = np.flatnonzero(np.concatenate(([True], sorted_latency[1:] != sorted_latency[:-1])))
+    group_max = np.maximum.reduceat(sorted_importance, group_start)
+    best_before = np.maximum.accumulate(np.concatenate(([-np.inf], group_max[:-1])))
+    group_of = np.repeat(np.arange(group_start.size), np.diff(np.append(group_start, latency.size)))
+    # Each group's representative: its first most important point.
+    is_max = np.flatnonzero(sorted_importance == group_max[group_of])
+    first_max = is_max[np.concatenate(([True], group_of[is_max][1:] != group_of[is_max][:-1]))]
+    return order[first_max[group_max > best_before]]
 
 
 def _activations(store: _Store, index: int) -> Tuple[int, ...]:
@@ -375,3 +394,66 @@ def _solve(latency_table: LatencyTable, importance_table: Optional[ImportanceTab
             return plan, points, s1, segments
     raise UserError(f"budget {budget_ms:.6g} ms is below the smallest achievable latency "
                     f"{smallest:.6g} ms; raise the budget")
+
+
+def resolve_budget(table: LatencyTable, budget_ms: Optional[float], budget_ratio: Optional[float]) -> float:
+    """``--budget-ms X`` or ``--budget-ratio R`` (R times the original latency): exactly one."""
+    if (budget_ms is None) == (budget_ratio is None):
+        raise UserError("give exactly one of --budget-ms and --budget-ratio")
+    if budget_ratio is not None:
+        if not budget_ratio > 0:
+            raise UserError(f"--budget-ratio must be positive, got {budget_ratio}")
+        return budget_ratio * table.original_latency_ms()
+    assert budget_ms is not None
+    if not math.isfinite(budget_ms):
+        raise UserError(f"--budget-ms must be a finite number, got {budget_ms}")
+    return budget_ms
+
+
+def solve_for_model(latency_table: LatencyTable, importance_table: Optional[ImportanceTable], budget_ms: float,
+                    chain: Optional[Chain] = None, with_frontier: bool = False) -> Tuple[Plan, List[Plan]]:
+    """Solve, with segment ends restricted to the chain's activations and the plan tagged with
+    its model and fingerprint when a chain is given (or known from the table's meta file).
+
+    Returns the plan and, with ``with_frontier``, the plans of the whole frontier.
+    """
+    allowed = None
+    if chain is not None:
+        check_table_against_chain(latency_table, chain)
+        if latency_table.num_positions != chain.num_positions:
+            raise UserError(f"{latency_table.source} covers {latency_table.num_positions} positions but the "
+                            f"model has {chain.num_positions} convs; profile this model")
+        allowed = chain.activation_positions
+    if with_frontier:
+        plan, plans = solve_with_frontier(latency_table, importance_table, budget_ms, allowed)
+    else:
+        plan, plans = solve(latency_table, importance_table, budget_ms, allowed), []
+    if chain is not None:
+        for p in [plan, *plans]:
+            p.model = chain.model if chain.model is not None else p.model
+            p.chain_fingerprint = chain.fingerprint()
+    return plan, plans
+
+
+def load_chain(path: PathLike) -> Chain:
+    """A chain from ``dpcompress trace --json`` output."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise UserError(f"cannot read chain {path}: {err.strerror or err}") from err
+    except ValueError as err:
+        raise UserError(f"{path}: not valid JSON ({err}); regenerate it with `dpcompress trace --json`") from err
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object; regenerate it with `dpcompress trace --json`")
+    return Chain.from_json(data)
+
+
+FRONTIER_COLUMNS = ("latency_ms", "importance", "num_activations", "activations", "boundaries")
+
+
+def write_frontier_csv(path: PathLike, plans: Sequence[Plan]) -> None:
+    """The frontier, one plan per row; positions space-separated."""
+    write_csv_table(path, FRONTIER_COLUMNS, (
+        {"latency_ms": p.latency_ms, "importance": p.importance, "num_activations": len(p.activations),
+         "activations": " ".join(map(str, p.activations)), "boundaries": " ".join(map(str, p.boundaries))}
+        for p in plans))

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from dpcompress.chain import Chain
 from dpcompress.errors import UserError
 from dpcompress.fileio import PathLike, write_json_atomic, write_text_atomic
 
@@ -53,6 +54,21 @@ class ImportanceTable:
 
     importance: Dict[Block, float]
     source: str = "<memory>"
+
+
+def check_table_against_chain(table: LatencyTable, chain: Chain) -> None:
+    """Raise UserError unless every row of the table is a valid block of the chain."""
+    fingerprint = table.meta.get("chain_fingerprint")
+    if fingerprint is not None and fingerprint != chain.fingerprint():
+        raise UserError(f"{table.source} was measured for another model (chain fingerprint {fingerprint}, "
+                        f"the given chain has {chain.fingerprint()}); profile this model")
+    if table.num_positions > chain.num_positions:
+        raise UserError(f"{table.source} has blocks up to position {table.num_positions} but the model has "
+                        f"only {chain.num_positions} convs; profile this model")
+    for start, end in sorted(table.latency_ms):
+        if not chain.is_valid_block(start, end):
+            raise UserError(f"{table.source}: block ({start}, {end}) is not a valid block of the model; "
+                            "the table is for another model")
 
 
 def meta_path_for(table_path: PathLike) -> Path:
