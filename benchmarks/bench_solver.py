@@ -1,0 +1,146 @@
+"""Solver speed and memory on synthetic latency/importance tables (numpy only, no model).
+
+    .venv/bin/python benchmarks/bench_solver.py [--repeats 5] [--sizes 100,300,1000]
+
+Instances:
+- ``mobilenet_v2-sized``: L=50 convs, ~170 valid blocks (spans up to 4 convs, a few
+  missing), ~300 importance segments (spans up to 6 convs).
+- ``scaling L=N``: every block spanning up to 40 convs is valid except a random 20%
+  of the multi-conv ones; importance segments span up to 40 convs (``table``) or are
+  every pair stage 1 can cover (``uniform``).
+
+Each instance is solved at a budget of 70% of the original latency (budget-pruned
+DP, what ``dpcompress solve`` runs) and, separately, for the whole frontier. Time is
+the median of ``--repeats`` runs of stage 1 + stage 2 in-process; memory is the
+tracemalloc peak of one run (numpy allocations included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dpcompress.solver import (  # noqa: E402
+    build_segments,
+    run_stage1,
+    solve,
+    stage2_frontier,
+)
+from dpcompress.tables import ImportanceTable, LatencyTable, write_importance_table, write_latency_table  # noqa: E402
+
+Block = Tuple[int, int]
+
+
+def synthetic_tables(L: int, max_block_span: int, max_segment_span: Optional[int], missing: float,
+                     seed: int) -> Tuple[LatencyTable, Optional[ImportanceTable]]:
+    rng = np.random.default_rng(seed)
+    conv_ms = rng.uniform(0.05, 0.5, size=L + 1)
+    prefix = np.concatenate(([0.0], np.cumsum(conv_ms[1:])))
+    latency: Dict[Block, float] = {}
+    for i in range(L):
+        for j in range(i + 1, min(L, i + max_block_span) + 1):
+            if j > i + 1 and rng.random() < missing:
+                continue
+            # A merged block costs somewhere around the convs it replaces, sometimes more.
+            latency[(i, j)] = float((prefix[j] - prefix[i]) * rng.uniform(0.45, 1.2))
+    table = LatencyTable(L, latency, source=f"synthetic L={L}")
+    if max_segment_span is None:
+        return table, None
+    importance = {}
+    for i in range(L):
+        for j in range(i + 1, min(L, i + max_segment_span) + 1):
+            # Longer segments (more activations removed) tend to lose more accuracy.
+            importance[(i, j)] = float(-0.02 * (j - i - 1) ** 1.5 + rng.normal(0, 0.05))
+    return table, ImportanceTable(importance, source=f"synthetic L={L}")
+
+
+def measure(func: Callable[[], object], repeats: int) -> Tuple[float, float]:
+    """Median seconds over ``repeats`` runs and the tracemalloc peak (MiB) of one more."""
+    func()  # warm-up
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        func()
+        times.append(time.perf_counter() - began)
+    tracemalloc.start()
+    func()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return statistics.median(times), peak / 2**20
+
+
+def bench_instance(name: str, table: LatencyTable, importance: Optional[ImportanceTable], repeats: int) -> None:
+    budget = 0.7 * table.original_latency_ms()
+    s1 = run_stage1(table)
+    segments = build_segments(s1, importance)
+    frontier_size = len(stage2_frontier(s1, segments))
+    t_budget, mem_budget = measure(lambda: solve(table, importance, budget), repeats)
+    t_stage1, _ = measure(lambda: run_stage1(table), repeats)
+
+    def whole_frontier() -> object:
+        first = run_stage1(table)
+        return stage2_frontier(first, build_segments(first, importance))
+
+    t_frontier, mem_frontier = measure(whole_frontier, repeats)
+    print(f"| {name} | {table.num_positions} | {len(table.latency_ms)} | {segments.count()} | "
+          f"{t_stage1 * 1e3:.1f} | {t_budget * 1e3:.1f} | {mem_budget:.1f} | "
+          f"{t_frontier * 1e3:.1f} | {mem_frontier:.1f} | {frontier_size} |", flush=True)
+
+
+def bench_cli(repeats: int) -> None:
+    """Wall time of the whole `dpcompress solve` command in a fresh interpreter."""
+    table, importance = synthetic_tables(50, 4, 6, 0.1, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        lat_csv, imp_csv = Path(tmp, "lat.csv"), Path(tmp, "imp.csv")
+        write_latency_table(lat_csv, [{"start": i, "end": j, "latency_ms": v}
+                                      for (i, j), v in sorted(table.latency_ms.items())])
+        assert importance is not None
+        write_importance_table(imp_csv, [{"start": i, "end": j, "importance": v}
+                                         for (i, j), v in sorted(importance.importance.items())])
+        command = [sys.executable, "-m", "dpcompress.cli", "solve", "--latency-table", str(lat_csv),
+                   "--importance", str(imp_csv), "--budget-ratio", "0.7", "--out", str(Path(tmp, "plan.json"))]
+        times = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            subprocess.run(command, check=True, capture_output=True)
+            times.append(time.perf_counter() - began)
+    print(f"\n`dpcompress solve` (L=50 tables, fresh interpreter, {repeats} runs): "
+          f"median {statistics.median(times) * 1e3:.0f} ms, min {min(times) * 1e3:.0f} ms, "
+          f"max {max(times) * 1e3:.0f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sizes", default="100,300,1000")
+    parser.add_argument("--skip-uniform-above", type=int, default=1000,
+                        help="skip the uniform-importance runs for larger L")
+    args = parser.parse_args()
+    print("| instance | L | blocks | segments | stage 1 ms | solve@70% ms | solve MiB | "
+          "whole frontier ms | frontier MiB | frontier points |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    bench_instance("mobilenet_v2-sized, table", *synthetic_tables(50, 4, 6, 0.1, seed=0), args.repeats)
+    table, _ = synthetic_tables(50, 4, None, 0.1, seed=0)
+    bench_instance("mobilenet_v2-sized, uniform", table, None, args.repeats)
+    for size in (int(s) for s in args.sizes.split(",")):
+        repeats = args.repeats if size <= 300 else 1
+        bench_instance("scaling, table", *synthetic_tables(size, 40, 40, 0.2, seed=size), repeats)
+        if size <= args.skip_uniform_above:
+            table, _ = synthetic_tables(size, 40, None, 0.2, seed=size)
+            bench_instance("scaling, uniform", table, None, repeats)
+    bench_cli(args.repeats)
+
+
+if __name__ == "__main__":
+    main()
