@@ -29,6 +29,8 @@ IntPair = Union[int, Sequence[int]]
 def _pair(value: IntPair) -> Tuple[int, int]:
     if isinstance(value, int):
         return (value, value)
+    if isinstance(value, str) or len(value) != 2:
+        raise ValueError(f"expected an int or a pair of ints, got {value!r} (resolve string paddings like 'same' first)")
     first, second = value
     return (int(first), int(second))
 

@@ -320,6 +320,11 @@ def test_add_identity_keeps_groups_and_adds_one_tap() -> None:
     torch.testing.assert_close(merge.dense_weight(absorbed.weight, 3), expected, rtol=0, atol=0)
 
 
+def test_from_conv_rejects_string_padding() -> None:
+    with pytest.raises(ValueError, match="same"):
+        merge.AffineConv.from_conv(torch.randn(4, 4, 3, 3), None, 1, "same")
+
+
 def test_compose_rejects_channel_mismatch() -> None:
     a = merge.AffineConv.from_conv(torch.randn(4, 3, 1, 1), None)
     b = merge.AffineConv.from_conv(torch.randn(2, 5, 1, 1), None)
