@@ -30,7 +30,7 @@ def _pair(value: IntPair) -> Tuple[int, int]:
     if isinstance(value, int):
         return (value, value)
     if isinstance(value, str) or len(value) != 2:
-        raise ValueError(f"expected an int or a pair of ints, got {value!r} (resolve string paddings like 'same' first)")
+        raise ValueError(f"expected an int or a pair of ints, got {value!r} (resolve paddings like 'same' first)")
     first, second = value
     return (int(first), int(second))
 
@@ -229,7 +229,8 @@ def compose(first: AffineConv, second: AffineConv, dtype: Optional[torch.dtype] 
     it dense. ``dtype`` defaults to the promoted dtype of the two weights.
     """
     if second.in_channels != first.out_channels:
-        raise ValueError(f"cannot compose: first gives {first.out_channels} channels, second takes {second.in_channels}")
+        raise ValueError(f"cannot compose: first gives {first.out_channels} channels, "
+                         f"second takes {second.in_channels}")
     out_dtype = dtype or torch.promote_types(first.weight.dtype, second.weight.dtype)
     c0, c1, c2 = first.in_channels, first.out_channels, second.out_channels
     groups = largest_exact_groups(composed_connectivity(c0, c1, c2, first.groups, second.groups))
