@@ -6,6 +6,7 @@ environment; :func:`init` joins the group (gloo on CPU, nccl on CUDA) once.
 
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Any, List, Sequence, TypeVar
 
@@ -24,11 +25,14 @@ def init() -> None:
 
     if not launched() or dist.is_initialized():
         return
+    # Ranks meet only at the end of long work (an importance shard can take hours), so the
+    # collective timeout must outlast the slowest rank's share rather than the default minutes.
+    timeout = datetime.timedelta(hours=24)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", timeout=timeout)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
 
 
 def active() -> bool:
