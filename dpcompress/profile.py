@@ -9,8 +9,18 @@ fsynced), so an interrupted run resumes where it stopped; the finished table is
 written sorted and atomically, with ``<name>.meta.json`` beside it.
 
 Table columns: ``start,end,latency_ms,std_ms,in_channels,out_channels,kernel,
-stride,groups,in_h,in_w``. ``kernel`` and ``stride`` are one integer when square
+stride,groups,in_h,in_w,timed``. ``kernel`` and ``stride`` are one integer when square
 (``3``) and ``HxW`` otherwise (``3x5``); ``in_h``/``in_w`` are the block's input size.
+
+Dominated blocks are not timed (``timed`` = 0, ``std_ms`` = nan). Merging a long
+stretch gives huge kernels (mobilenet_v2 has merged convs of 299x299) that take
+seconds to build and to run, and that the DP can never choose: stage 1 always has
+the split into single convs, so a block slower than the sum of its single convs
+never wins. Single convs are timed first, then blocks by growing FLOPs; a block
+whose FLOPs at ``prune_margin`` times the fastest rate (FLOP/ms) seen so far would
+still take longer than its single convs is written with that bound as its latency:
+a lower bound of its true latency that is already too slow to matter, so the DP
+gives the same plans as with the true value.
 """
 
 from __future__ import annotations
@@ -40,10 +50,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 TABLE_FORMAT = "dpcompress-latency-table/1"
 TABLE_COLUMNS = ("start", "end", "latency_ms", "std_ms", "in_channels", "out_channels",
-                 "kernel", "stride", "groups", "in_h", "in_w")
+                 "kernel", "stride", "groups", "in_h", "in_w", "timed")
 # Meta fields that must agree for a run to resume (or reuse) an existing table.
 RESUME_KEYS = ("format", "model", "input_shape", "batch_size", "backend", "backend_version", "backend_options",
-               "device", "device_name", "threads", "precision", "warmup", "iters", "chain_fingerprint",
+               "device", "device_name", "threads", "precision", "warmup", "iters", "prune_margin", "chain_fingerprint",
                "dpcompress_version")
 
 Block = Tuple[int, int]
@@ -68,8 +78,8 @@ class BlockShape(NamedTuple):
 class ProfileProgress:
     done_blocks: int  # rows in the table so far (resumed ones included)
     total_blocks: int
-    timed_shapes: int  # distinct shapes timed in this run so far
-    shapes_to_time: int  # distinct shapes this run has to time
+    shapes_done: int  # distinct shapes this run has timed or bounded so far
+    shapes_total: int  # distinct shapes this run has to time or bound
     elapsed_s: float
     eta_s: Optional[float]  # None until the first shape has been timed
 
@@ -101,11 +111,11 @@ def block_shape(geometry: BlockGeometry) -> BlockShape:
                       tuple(g.in_shape[1:]), g.activation, g.bias)
 
 
-def group_by_shape(chain: Chain, blocks: Iterable[Block]) -> Dict[BlockShape, List[Block]]:
+def group_by_shape(geometries: Dict[Block, BlockGeometry]) -> Dict[BlockShape, List[Block]]:
     """Blocks grouped by shape, groups in order of their first block."""
     groups: Dict[BlockShape, List[Block]] = {}
-    for block in blocks:
-        groups.setdefault(block_shape(block_geometry(chain, *block)), []).append(block)
+    for block, geometry in geometries.items():
+        groups.setdefault(block_shape(geometry), []).append(block)
     return groups
 
 
@@ -140,12 +150,19 @@ def block_input_shape(geometry: BlockGeometry, batch_size: int) -> Tuple[int, in
     return (batch_size, c, h, w)
 
 
-def table_row(geometry: BlockGeometry, latency_ms: float, std_ms: float) -> Row:
+def block_flops(geometry: BlockGeometry, batch_size: int) -> float:
+    """Multiply-adds x 2 of the merged convolution (the activation is not counted)."""
+    g = geometry
+    _, _, out_h, out_w = g.out_shape
+    return 2.0 * batch_size * out_h * out_w * g.out_channels * (g.in_channels // g.groups) * g.kernel[0] * g.kernel[1]
+
+
+def table_row(geometry: BlockGeometry, latency_ms: float, std_ms: float, timed: bool = True) -> Row:
     g = geometry
     return {"start": g.start, "end": g.end, "latency_ms": latency_ms, "std_ms": std_ms,
             "in_channels": g.in_channels, "out_channels": g.out_channels,
             "kernel": format_pair(g.kernel), "stride": format_pair(g.stride), "groups": g.groups,
-            "in_h": g.in_shape[2], "in_w": g.in_shape[3]}
+            "in_h": g.in_shape[2], "in_w": g.in_shape[3], "timed": int(timed)}
 
 
 def _csv_line(row: Row) -> str:
@@ -168,8 +185,8 @@ def read_rows(path: Path) -> Dict[Block, Row]:
         for record in csv.DictReader(f):
             try:
                 block = (int(record["start"]), int(record["end"]))
-                row: Row = dict(record, start=block[0], end=block[1],
-                                latency_ms=float(record["latency_ms"]), std_ms=float(record["std_ms"]))
+                row: Row = dict(record, start=block[0], end=block[1], latency_ms=float(record["latency_ms"]),
+                                std_ms=float(record["std_ms"]), timed=int(record["timed"]))
             except (KeyError, TypeError, ValueError):
                 continue
             if any(row.get(c) in (None, "") for c in TABLE_COLUMNS):
@@ -179,7 +196,8 @@ def read_rows(path: Path) -> Dict[Block, Row]:
 
 
 def profile_meta(chain: Chain, backend: "Backend", *, model_spec: Optional[str], input_shape: Sequence[int],
-                 batch_size: int, precision: str, warmup: int, iters: int) -> Dict[str, Any]:
+                 batch_size: int, precision: str, warmup: int, iters: int,
+                 prune_margin: Optional[float] = 2.0) -> Dict[str, Any]:
     """The meta of a table profiled with these settings (``date`` is set when the table is finished)."""
     return {
         "format": TABLE_FORMAT,
@@ -196,6 +214,10 @@ def profile_meta(chain: Chain, backend: "Backend", *, model_spec: Optional[str],
         "warmup": int(warmup),
         "iters": int(iters),
         "statistic": "median of the timed runs; std_ms is their standard deviation",
+        "prune_margin": prune_margin,
+        "pruning": ("rows with timed=0 were not timed: their latency is a lower bound (FLOPs / (prune_margin x "
+                    "the fastest FLOP/ms measured)) that already exceeds the sum of their single convs, "
+                    "so the DP never picks them") if prune_margin else "off: every block was timed",
         "chain_fingerprint": chain.fingerprint(),
         "num_positions": chain.num_positions,
         "dpcompress_version": __version__,
@@ -241,18 +263,21 @@ def _existing_rows(table_path: Path, meta: Dict[str, Any], overwrite: bool) -> D
 def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str", *,
                   model_spec: Optional[str] = None, input_shape: Optional[Sequence[int]] = None,
                   batch_size: Optional[int] = None, precision: str = "fp32", warmup: int = 10, iters: int = 50,
-                  overwrite: bool = False,
+                  overwrite: bool = False, prune_margin: Optional[float] = 2.0,
                   progress: Optional[Callable[[ProfileProgress], None]] = None) -> ProfileResult:
     """Time every valid block of ``chain`` on ``backend`` and write the latency table ``out`` (+ meta).
 
     ``batch_size`` replaces N of the chain's input shape for timing (default: that N).
     Re-running with the same settings resumes an interrupted run and re-times nothing
-    it already has; other settings are refused unless ``overwrite``.
+    it already has; other settings are refused unless ``overwrite``. ``prune_margin``
+    None times every block; otherwise dominated blocks are bounded, not timed (module doc).
     """
     from dpcompress.backends import check_precision
 
     if warmup < 0 or iters < 1:
         raise UserError("--warmup must be >= 0 and --iters >= 1")
+    if prune_margin is not None and prune_margin < 1:
+        raise UserError(f"--prune-margin must be at least 1 (got {prune_margin}); use --time-all to time every block")
     check_precision(precision, backend.device)
     input_shape = tuple(input_shape or chain.input_shape)
     batch_size = int(batch_size or input_shape[0])
@@ -260,47 +285,78 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
         raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
     table_path = Path(out)
     meta = profile_meta(chain, backend, model_spec=model_spec, input_shape=input_shape, batch_size=batch_size,
-                        precision=precision, warmup=warmup, iters=iters)
+                        precision=precision, warmup=warmup, iters=iters, prune_margin=prune_margin)
     blocks = chain.valid_blocks()
     valid = set(blocks)
     rows = {b: r for b, r in _existing_rows(table_path, meta, overwrite).items() if b in valid}
     resumed = len(rows)
-    groups = group_by_shape(chain, blocks)
+    geometries = {block: block_geometry(chain, *block) for block in blocks}  # computed once: not cheap
+    groups = group_by_shape(geometries)
     for shape in groups:
         activation_module(shape.activation)  # an unknown activation fails now, not halfway through
-    # A shape one of whose blocks already has a row needs no timing: its latency is reused.
-    to_time = [shape for shape, members in groups.items() if not any(b in rows for b in members)]
+    # A shape one of whose blocks already has a timed row needs no timing: its latency is reused.
+    to_time = [shape for shape, members in groups.items() if not any(rows.get(b, {}).get("timed") for b in members)]
+    flops = {shape: block_flops(geometries[members[0]], batch_size) for shape, members in groups.items()}
+    # Single convs first (every bound is checked against them), then by growing cost.
+    order = sorted(groups, key=lambda shape: (all(e - s > 1 for s, e in groups[shape]), flops[shape]))
+    rates = [block_flops(geometries[b], batch_size) / r["latency_ms"]
+             for b, r in rows.items() if r["timed"] and r["latency_ms"] > 0]
+    best_rate = max(rates, default=0.0)  # fastest FLOP/ms measured so far
+
+    def singles_ms(block: Block) -> Optional[float]:
+        singles = [rows.get((p - 1, p)) for p in range(block[0] + 1, block[1] + 1)]
+        if any(r is None or not r["timed"] for r in singles):
+            return None
+        return sum(r["latency_ms"] for r in singles)  # type: ignore[index]
+
+    def dominated(shape: BlockShape, blocks: List[Block]) -> Optional[float]:
+        """The lower bound to write for ``blocks``, if it shows each of them slower than its single convs."""
+        if not prune_margin or best_rate <= 0:
+            return None
+        bound = flops[shape] / (prune_margin * best_rate)
+        for block in blocks:
+            singles = singles_ms(block)
+            if block[1] - block[0] == 1 or singles is None or bound <= singles:
+                return None
+        return bound
 
     partial_table, partial_meta = partial_paths(table_path)
     write_json_atomic(partial_meta, meta)
     write_text_atomic(partial_table, table_text(rows.values()))  # drops a line cut short last time
     started = time.perf_counter()
-    timed = 0
+    timed = handled = 0
 
     def report() -> None:
         if progress is None:
             return
         elapsed = time.perf_counter() - started
-        eta = elapsed / timed * (len(to_time) - timed) if timed else None
-        progress(ProfileProgress(len(rows), len(blocks), timed, len(to_time), elapsed, eta))
+        eta = elapsed / handled * (len(to_time) - handled) if handled else None
+        progress(ProfileProgress(len(rows), len(blocks), handled, len(to_time), elapsed, eta))
 
     report()
     with open(partial_table, "a") as sink:
-        for members in groups.values():
+        for shape in order:
+            members = groups[shape]
             missing = [b for b in members if b not in rows]
             if not missing:
                 continue
-            done = next((rows[b] for b in members if b in rows), None)
+            done = next((rows[b] for b in members if b in rows and rows[b]["timed"]), None)
+            bound = None if done is not None else dominated(shape, missing)
             if done is not None:
-                latency, std = done["latency_ms"], done["std_ms"]
+                latency, std, measured = done["latency_ms"], done["std_ms"], True
+            elif bound is not None:
+                latency, std, measured = bound, float("nan"), False
             else:
-                geometry = block_geometry(chain, *members[0])
+                geometry = geometries[members[0]]
                 runner = backend.prepare(block_module(geometry), block_input_shape(geometry, batch_size), precision)
                 stats = time_runner(runner, warmup, iters)
-                latency, std = stats.median_ms, stats.std_ms
+                latency, std, measured = stats.median_ms, stats.std_ms, True
+                if latency > 0:
+                    best_rate = max(best_rate, flops[shape] / latency)
                 timed += 1
+            handled += done is None
             for block in missing:
-                row = table_row(block_geometry(chain, *block), latency, std)
+                row = table_row(geometries[block], latency, std, measured)
                 rows[block] = row
                 sink.write(_csv_line(row))
             sink.flush()
@@ -308,6 +364,7 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
             report()
 
     meta = dict(meta, num_blocks=len(blocks), unique_shapes=len(groups),
+                bounded_blocks=sum(1 for r in rows.values() if not r["timed"]),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     write_json_atomic(meta_path_for(table_path), meta)
     write_text_atomic(table_path, table_text(rows.values()))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import pytest
 
@@ -45,6 +45,17 @@ def mixed_chain() -> Chain:
     return Chain(model="test:mixed", input_shape=(1, 3, 8, 8), units=units, residuals=[Residual(1, 3)])
 
 
+class Prepared(NamedTuple):
+    """What the recording backend was asked to time: the whole conv, not just its kernel."""
+
+    kernel: Tuple[int, ...]
+    input_shape: Tuple[int, ...]
+    out_channels: int
+    groups: int
+    stride: Tuple[int, ...]
+    activation: str
+
+
 class RecordingBackend(Backend):
     """Counts prepare calls; a block's 'latency' is its kernel area times its output channels."""
 
@@ -52,7 +63,7 @@ class RecordingBackend(Backend):
     device = "cpu"
 
     def __init__(self, fail_after: Optional[int] = None) -> None:
-        self.prepared: List[Tuple[Tuple[int, ...], Tuple[int, ...]]] = []
+        self.prepared: List[Prepared] = []
         self.fail_after = fail_after
 
     @property
@@ -67,7 +78,8 @@ class RecordingBackend(Backend):
         if self.fail_after is not None and len(self.prepared) >= self.fail_after:
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-run
         conv = module[0]
-        self.prepared.append((tuple(conv.kernel_size), tuple(input_shape)))
+        self.prepared.append(Prepared(tuple(conv.kernel_size), tuple(input_shape), conv.out_channels, conv.groups,
+                                      tuple(conv.stride), type(module[1]).__name__))
         cost = float(conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels)
         return _ConstantRunner(cost)
 
@@ -123,10 +135,10 @@ def test_rows_are_exactly_the_valid_blocks_sorted_with_shapes(tmp_path):
 def test_identical_shapes_are_timed_once(tmp_path):
     chain = uniform_chain(4)  # 10 blocks, but only 4 shapes: lengths 1..4 -> kernels 3, 5, 7, 9
     backend = RecordingBackend()
-    result = profile_table(chain, backend, tmp_path / "u.csv", warmup=0, iters=1, batch_size=5)
+    result = profile_table(chain, backend, tmp_path / "u.csv", warmup=0, iters=1, batch_size=5, prune_margin=None)
     assert len(result.rows) == 10
-    assert sorted(k for k, _ in backend.prepared) == [(3, 3), (5, 5), (7, 7), (9, 9)]
-    assert {shape for _, shape in backend.prepared} == {(5, 8, 8, 8)}  # batch size overrides N
+    assert sorted(p.kernel for p in backend.prepared) == [(3, 3), (5, 5), (7, 7), (9, 9)]
+    assert {p.input_shape for p in backend.prepared} == {(5, 8, 8, 8)}  # batch size overrides N
     latency = {(r["start"], r["end"]): r["latency_ms"] for r in result.rows}
     for (i, j), value in latency.items():
         k = 1 + 2 * (j - i)
@@ -173,6 +185,8 @@ def test_other_settings_are_refused_on_resume(tmp_path):
         profile_table(chain, RecordingBackend(), out, warmup=0, iters=1, batch_size=2)
     with pytest.raises(UserError, match="chain_fingerprint"):
         profile_table(uniform_chain(4), RecordingBackend(), out, warmup=0, iters=1)
+    with pytest.raises(UserError, match="prune_margin"):
+        profile_table(chain, RecordingBackend(), out, warmup=0, iters=1, prune_margin=None)
     replaced = RecordingBackend()
     profile_table(chain, replaced, out, warmup=0, iters=1, batch_size=2, overwrite=True)
     assert len(replaced.prepared) == 3
@@ -195,8 +209,28 @@ def test_progress_reports_counts_and_eta(tmp_path):
                   progress=seen.append)
     assert seen[0].done_blocks == 0 and seen[0].eta_s is None
     assert seen[-1].done_blocks == seen[-1].total_blocks == 6
-    assert seen[-1].timed_shapes == seen[-1].shapes_to_time == 3 and seen[-1].eta_s == 0
+    assert seen[-1].shapes_done == seen[-1].shapes_total == 3 and seen[-1].eta_s == 0
 
 
 def test_format_pair():
     assert format_pair((3, 3)) == "3" and format_pair((1, 7)) == "1x7"
+
+
+def test_dominated_blocks_are_bounded_not_timed(tmp_path):
+    # Fake latency = kernel area x 8 and FLOPs = 2*8*8*8*8 x kernel area: every block runs at the same
+    # FLOP rate. Singles cost 72; length n costs (2n+1)^2 * 8, so at margin 2 the bound (half of that)
+    # passes the singles' sum 72n only for n = 4: 324 > 288.
+    chain = uniform_chain(4)
+    backend = RecordingBackend()
+    result = profile_table(chain, backend, tmp_path / "u.csv", warmup=0, iters=1, prune_margin=2.0)
+    assert sorted(p.kernel for p in backend.prepared) == [(3, 3), (5, 5), (7, 7)]
+    row = next(r for r in result.rows if (r["start"], r["end"]) == (0, 4))
+    assert row["timed"] == 0 and row["latency_ms"] == 9 * 9 * 8 / 2
+    assert 4 * 72 < row["latency_ms"] <= 9 * 9 * 8  # dominated by its singles, and below its true latency
+    assert all(r["timed"] == 1 for r in result.rows if (r["start"], r["end"]) != (0, 4))
+    assert result.meta["bounded_blocks"] == 1
+    assert read_csv(tmp_path / "u.csv")[3]["std_ms"] == "nan"
+    # A resumed run keeps the bound and times nothing.
+    again = RecordingBackend()
+    profile_table(chain, again, tmp_path / "u.csv", warmup=0, iters=1, prune_margin=2.0)
+    assert again.prepared == []

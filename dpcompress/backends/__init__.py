@@ -159,3 +159,20 @@ def export_onnx_bytes(module: "torch.nn.Module", example: "torch.Tensor") -> byt
         torch.onnx.export(module, (example,), buffer, input_names=["x"], output_names=["y"],
                           opset_version=17, dynamo=False)
     return buffer.getvalue()
+
+
+def choose_backend(name: Optional[str], *, gpu: bool = False, device: str = "cpu", threads: Optional[int] = None,
+                   cuda_graphs: bool = False, channels_last: bool = False) -> Tuple[Backend, Optional[str]]:
+    """The backend the command line asks for: ``--gpu`` or ``--backend NAME`` (default onnxruntime).
+
+    Returns it and, for ``--gpu``, a line saying which backend was picked and why.
+    """
+    if gpu:
+        if name is not None:
+            raise UserError("--gpu picks the backend itself; give either --gpu or --backend, not both")
+        return select_gpu_backend(cuda_graphs=cuda_graphs, channels_last=channels_last)
+    name = name or "onnxruntime"
+    if name == "tensorrt":
+        device = "cuda"
+    return get_backend(name, device=device, threads=threads, cuda_graphs=cuda_graphs,
+                       channels_last=channels_last), None

@@ -1,0 +1,121 @@
+"""End-to-end benchmark: the original network against its compressed (merged) version.
+
+Both are prepared on the same backend and timed in alternating rounds in one
+process, so that load and clock drift affect both alike; the measured speed-up is
+the ratio of the medians. A plan's predicted speed-up is its original latency over
+its latency, both sums of latency-table rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+
+from dpcompress.timing import TimingStats, alternate, summarize
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.nn
+
+    from dpcompress.backends import Backend
+    from dpcompress.plan import Plan
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    backend: Dict[str, Any]  # name, version, device, device_name, threads, options
+    input_shape: List[int]
+    precision: str
+    warmup: int
+    rounds: int
+    iters_per_round: int
+    original: TimingStats
+    compressed: Optional[TimingStats] = None
+    predicted_speedup: Optional[float] = None
+    plan: Optional[Dict[str, Any]] = field(default=None)  # the plan's figures: latency_ms, original_latency_ms, ...
+
+    @property
+    def measured_speedup(self) -> Optional[float]:
+        if self.compressed is None:
+            return None
+        return self.original.median_ms / self.compressed.median_ms
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "input_shape": self.input_shape,
+            "precision": self.precision,
+            "warmup": self.warmup,
+            "rounds": self.rounds,
+            "iters_per_round": self.iters_per_round,
+            "original": self.original.to_json(),
+            "compressed": self.compressed.to_json() if self.compressed else None,
+            "measured_speedup": self.measured_speedup,
+            "predicted_speedup": self.predicted_speedup,
+            "plan": self.plan,
+        }
+
+    def summary_lines(self) -> List[str]:
+        """Lines a script can read: ``measured speed-up: 1.42x``, ``predicted speed-up: 1.50x``."""
+        lines = [f"original: median {self.original.median_ms:.3f} ms "
+                 f"(std {self.original.std_ms:.3f} ms, {self.original.count} runs)"]
+        if self.compressed is not None:
+            lines.append(f"compressed: median {self.compressed.median_ms:.3f} ms "
+                         f"(std {self.compressed.std_ms:.3f} ms, {self.compressed.count} runs)")
+            lines.append(f"measured speed-up: {self.measured_speedup:.2f}x")
+        if self.predicted_speedup is not None:
+            lines.append(f"predicted speed-up: {self.predicted_speedup:.2f}x")
+        return lines
+
+
+def predicted_speedup(plan: "Plan") -> Optional[float]:
+    """original_latency_ms / latency_ms of the plan, when it has both (a solved plan does)."""
+    if plan.latency_ms and plan.original_latency_ms:
+        return plan.original_latency_ms / plan.latency_ms
+    return None
+
+
+def backend_record(backend: "Backend") -> Dict[str, Any]:
+    return {"name": backend.name, "version": backend.version, "device": backend.device,
+            "device_name": backend.device_name, "threads": backend.threads, "options": backend.options()}
+
+
+def bench_modules(backend: "Backend", original: "torch.nn.Module", compressed: Optional["torch.nn.Module"] = None,
+                  *, input_shape: Sequence[int], precision: str = "fp32", warmup: int = 10, rounds: int = 10,
+                  iters_per_round: int = 10, plan: Optional["Plan"] = None) -> BenchResult:
+    """Time ``original`` (and ``compressed``) on ``backend``, alternating rounds when there are two."""
+    runners = [backend.prepare(original, input_shape, precision)]
+    if compressed is not None:
+        runners.append(backend.prepare(compressed, input_shape, precision))
+    samples = alternate(runners, warmup, rounds, iters_per_round)
+    plan_figures = None
+    if plan is not None:
+        plan_figures = {"latency_ms": plan.latency_ms, "original_latency_ms": plan.original_latency_ms,
+                        "budget_ms": plan.budget_ms, "activations": list(plan.activations),
+                        "boundaries": list(plan.boundaries)}
+    return BenchResult(
+        backend=backend_record(backend), input_shape=[int(x) for x in input_shape], precision=precision,
+        warmup=warmup, rounds=rounds, iters_per_round=iters_per_round,
+        original=summarize(samples[0]),
+        compressed=summarize(samples[1]) if compressed is not None else None,
+        predicted_speedup=predicted_speedup(plan) if plan is not None else None,
+        plan=plan_figures,
+    )
+
+
+def bench_spec(backend: "Backend", model_spec: str, *, weights: Optional[str] = None,
+               input_shape: Sequence[int] = (1, 3, 224, 224), plan_path: Optional[str] = None,
+               precision: str = "fp32", warmup: int = 10, rounds: int = 10, iters_per_round: int = 10) -> BenchResult:
+    """Build the model a spec names and bench it, against its merged version when a plan is given."""
+    from dpcompress.models import build_model
+
+    model = build_model(model_spec, weights).eval()
+    compressed = plan = None
+    if plan_path is not None:
+        from dpcompress.plan import load_plan
+        from dpcompress.rewrite import merged_model
+        from dpcompress.trace import trace_model
+
+        plan = load_plan(plan_path)
+        compressed = merged_model(trace_model(model, input_shape, spec=model_spec), plan)  # checks the plan
+    return bench_modules(backend, model, compressed, input_shape=input_shape, precision=precision, warmup=warmup,
+                         rounds=rounds, iters_per_round=iters_per_round, plan=plan)

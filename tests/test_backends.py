@@ -1,0 +1,127 @@
+"""Backends: selection and errors, faithful ONNX export, and agreement on which conv is slower."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from dpcompress.backends import choose_backend, cuda_available, export_onnx_bytes, get_backend
+from dpcompress.cli import main
+from dpcompress.errors import UserError
+from dpcompress.timing import time_runner
+
+CHEAP = (nn.Conv2d(16, 16, 1), (1, 16, 32, 32))
+EXPENSIVE = (nn.Sequential(nn.Conv2d(16, 16, 7, padding=3), nn.ReLU()), (1, 16, 32, 32))  # ~49x the FLOPs
+
+try:
+    import tensorrt  # noqa: F401
+
+    HAVE_TENSORRT = True
+except ImportError:
+    HAVE_TENSORRT = False
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_tensorrt = pytest.mark.skipif(not (HAVE_TENSORRT and torch.cuda.is_available()), reason="needs TensorRT")
+
+
+def slower_of_two(backend, precision: str = "fp32") -> str:
+    medians = {}
+    for name, (module, shape) in (("cheap", CHEAP), ("expensive", EXPENSIVE)):
+        medians[name] = time_runner(backend.prepare(module, shape, precision), warmup=2, iters=7).median_ms
+    return max(medians, key=medians.__getitem__)
+
+
+def test_torch_and_onnxruntime_agree_on_the_slower_conv():
+    onnxruntime = get_backend("onnxruntime", threads=1)
+    torch_cpu = get_backend("torch", threads=1)
+    assert slower_of_two(onnxruntime) == slower_of_two(torch_cpu) == "expensive"
+
+
+def test_onnx_export_computes_what_the_module_computes():
+    import onnxruntime as ort
+
+    module, shape = EXPENSIVE
+    x = torch.randn(*shape)
+    session = ort.InferenceSession(export_onnx_bytes(module.eval(), x), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(y, module(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_onnxruntime_threads_set_and_spinning_off():
+    backend = get_backend("onnxruntime", threads=1)
+    options = backend.session_options()
+    assert options.intra_op_num_threads == 1 and backend.threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+    assert get_backend("onnxruntime").threads >= 1  # default: all cores, set explicitly
+
+
+def test_runner_returns_one_positive_sample_per_timed_run():
+    module, shape = CHEAP
+    for backend in (get_backend("onnxruntime", threads=1), get_backend("torch", threads=1)):
+        samples = backend.prepare(module, shape).time(1, 4)
+        assert len(samples) == 4 and all(s > 0 for s in samples)
+
+
+def test_user_errors():
+    with pytest.raises(UserError, match="unknown backend"):
+        get_backend("tvm")
+    with pytest.raises(UserError, match="fp16"):
+        get_backend("onnxruntime", threads=1).prepare(*CHEAP, precision="fp16")
+    with pytest.raises(UserError, match="either --gpu or --backend"):
+        choose_backend("torch", gpu=True)
+
+
+@pytest.mark.skipif(cuda_available(), reason="checks the error without CUDA")
+def test_gpu_without_cuda_is_a_clear_error(tmp_path):
+    out = tmp_path / "t.csv"
+    result = CliRunner().invoke(main, ["profile", "--model", "torchvision:mobilenet_v2", "--gpu", "--out", str(out)])
+    assert result.exit_code == 2
+    assert "--gpu needs a CUDA device" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+    with pytest.raises(UserError, match="CUDA"):
+        get_backend("torch", device="cuda")
+
+
+@pytest.mark.skipif(HAVE_TENSORRT, reason="checks the error without TensorRT")
+def test_missing_tensorrt_is_a_clear_error():
+    with pytest.raises(UserError, match="needs TensorRT"):
+        get_backend("tensorrt")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_torch_cuda_times_and_orders(cuda_graphs, precision):
+    backend = get_backend("torch", device="cuda", cuda_graphs=cuda_graphs, channels_last=True)
+    assert backend.options() == {"cuda_graphs": cuda_graphs, "channels_last": True}
+    heavy = (nn.Conv2d(128, 128, 7, padding=3), (32, 128, 56, 56))
+    light = (nn.Conv2d(128, 128, 1), (32, 128, 56, 56))
+    heavy_ms = time_runner(backend.prepare(*heavy, precision), 3, 10).median_ms
+    light_ms = time_runner(backend.prepare(*light, precision), 3, 10).median_ms
+    assert 0 < light_ms < heavy_ms
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_flag_picks_a_cuda_backend():
+    backend, why = choose_backend(None, gpu=True)
+    assert backend.device == "cuda" and backend.name in why
+    assert backend.name == ("tensorrt" if HAVE_TENSORRT else "torch")
+
+
+@pytest.mark.tensorrt
+@needs_tensorrt
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_tensorrt_times_and_orders(precision):
+    backend = get_backend("tensorrt")
+    heavy = (nn.Conv2d(128, 128, 7, padding=3), (32, 128, 56, 56))
+    light = (nn.Conv2d(128, 128, 1), (32, 128, 56, 56))
+    heavy_ms = time_runner(backend.prepare(*heavy, precision), 3, 10).median_ms
+    light_ms = time_runner(backend.prepare(*light, precision), 3, 10).median_ms
+    assert 0 < light_ms < heavy_ms
