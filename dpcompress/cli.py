@@ -195,11 +195,11 @@ def _backend(backend_name: Optional[str], gpu: bool, device: str, threads: Optio
 
 def _print_progress(p: Any) -> None:
     eta = "estimating" if p.eta_s is None else f"{int(p.eta_s) // 60}:{int(p.eta_s) % 60:02d} left"
-    line = f"profile: {p.done_blocks}/{p.total_blocks} blocks, {p.timed_shapes}/{p.shapes_to_time} shapes timed, {eta}"
+    line = f"profile: {p.done_blocks}/{p.total_blocks} blocks, {p.shapes_done}/{p.shapes_total} shapes, {eta}"
     finished = p.done_blocks == p.total_blocks
     if sys.stderr.isatty():
         click.echo("\r" + line, err=True, nl=finished)
-    elif finished or p.timed_shapes % 20 == 0:
+    elif finished or p.shapes_done % 20 == 0:
         click.echo(line, err=True)
 
 
@@ -210,9 +210,13 @@ def _print_progress(p: Any) -> None:
 @click.option("--iters", type=int, default=50, show_default=True, help="Timed runs per block; the median is kept.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Latency table CSV to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing table made with other settings.")
+@click.option("--prune-margin", type=float, default=2.0, show_default=True,
+              help="Bound, not time, blocks slower than their single convs even at this x the fastest FLOP rate.")
+@click.option("--time-all", is_flag=True, help="Time every block, dominated ones too (slow: huge merged kernels).")
 def profile(model_spec: str, weights: Optional[str], input_shape: str, backend_name: Optional[str], gpu: bool,
             device: str, precision: str, threads: Optional[int], cuda_graphs: bool, channels_last: bool,
-            warmup: int, batch_size: Optional[int], iters: int, out: str, overwrite: bool) -> None:
+            warmup: int, batch_size: Optional[int], iters: int, out: str, overwrite: bool, prune_margin: float,
+            time_all: bool) -> None:
     """Time every valid block as its merged convolution and write the latency table (resumable)."""
     from dpcompress.profile import profile_table
     from dpcompress.trace import chain_for_spec, parse_input_shape
@@ -222,9 +226,10 @@ def profile(model_spec: str, weights: Optional[str], input_shape: str, backend_n
     chain = chain_for_spec(model_spec, shape, weights)
     result = profile_table(chain, backend, out, model_spec=model_spec, input_shape=shape, batch_size=batch_size,
                            precision=precision, warmup=warmup, iters=iters, overwrite=overwrite,
-                           progress=_print_progress)
+                           prune_margin=None if time_all else prune_margin, progress=_print_progress)
     click.echo(f"wrote {result.table_path} ({len(result.rows)} blocks, {result.timed_shapes} shapes timed now, "
-               f"{result.resumed_blocks} rows resumed) and {result.meta_path}")
+               f"{result.meta['bounded_blocks']} bounded as dominated, {result.resumed_blocks} rows resumed) "
+               f"and {result.meta_path}")
 
 
 @main.command()
