@@ -45,15 +45,19 @@ def test_summarize_matches_numpy():
 def test_bench_measures_the_cheaper_model_as_faster():
     expensive = nn.Sequential(nn.Conv2d(16, 16, 7, padding=3), nn.ReLU())
     cheap = nn.Sequential(nn.Conv2d(16, 16, 1), nn.ReLU())
-    plan = Plan(activations=[], boundaries=[0, 2], num_positions=2, latency_ms=1.0, original_latency_ms=1.5)
+    plan = Plan(activations=[], boundaries=[0, 2], num_positions=2, latency_ms=0.01, original_latency_ms=0.015)
     result = bench_modules(get_backend("onnxruntime", threads=1), expensive, cheap, input_shape=(1, 16, 32, 32),
                            warmup=2, rounds=3, iters_per_round=3, plan=plan)
     assert result.original.count == result.compressed.count == 9
     assert result.measured_speedup == result.original.median_ms / result.compressed.median_ms
     assert result.measured_speedup > 1
     lines = result.summary_lines()
-    assert re.fullmatch(r"measured speed-up: \d+\.\d\dx", lines[-2])
-    assert lines[-1] == "predicted speed-up: 1.50x"
+    assert re.fullmatch(r"measured speed-up: \d+\.\d\dx", lines[-3])
+    assert lines[-2] == "predicted speed-up: 1.50x"
+    # The plan saves 0.005 ms of table time; taken off the measured original median:
+    expected = result.original.median_ms / (result.original.median_ms - 0.005)
+    assert result.predicted_speedup_measured_rest == pytest.approx(expected)
+    assert lines[-1] == f"predicted speed-up with the measured rest: {expected:.2f}x"
     record = json.loads(json.dumps(result.to_json()))
     assert record["predicted_speedup"] == 1.5 and record["backend"]["name"] == "onnxruntime"
 
