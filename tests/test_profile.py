@@ -234,3 +234,32 @@ def test_dominated_blocks_are_bounded_not_timed(tmp_path):
     again = RecordingBackend()
     profile_table(chain, again, tmp_path / "u.csv", warmup=0, iters=1, prune_margin=2.0)
     assert again.prepared == []
+
+
+TINY_MODEL = """
+from torch import nn
+
+def tiny():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 4, 1))
+"""
+
+
+def test_profile_cli_writes_the_table_and_refuses_other_settings(tmp_path):
+    from click.testing import CliRunner
+
+    from dpcompress.cli import main
+
+    (tmp_path / "tiny.py").write_text(TINY_MODEL)
+    out = tmp_path / "tables" / "tiny.csv"
+    args = ["profile", "--model", f"{tmp_path / 'tiny.py'}:tiny", "--input-shape", "1,3,16,16", "--threads", "1",
+            "--warmup", "1", "--iters", "3", "--out", str(out)]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert [(int(r["start"]), int(r["end"])) for r in read_csv(out)] == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    meta = json.loads(meta_path_for(out).read_text())
+    assert (meta["backend"], meta["threads"], meta["iters"], meta["warmup"]) == ("onnxruntime", 1, 3, 1)
+    refused = CliRunner().invoke(main, args[:-4] + ["--iters", "4", "--out", str(out)])
+    assert refused.exit_code == 2 and "--overwrite" in refused.output and "Traceback" not in refused.output
