@@ -1,0 +1,120 @@
+"""Exactness: the merged network equals the reference (activation-removed, padding-reordered) network."""
+
+import random
+
+import pytest
+import torch
+
+from dpcompress.geometry import block_geometry, greedy_boundaries
+from dpcompress.plan import Plan
+from dpcompress.rewrite import ReorderedBlock, merge_reference, reference_model
+from tests.test_trace import MODELS, TinyResidual
+from dpcompress.calibrate import calibrate_batchnorm, randomize_batchnorm_affine
+from dpcompress.trace import trace_model
+
+# Weights per merged block in these tests: keeps them fast; merging itself is unlimited.
+# VGG11's smallest mergeable pair (128->256->256, 5x5) needs the larger cap.
+MAX_WEIGHTS = 400_000
+MAX_WEIGHTS_VGG = 2_000_000
+
+
+def small_enough(chain, i, j):
+    g = block_geometry(chain, i, j)
+    cap = MAX_WEIGHTS_VGG if "vgg" in (chain.model or "") else MAX_WEIGHTS
+    return j == i + 1 or g.out_channels * g.in_channels // g.groups * g.kernel[0] * g.kernel[1] <= cap
+
+
+def plan_all_removed(chain):
+    """No activation kept; each block as long as it can be within the weight cap."""
+    boundaries = [0]
+    while boundaries[-1] < chain.num_positions:
+        start = boundaries[-1]
+        boundaries.append(max(j for j in range(start + 1, chain.num_positions + 1)
+                              if chain.is_valid_block(start, j) and small_enough(chain, start, j)))
+    return Plan(activations=[], boundaries=boundaries, num_positions=chain.num_positions)
+
+
+def random_plan(chain, seed):
+    """Keep a random subset of activations; split each segment at random valid points."""
+    rng = random.Random(seed)
+    kept = sorted(p for p in chain.activation_positions if rng.random() < 0.5)
+    ends = [0, *kept, chain.num_positions]
+    boundaries = [0]
+    for a, b in zip(ends[:-1], ends[1:]):
+        position = a
+        while position < b:
+            options = [j for j in range(position + 1, b + 1)
+                       if chain.is_valid_block(position, j) and small_enough(chain, position, j)]
+            reachable = [j for j in options if j == b or _coverable(chain, j, b)]
+            position = rng.choice(reachable)
+            boundaries.append(position)
+    return Plan(activations=kept, boundaries=boundaries, num_positions=chain.num_positions)
+
+
+def _coverable(chain, start, end):
+    try:
+        greedy_boundaries(chain, start, end)
+        return True
+    except ValueError:
+        return False
+
+
+def assert_merged_matches(traced, plan, size=64):
+    reference = reference_model(traced, plan).double().eval()
+    merged = merge_reference(reference).eval()
+    x = torch.randn(2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = reference(x), merged(x)
+    scale = expected.abs().max().item()
+    assert scale > 1e-3, "reference output too small to compare meaningfully"
+    assert (got - expected).abs().max().item() <= 1e-7 * scale
+    merged_convs = sum(isinstance(m, torch.nn.Conv2d) for m in merged.modules())
+    assert not any(isinstance(m, ReorderedBlock) for m in merged.modules())
+    return merged_convs
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_merged_equals_reference_all_activations_removed(name, torchvision_traced):
+    traced = torchvision_traced(name)
+    plan = plan_all_removed(traced.chain)
+    assert len(plan.blocks) < traced.chain.num_positions  # real merging happens
+    assert_merged_matches(traced, plan)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_merged_equals_reference_random_plan(name, torchvision_traced):
+    traced = torchvision_traced(name)
+    assert_merged_matches(traced, random_plan(traced.chain, seed=len(name)))
+
+
+def test_single_conv_blocks_keep_every_activation_reproduce_the_model():
+    model = TinyResidual()
+    randomize_batchnorm_affine(model)
+    calibrate_batchnorm(model, (4, 3, 16, 16))
+    traced = trace_model(model, (1, 3, 16, 16))
+    chain = traced.chain
+    plan = Plan(activations=chain.activation_positions, boundaries=list(range(chain.num_positions + 1)),
+                num_positions=chain.num_positions)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.allclose(reference_model(traced, plan)(x), expected, atol=1e-6)
+        assert torch.allclose(merge_reference(reference_model(traced, plan))(x), expected, atol=1e-5)
+
+
+def test_removing_an_activation_changes_the_output():
+    model = TinyResidual()
+    randomize_batchnorm_affine(model)
+    calibrate_batchnorm(model, (4, 3, 16, 16))
+    traced = trace_model(model, (1, 3, 16, 16))
+    chain = traced.chain
+    plan = Plan(activations=[1], boundaries=[0, 1, 4, 5], num_positions=5)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        merged = merge_reference(reference_model(traced, plan))
+        assert not torch.allclose(merged(x), model(x), atol=1e-3)
+        assert torch.allclose(merged(x), reference_model(traced, plan)(x), atol=1e-5)
+    # Block (1, 4) holds the whole residual: one dense 3x3 conv replaces three convs and the add.
+    convs = [m for m in merged.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 3 + 1  # stem, merged block, d, and the gate's conv
+    assert chain.residuals and sorted(c.kernel_size for c in convs)[-1] == (3, 3)
