@@ -15,12 +15,27 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[torch,plot,test]'
 	touch $(STAMP)
 
+MODEL ?= torchvision:mobilenet_v2
+TABLE ?= latency_tables/cpu_onnxruntime/mobilenet_v2.csv
+BUDGET ?= 0.7
+
 demo: install
-	$(BIN)/dpcompress trace --model torchvision:mobilenet_v2
-	$(BIN)/dpcompress export --model torchvision:mobilenet_v2 --plan-all-removed --format onnx --out demo_out/mobilenet_v2_merged.onnx --verify
+	$(BIN)/dpcompress trace --model $(MODEL)
+	$(BIN)/dpcompress solve --model $(MODEL) --latency-table $(TABLE) --budget-ratio $(BUDGET) \
+		--out demo_out/plan.json --frontier demo_out/frontier.csv --plot demo_out/frontier.png
+	$(BIN)/dpcompress export --model $(MODEL) --plan demo_out/plan.json --format onnx \
+		--out demo_out/compressed.onnx --verify
+	$(BIN)/dpcompress bench --model $(MODEL) --plan demo_out/plan.json
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Rebuild the shipped CPU latency tables (ONNX Runtime, 224x224, batch 1); a few minutes each.
+tables: install
+	$(BIN)/dpcompress profile --model torchvision:mobilenet_v2 --backend onnxruntime --overwrite --out latency_tables/cpu_onnxruntime/mobilenet_v2.csv
+	$(BIN)/dpcompress profile --model 'torchvision:mobilenet_v2?width_mult=1.4' --backend onnxruntime --overwrite --out latency_tables/cpu_onnxruntime/mobilenet_v2_w1.4.csv
+	$(BIN)/dpcompress profile --model torchvision:vgg19_bn --backend onnxruntime --overwrite --out latency_tables/cpu_onnxruntime/vgg19_bn.csv
+	$(BIN)/dpcompress profile --model torchvision:resnet18 --backend onnxruntime --overwrite --out latency_tables/cpu_onnxruntime/resnet18.csv
 
 clean:
 	rm -rf $(VENV) demo_out
