@@ -83,9 +83,9 @@ def export_bytes(model: nn.Module, fmt: str, input_shape: Sequence[int], dynamic
 
         onnx.checker.check_model(onnx.load_from_string(data))
         return data
-    from dpcompress.backends.tensorrt_backend import build_engine
+    from dpcompress.backends.tensorrt_backend import TensorRTBackend
 
-    return build_engine(data, input_shape, precision)
+    return TensorRTBackend().build_engine(data, precision)
 
 
 def write_bytes_atomic(path: PathLike, data: bytes) -> None:

@@ -1,0 +1,73 @@
+"""export and trace from the command line: a verified export, and bad inputs as one line with exit status 2."""
+
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+
+MODEL_FILE = '''
+import torch.nn as nn
+
+def small():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+def other():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+'''
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "dpcompress.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    (tmp_path / "nets.py").write_text(MODEL_FILE)
+    (tmp_path / "plan.json").write_text(json.dumps({"activations": [], "boundaries": [0, 3]}))
+    return tmp_path
+
+
+def test_export_onnx_verified(workdir):
+    result = run_cli("export", "--model", "nets.py:small", "--input-shape", "1,3,16,16", "--plan", "plan.json",
+                     "--format", "onnx", "--out", "merged.onnx", "--verify", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert "verify:" in result.stdout and "OK" in result.stdout
+    model = onnx.load(str(workdir / "merged.onnx"))
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node].count("Conv") == 1  # three convs became one
+
+
+def test_export_torch_loads_without_dpcompress(workdir):
+    result = run_cli("export", "--model", "nets.py:small", "--input-shape", "1,3,16,16", "--plan", "plan.json",
+                     "--format", "torch", "--out", "merged.pt", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    import torch
+
+    loaded = torch.jit.load(str(workdir / "merged.pt"))
+    assert loaded(torch.randn(1, 3, 16, 16)).shape == (1, 4)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["trace", "--model", "torchvision:not_a_model"], "unknown torchvision model"),
+    (["trace", "--model", "nets.py:missing"], "has no callable 'missing'"),
+    (["trace", "--model", "nowhere.py:small"], "does not exist"),
+    (["trace", "--model", "nets.py:small", "--input-shape", "1,3,16"], "--input-shape"),
+    (["export", "--model", "nets.py:other", "--input-shape", "1,3,16,16", "--plan", "plan.json",
+      "--out", "x.onnx"], "position"),
+    (["export", "--model", "nets.py:small", "--input-shape", "1,3,16,16", "--plan", "broken.json",
+      "--out", "x.onnx"], "broken.json"),
+    (["export", "--model", "nets.py:small", "--input-shape", "1,3,16,16", "--plan", "plan.json",
+      "--format", "tensorrt", "--out", "x.engine"], "TensorRT"),
+])
+def test_bad_inputs_one_line_exit_2_nothing_written(workdir, args, message):
+    (workdir / "broken.json").write_text('{"activations": [1, 2,')
+    result = run_cli(*args, cwd=workdir)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+    assert not list(workdir.glob("x.*"))
