@@ -16,16 +16,12 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	touch $(STAMP)
 
 MODEL ?= torchvision:mobilenet_v2
-TABLE ?= latency_tables/cpu_onnxruntime/mobilenet_v2.csv
 BUDGET ?= 0.7
 
+# The main job on the defaults: mobilenet_v2, CPU, ONNX Runtime (reuses the shipped table).
 demo: install
 	$(BIN)/dpcompress trace --model $(MODEL)
-	$(BIN)/dpcompress solve --model $(MODEL) --latency-table $(TABLE) --budget-ratio $(BUDGET) \
-		--out demo_out/plan.json --frontier demo_out/frontier.csv --plot demo_out/frontier.png
-	$(BIN)/dpcompress export --model $(MODEL) --plan demo_out/plan.json --format onnx \
-		--out demo_out/compressed.onnx --verify
-	$(BIN)/dpcompress bench --model $(MODEL) --plan demo_out/plan.json
+	$(BIN)/dpcompress compress --model $(MODEL) --budget-ratio $(BUDGET) --out-dir demo_out
 
 test: install
 	$(BIN)/python -m pytest -q

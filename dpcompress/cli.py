@@ -335,5 +335,50 @@ def finetune(model_spec: str, weights: Optional[str], input_shape: str, plan_pat
                    f"test {acc['test_after']:.4f}")
 
 
+@main.command()
+@model_options
+@click.option("--out-dir", required=True, type=click.Path(file_okay=False), help="Folder for every output file.")
+@click.option("--budget-ms", type=float, default=None, help="Latency budget in ms (table units).")
+@click.option("--budget-ratio", type=float, default=None, help="Budget as a fraction of the original latency "
+              "[default: 0.7 when no --budget-ms].")
+@click.option("--data", "data_spec", default=None, help="digits or imagefolder:DIR; enables fine-tuning and "
+              "accuracy. Without it nothing is trained and accuracy is not measured.")
+@click.option("--importance", "importance_method", type=click.Choice(["uniform", "proxy", "finetune"]), default=None,
+              help="Default: finetune with --data, uniform without.")
+@click.option("--importance-steps", type=int, default=100, show_default=True)
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default=None)
+@click.option("--gpu", is_flag=True, help="Profile and bench on the GPU (TensorRT if installed, else torch CUDA).")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--epochs", type=int, default=10, show_default=True, help="Fine-tuning epochs (with --data).")
+@click.option("--distill", type=float, default=0.0, show_default=True, help="Knowledge distillation weight.")
+@click.option("--tables-dir", type=click.Path(file_okay=False), default=None,
+              help="Where to look for a matching latency table [default: the shipped latency_tables/].")
+def compress(model_spec: str, weights: Optional[str], input_shape: str, out_dir: str, budget_ms: Optional[float],
+             budget_ratio: Optional[float], data_spec: Optional[str], importance_method: Optional[str],
+             importance_steps: int, backend: Optional[str], gpu: bool, batch_size: Optional[int], precision: str,
+             epochs: int, distill: float, tables_dir: Optional[str]) -> None:
+    """Everything in one go: trace, table, importance, solve, fine-tune, export --verify, bench, report."""
+    from dpcompress.compress import CompressSettings, compress as run_compress
+    from dpcompress.trace import parse_input_shape
+
+    if budget_ms is not None and budget_ratio is not None:
+        raise UserError("give either --budget-ms or --budget-ratio, not both")
+    settings = CompressSettings(
+        budget_ms=budget_ms, budget_ratio=budget_ratio if budget_ms is None and budget_ratio is not None
+        else (None if budget_ms is not None else 0.7),
+        importance=importance_method, importance_steps=importance_steps, backend=backend, gpu=gpu,
+        batch_size=batch_size, precision=precision, epochs=epochs, distill=distill, tables_dir=tables_dir)
+    report = run_compress(model_spec, weights, parse_input_shape(input_shape), out_dir, settings, data_spec,
+                          say=lambda line: click.echo(line, err=True))
+    click.echo(f"predicted speed-up: {report['predicted_speedup']:.2f}x")
+    click.echo(f"measured speed-up: {report['measured_speedup']:.2f}x")
+    if report["accuracy"]:
+        click.echo("accuracy: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in sorted(report["accuracy"].items())))
+    else:
+        click.echo("accuracy: not measured (no --data)")
+    click.echo(f"report: {out_dir}/report.md")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,53 @@
+"""compress end to end on a tiny digits model: profile, importance, solve, fine-tune, verified export, report."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from dpcompress.compress import CompressSettings, compress, find_table
+from tests.digits_helpers import INPUT_SHAPE, TINY_SPEC, trained_tiny
+
+
+def test_compress_with_data_produces_verified_export_and_report(tmp_path):
+    weights = tmp_path / "tiny.pt"
+    torch.save(trained_tiny().state_dict(), weights)
+    settings = CompressSettings(budget_ratio=0.8, importance="proxy", warmup=2, iters=5, epochs=1,
+                                tables_dir=str(tmp_path / "no_tables"))
+    report = compress(TINY_SPEC, str(weights), INPUT_SHAPE, str(tmp_path / "out"), settings, data_spec="digits",
+                      say=lambda line: None)
+    out = tmp_path / "out"
+    for name in ["latency.csv", "latency.meta.json", "importance.csv", "plan.json", "frontier.csv",
+                 "frontier.png", "finetuned.pt", "compressed.onnx", "report.json", "report.md"]:
+        assert (out / name).is_file(), name
+    assert report["export"]["verification"]["passed"]
+    assert report["predicted_latency_ms"] <= report["budget_ms"]
+    assert {"test_before", "test_merged", "test_after"} <= set(report["accuracy"])
+    # The merged export is the fine-tuned network: its accuracy is the fine-tuned one.
+    assert abs(report["accuracy"]["test_merged"] - report["accuracy"]["test_after"]) < 0.01
+    assert json.loads((out / "report.json").read_text())["measured_speedup"] > 0
+    assert "accuracy: " in (out / "report.md").read_text()
+
+    # The table just made is found again for the same chain, backend, precision and batch size.
+    assert find_table(out, report["plan"]["chain_fingerprint"], "onnxruntime", "fp32", 1) == out / "latency.csv"
+    assert find_table(out, report["plan"]["chain_fingerprint"], "onnxruntime", "fp16", 1) is None
+
+
+def test_compress_cli_without_data_says_accuracy_not_measured(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dpcompress.cli", "compress", "--model", TINY_SPEC, "--input-shape", "1,3,16,16",
+         "--importance", "uniform", "--out-dir", str(tmp_path / "out"), "--tables-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "accuracy: not measured" in result.stdout and "measured speed-up:" in result.stdout
+    assert "not measured" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_compress_finetune_importance_without_data_is_a_user_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dpcompress.cli", "compress", "--model", TINY_SPEC, "--input-shape", "1,3,16,16",
+         "--importance", "finetune", "--out-dir", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "needs --data" in result.stderr
+    assert not (tmp_path / "out").exists()
