@@ -12,6 +12,13 @@ Table columns: ``start,end,latency_ms,std_ms,in_channels,out_channels,kernel,
 stride,groups,in_h,in_w,timed``. ``kernel`` and ``stride`` are one integer when square
 (``3``) and ``HxW`` otherwise (``3x5``); ``in_h``/``in_w`` are the block's input size.
 
+Where the backend has a per-call cost that a layer inside a network does not pay
+(``Backend.call_overhead_ms``: ONNX Runtime's session call and copies), it is
+measured once per distinct block input shape and subtracted from each row; a row is
+never credited below ``MIN_KEPT_FRACTION`` of its raw median, since the overhead
+estimate is itself a noisy measurement. The values go in the meta
+(``call_overhead_ms``, keyed ``NxCxHxW``).
+
 Dominated blocks are not timed (``timed`` = 0, ``std_ms`` = nan). Merging a long
 stretch gives huge kernels (mobilenet_v2 has merged convs of 299x299) that take
 seconds to build and to run, and that the DP can never choose: stage 1 always has
@@ -53,8 +60,9 @@ TABLE_COLUMNS = ("start", "end", "latency_ms", "std_ms", "in_channels", "out_cha
                  "kernel", "stride", "groups", "in_h", "in_w", "timed")
 # Meta fields that must agree for a run to resume (or reuse) an existing table.
 RESUME_KEYS = ("format", "model", "input_shape", "batch_size", "backend", "backend_version", "backend_options",
-               "device", "device_name", "threads", "precision", "warmup", "iters", "prune_margin", "chain_fingerprint",
-               "dpcompress_version")
+               "device", "device_name", "threads", "precision", "warmup", "iters", "prune_margin", "call_overhead",
+               "chain_fingerprint", "dpcompress_version")
+MIN_KEPT_FRACTION = 0.1
 
 Block = Tuple[int, int]
 Row = Dict[str, Any]
@@ -214,6 +222,9 @@ def profile_meta(chain: Chain, backend: "Backend", *, model_spec: Optional[str],
         "warmup": int(warmup),
         "iters": int(iters),
         "statistic": "median of the timed runs; std_ms is their standard deviation",
+        "call_overhead": ("subtracted: latency_ms is the median minus call_overhead_ms at the block's input shape "
+                          "(the backend's cost of an empty call), floored at "
+                          f"{MIN_KEPT_FRACTION:g} x the median"),
         "prune_margin": prune_margin,
         "pruning": ("rows with timed=0 were not timed: their latency is a lower bound (FLOPs / (prune_margin x "
                     "the fastest FLOP/ms measured)) that already exceeds the sum of their single convs, "
@@ -243,21 +254,20 @@ def _read_meta(path: Path, table_path: Path) -> Dict[str, Any]:
         raise UserError(f"{path} is not valid JSON ({err}); use a new --out or --overwrite") from None
 
 
-def _existing_rows(table_path: Path, meta: Dict[str, Any], overwrite: bool) -> Dict[Block, Row]:
-    """Rows already measured with the same settings: from an interrupted run, else from the finished table."""
+def _existing_rows(table_path: Path, meta: Dict[str, Any], overwrite: bool) -> Tuple[Dict[Block, Row], Dict[str, Any]]:
+    """Rows already measured with the same settings (from an interrupted run, else from the finished
+    table) and the call overheads that were subtracted from them."""
     partial_table, partial_meta = partial_paths(table_path)
     if overwrite:
         for path in (partial_table, partial_meta):
             path.unlink(missing_ok=True)
-        return {}
-    if partial_table.exists():
-        _check_resumable(partial_meta, _read_meta(partial_meta, table_path), meta, table_path)
-        return read_rows(partial_table)
-    if table_path.exists():
-        meta_path = meta_path_for(table_path)
-        _check_resumable(meta_path, _read_meta(meta_path, table_path), meta, table_path)
-        return read_rows(table_path)
-    return {}
+        return {}, {}
+    for rows_path, found_path in ((partial_table, partial_meta), (table_path, meta_path_for(table_path))):
+        if rows_path.exists():
+            found = _read_meta(found_path, table_path)
+            _check_resumable(found_path, found, meta, table_path)
+            return read_rows(rows_path), dict(found.get("call_overhead_ms") or {})
+    return {}, {}
 
 
 def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str", *,
@@ -288,7 +298,8 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                         precision=precision, warmup=warmup, iters=iters, prune_margin=prune_margin)
     blocks = chain.valid_blocks()
     valid = set(blocks)
-    rows = {b: r for b, r in _existing_rows(table_path, meta, overwrite).items() if b in valid}
+    existing, overhead_by_shape = _existing_rows(table_path, meta, overwrite)
+    rows = {b: r for b, r in existing.items() if b in valid}
     resumed = len(rows)
     geometries = {block: block_geometry(chain, *block) for block in blocks}  # computed once: not cheap
     groups = group_by_shape(geometries)
@@ -320,6 +331,11 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                 return None
         return bound
 
+    timed_inputs = sorted({block_input_shape(geometries[groups[shape][0]], batch_size) for shape in to_time})
+    overheads = {shape: backend.call_overhead_ms(shape, precision, warmup, iters) for shape in timed_inputs}
+    overhead_by_shape.update({"x".join(map(str, shape)): ms for shape, ms in overheads.items()})
+    meta = dict(meta, call_overhead_ms=overhead_by_shape)
+
     partial_table, partial_meta = partial_paths(table_path)
     write_json_atomic(partial_meta, meta)
     write_text_atomic(partial_table, table_text(rows.values()))  # drops a line cut short last time
@@ -348,9 +364,10 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                 latency, std, measured = bound, float("nan"), False
             else:
                 geometry = geometries[members[0]]
-                runner = backend.prepare(block_module(geometry), block_input_shape(geometry, batch_size), precision)
-                stats = time_runner(runner, warmup, iters)
-                latency, std, measured = stats.median_ms, stats.std_ms, True
+                shape_in = block_input_shape(geometry, batch_size)
+                stats = time_runner(backend.prepare(block_module(geometry), shape_in, precision), warmup, iters)
+                latency = max(stats.median_ms - overheads[shape_in], MIN_KEPT_FRACTION * stats.median_ms)
+                std, measured = stats.std_ms, True
                 if latency > 0:
                     best_rate = max(best_rate, flops[shape] / latency)
                 timed += 1

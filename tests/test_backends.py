@@ -67,6 +67,14 @@ def test_runner_returns_one_positive_sample_per_timed_run():
         assert len(samples) == 4 and all(s > 0 for s in samples)
 
 
+def test_onnxruntime_call_overhead_is_below_a_conv_and_torch_has_none():
+    backend = get_backend("onnxruntime", threads=1)
+    overhead = backend.call_overhead_ms(EXPENSIVE[1], "fp32", warmup=2, iters=15)
+    conv = time_runner(backend.prepare(*EXPENSIVE), warmup=2, iters=15).median_ms
+    assert 0 < overhead < conv  # the 7x7 conv does ~12 MFLOP on top of the same call
+    assert get_backend("torch", threads=1).call_overhead_ms(EXPENSIVE[1], "fp32", 2, 15) == 0.0
+
+
 def test_user_errors():
     with pytest.raises(UserError, match="unknown backend"):
         get_backend("tvm")

@@ -263,3 +263,29 @@ def test_profile_cli_writes_the_table_and_refuses_other_settings(tmp_path):
     assert (meta["backend"], meta["threads"], meta["iters"], meta["warmup"]) == ("onnxruntime", 1, 3, 1)
     refused = CliRunner().invoke(main, args[:-4] + ["--iters", "4", "--out", str(out)])
     assert refused.exit_code == 2 and "--overwrite" in refused.output and "Traceback" not in refused.output
+
+
+class OverheadBackend(RecordingBackend):
+    """Recording backend whose every call also pays a fixed cost that grows with the input's channels."""
+
+    def call_overhead_ms(self, input_shape: Sequence[int], precision: str, warmup: int, iters: int) -> float:
+        return 10.0 * input_shape[1]
+
+
+def test_call_overhead_is_subtracted_per_input_shape_and_floored(tmp_path):
+    chain = mixed_chain()
+    out = tmp_path / "o.csv"
+    plain = {(r["start"], r["end"]): r for r in profile_table(chain, RecordingBackend(), tmp_path / "p.csv",
+                                                                warmup=0, iters=1, prune_margin=None).rows}
+    rows = profile_table(chain, OverheadBackend(), out, warmup=0, iters=1, prune_margin=None).rows
+    assert len(rows) == len(plain)
+    for row in rows:
+        raw = plain[(row["start"], row["end"])]["latency_ms"]
+        expected = max(raw - 10.0 * row["in_channels"], 0.1 * raw)
+        assert row["latency_ms"] == pytest.approx(expected)
+    by_block = {(r["start"], r["end"]): r for r in rows}
+    assert by_block[(0, 1)]["latency_ms"] == pytest.approx(3 * 3 * 8 - 30.0)  # stem: 3 input channels
+    assert by_block[(3, 4)]["latency_ms"] == pytest.approx(0.1 * 16)  # 1x1 8->16 costs 16: floored
+    meta = json.loads(meta_path_for(out).read_text())
+    assert meta["call_overhead_ms"] == {"1x3x8x8": 30.0, "1x8x8x8": 80.0, "1x16x8x8": 160.0, "1x16x4x4": 160.0}
+    assert "subtracted" in meta["call_overhead"]

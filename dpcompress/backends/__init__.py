@@ -60,6 +60,17 @@ class Backend(ABC):
         """Settings that change the timings beyond name, device and threads (for the table's meta)."""
         return {}
 
+    def call_overhead_ms(self, input_shape: Sequence[int], precision: str, warmup: int, iters: int) -> float:
+        """Fixed cost of one timed call that a layer inside a whole network does not pay, in ms.
+
+        A latency table times each block as a model of its own; where the runtime adds a
+        per-call cost (entering the runtime, copying input and output), that cost is in
+        every row but paid once per network, so a table would credit each merge with a
+        saving that never happens. Default 0: the call cost is part of a layer's cost
+        in the network too (eager torch), or is not timed at all (CUDA events).
+        """
+        return 0.0
+
     def describe(self) -> str:
         threads = f", {self.threads} threads" if self.threads else ""
         return f"{self.name} {self.version} on {self.device_name}{threads}"
