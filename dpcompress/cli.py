@@ -350,6 +350,9 @@ def finetune(model_spec: str, weights: Optional[str], input_shape: str, plan_pat
 @click.option("--gpu", is_flag=True, help="Profile and bench on the GPU (TensorRT if installed, else torch CUDA).")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--threads", type=int, default=None,
+              help="CPU threads for profiling and benching (a shipped table is reused only if it matches).  "
+              "[default: all cores]")
 @click.option("--epochs", type=int, default=10, show_default=True, help="Fine-tuning epochs (with --data).")
 @click.option("--distill", type=float, default=0.0, show_default=True, help="Knowledge distillation weight.")
 @click.option("--tables-dir", type=click.Path(file_okay=False), default=None,
@@ -357,7 +360,7 @@ def finetune(model_spec: str, weights: Optional[str], input_shape: str, plan_pat
 def compress(model_spec: str, weights: Optional[str], input_shape: str, out_dir: str, budget_ms: Optional[float],
              budget_ratio: Optional[float], data_spec: Optional[str], importance_method: Optional[str],
              importance_steps: int, backend: Optional[str], gpu: bool, batch_size: Optional[int], precision: str,
-             epochs: int, distill: float, tables_dir: Optional[str]) -> None:
+             threads: Optional[int], epochs: int, distill: float, tables_dir: Optional[str]) -> None:
     """Everything in one go: trace, table, importance, solve, fine-tune, export --verify, bench, report."""
     from dpcompress.compress import CompressSettings, compress as run_compress
     from dpcompress.trace import parse_input_shape
@@ -368,7 +371,7 @@ def compress(model_spec: str, weights: Optional[str], input_shape: str, out_dir:
         budget_ms=budget_ms, budget_ratio=budget_ratio if budget_ms is None and budget_ratio is not None
         else (None if budget_ms is not None else 0.7),
         importance=importance_method, importance_steps=importance_steps, backend=backend, gpu=gpu,
-        batch_size=batch_size, precision=precision, epochs=epochs, distill=distill, tables_dir=tables_dir)
+        batch_size=batch_size, precision=precision, threads=threads, epochs=epochs, distill=distill, tables_dir=tables_dir)
     report = run_compress(model_spec, weights, parse_input_shape(input_shape), out_dir, settings, data_spec,
                           say=lambda line: click.echo(line, err=True))
     click.echo(f"predicted speed-up: {report['predicted_speedup']:.2f}x")

@@ -23,6 +23,7 @@ class CompressSettings:
     gpu: bool = False
     batch_size: Optional[int] = None
     precision: str = "fp32"
+    threads: Optional[int] = None  # CPU threads of the backend; None: all cores
     warmup: int = 10
     iters: int = 50
     epochs: int = 10
@@ -31,8 +32,10 @@ class CompressSettings:
     tables_dir: Optional[str] = None  # where to look for a matching table before profiling
 
 
-def find_table(tables_dir: Path, fingerprint: str, backend: str, precision: str, batch_size: int) -> Optional[Path]:
-    """A latency table under ``tables_dir`` made for this chain, backend, precision and batch size."""
+def find_table(tables_dir: Path, fingerprint: str, backend: str, precision: str, batch_size: int,
+               threads: Optional[int] = None) -> Optional[Path]:
+    """A latency table under ``tables_dir`` made for this chain, backend, precision and batch size
+    (and with ``threads`` CPU threads, where given)."""
     for meta_path in sorted(tables_dir.rglob("*.meta.json")):
         try:
             meta = json.loads(meta_path.read_text())
@@ -43,7 +46,7 @@ def find_table(tables_dir: Path, fingerprint: str, backend: str, precision: str,
         table = meta_path.with_name(meta_path.name[: -len(".meta.json")] + ".csv")
         if (meta.get("chain_fingerprint") == fingerprint and meta.get("backend") == backend
                 and meta.get("precision") == precision and meta.get("batch_size") == batch_size
-                and table.is_file()):
+                and (threads is None or meta.get("threads") == threads) and table.is_file()):
             return table
     return None
 
@@ -81,13 +84,13 @@ def compress(model_spec: str, weights: Optional[str], input_shape: Sequence[int]
     traced = trace_model(model, input_shape, spec=model_spec)
     chain = traced.chain
 
-    backend, picked = choose_backend(settings.backend, gpu=settings.gpu)
+    backend, picked = choose_backend(settings.backend, gpu=settings.gpu, threads=settings.threads)
     if picked:
         say(picked)
     batch_size = settings.batch_size or int(input_shape[0])
     tables_dir = Path(settings.tables_dir) if settings.tables_dir else DEFAULT_TABLES
-    table_path = find_table(tables_dir, chain.fingerprint(), backend.name, settings.precision, batch_size) \
-        if tables_dir.is_dir() else None
+    table_path = find_table(tables_dir, chain.fingerprint(), backend.name, settings.precision, batch_size,
+                            settings.threads) if tables_dir.is_dir() else None
     if table_path is not None:
         say(f"[2/7] latency table: reusing {table_path}")
     else:

@@ -13,7 +13,7 @@ from tests.digits_helpers import INPUT_SHAPE, TINY_SPEC, trained_tiny
 def test_compress_with_data_produces_verified_export_and_report(tmp_path):
     weights = tmp_path / "tiny.pt"
     torch.save(trained_tiny().state_dict(), weights)
-    settings = CompressSettings(budget_ratio=0.8, importance="proxy", warmup=2, iters=5, epochs=1,
+    settings = CompressSettings(budget_ratio=0.8, importance="proxy", warmup=2, iters=5, epochs=1, threads=1,
                                 tables_dir=str(tmp_path / "no_tables"))
     report = compress(TINY_SPEC, str(weights), INPUT_SHAPE, str(tmp_path / "out"), settings, data_spec="digits",
                       say=lambda line: None)
@@ -32,16 +32,22 @@ def test_compress_with_data_produces_verified_export_and_report(tmp_path):
     # The table just made is found again for the same chain, backend, precision and batch size.
     assert find_table(out, report["plan"]["chain_fingerprint"], "onnxruntime", "fp32", 1) == out / "latency.csv"
     assert find_table(out, report["plan"]["chain_fingerprint"], "onnxruntime", "fp16", 1) is None
+    # ... and, where threads are asked for, only with the threads it was made with.
+    assert find_table(out, report["plan"]["chain_fingerprint"], "onnxruntime", "fp32", 1, threads=1) is not None
+    assert find_table(out, report["plan"]["chain_fingerprint"], "onnxruntime", "fp32", 1, threads=2) is None
+    assert report["bench"]["backend"]["threads"] == 1
 
 
 def test_compress_cli_without_data_says_accuracy_not_measured(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "dpcompress.cli", "compress", "--model", TINY_SPEC, "--input-shape", "1,3,16,16",
-         "--importance", "uniform", "--out-dir", str(tmp_path / "out"), "--tables-dir", str(tmp_path)],
+         "--importance", "uniform", "--threads", "1", "--out-dir", str(tmp_path / "out"),
+         "--tables-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "accuracy: not measured" in result.stdout and "measured speed-up:" in result.stdout
     assert "not measured" in (tmp_path / "out" / "report.md").read_text()
+    assert json.loads((tmp_path / "out" / "latency.meta.json").read_text())["threads"] == 1
 
 
 def test_compress_finetune_importance_without_data_is_a_user_error(tmp_path):
