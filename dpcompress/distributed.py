@@ -6,6 +6,7 @@ environment; :func:`init` joins the group (gloo on CPU, nccl on CUDA) once.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from typing import Any, List, Sequence, TypeVar
@@ -33,6 +34,26 @@ def init() -> None:
         dist.init_process_group("nccl", timeout=timeout)
     else:
         dist.init_process_group("gloo", timeout=timeout)
+    atexit.register(_leave)
+
+
+def _leave() -> None:
+    """Give gloo's worker threads the GIL before the interpreter shuts down.
+
+    A gloo worker thread frees a finished collective's tensors right after waking the caller,
+    and freeing a tensor made in Python takes the GIL. If the process is already exiting by
+    then, Python ends that thread mid-unwind and the whole process aborts ("terminate called
+    without an active exception") after its work is done. DistributedDataParallel keeps the
+    process group alive until interpreter teardown (destroying the group does not join those
+    threads), so the threads are given a moment, with the GIL released, to finish.
+    """
+    import time
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    time.sleep(0.1)
 
 
 def active() -> bool:
