@@ -32,6 +32,14 @@ class CompressSettings:
     tables_dir: Optional[str] = None  # where to look for a matching table before profiling
 
 
+def _shown(path: Path) -> str:
+    """The path relative to the working directory where it lies under it (shorter to read)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def find_table(tables_dir: Path, fingerprint: str, backend: str, precision: str, batch_size: int,
                threads: Optional[int] = None) -> Optional[Path]:
     """A latency table under ``tables_dir`` made for this chain, backend, precision and batch size
@@ -92,7 +100,7 @@ def compress(model_spec: str, weights: Optional[str], input_shape: Sequence[int]
     table_path = find_table(tables_dir, chain.fingerprint(), backend.name, settings.precision, batch_size,
                             settings.threads) if tables_dir.is_dir() else None
     if table_path is not None:
-        say(f"[2/7] latency table: reusing {table_path}")
+        say(f"[2/7] latency table: reusing {_shown(table_path)}")
     else:
         table_path = out / "latency.csv"
         say(f"[2/7] latency table: profiling {len(chain.valid_blocks())} blocks on {backend.name} -> {table_path}")
@@ -163,7 +171,7 @@ def report_markdown(report: Dict[str, Any]) -> str:
     v = e["verification"]
     lines = [
         f"# dpcompress report: {report['model']}", "",
-        f"- input shape: {'x'.join(map(str, report['input_shape']))}; latency table: `{report['latency_table']}`",
+        f"- input shape: {'x'.join(map(str, report['input_shape']))}; latency table: `{_shown(Path(report['latency_table']))}`",
         f"- importance: {report['importance_method']}; budget: {report['budget_ms']:.4g} ms",
         f"- kept activations: {len(report['plan']['activations'])}; blocks: {len(report['plan']['boundaries']) - 1}",
         "", "| | before | after |", "|---|---|---|",

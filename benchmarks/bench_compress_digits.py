@@ -1,0 +1,206 @@
+"""End-to-end `compress` on the digits MobileNetV2: accuracy and measured CPU speed-up per budget.
+
+Trains ``dpcompress.zoo:digits_mobilenet_v2`` on ``--data digits`` (seeded), then runs the
+library's :func:`dpcompress.compress.compress` for every importance method x budget ratio
+(table latency, ONNX Runtime CPU, batch 1). One latency table is profiled by the first run
+and reused by the others (``tables_dir``); each method's importance table is measured once and
+copied into the later runs' folders, where ``compute_importance`` resumes from it (it checks
+model, weights, data and settings, and re-measures if anything differs). Prints and writes a
+markdown table (``--out-dir``/results.md) and a JSON summary (results.json). Optionally benches
+every compressed model again at a larger batch (``--extra-batch N``).
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_compress_digits.py
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_compress_digits.py --quick   # smoke check
+
+Model files and run folders go to ``--out-dir`` (default out/bench_compress_digits, ignored by git).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+from dpcompress import zoo
+from dpcompress.compress import CompressSettings, compress
+from dpcompress.data import load_data
+from dpcompress.train import evaluate, train
+
+SPEC = "dpcompress.zoo:digits_mobilenet_v2"
+INPUT_SHAPE = (1, 3, 32, 32)
+TARGET_SPEEDUP = 1.3
+TARGET_DROP_POINTS = 1.0
+
+
+def train_model(out: Path, epochs: int, say: Any) -> Path:
+    """Train (or reload) the digits model; return the state_dict path."""
+    weights = out / "digits_mobilenet_v2.pt"
+    data = load_data("digits", INPUT_SHAPE[2:])
+    model = zoo.digits_mobilenet_v2()
+    if weights.exists():
+        model.load_state_dict(torch.load(weights, weights_only=True))
+        say(f"reusing trained weights {weights}")
+    else:
+        began = time.perf_counter()
+        torch.manual_seed(0)
+        train(model, data.train, epochs=epochs, lr=0.1, seed=0)
+        torch.save(model.state_dict(), weights)
+        say(f"trained {epochs} epochs in {time.perf_counter() - began:.0f} s -> {weights}")
+    model.eval()
+    say(f"original: holdout {100 * evaluate(model, data.holdout):.2f}%, test {100 * evaluate(model, data.test):.2f}%")
+    return weights
+
+
+def extra_batch_speedup(run_dir: Path, weights: Path, batch: int, threads: int) -> Dict[str, float]:
+    """Measured ONNX Runtime speed-up of the run's fine-tuned, merged model at batch ``batch``."""
+    from dpcompress.backends import choose_backend
+    from dpcompress.bench import bench_modules
+    from dpcompress.finetune import load_finetuned
+    from dpcompress.models import build_model
+    from dpcompress.plan import load_plan
+    from dpcompress.rewrite import merge_reference
+    from dpcompress.trace import trace_model
+
+    model = build_model(SPEC, str(weights)).eval()
+    traced = trace_model(model, INPUT_SHAPE, spec=SPEC)
+    plan = load_plan(run_dir / "plan.json")
+    merged = merge_reference(load_finetuned(run_dir / "finetuned.pt", traced, plan).eval()).eval()
+    backend, _ = choose_backend(None, threads=threads)
+    shape = (batch, *INPUT_SHAPE[1:])
+    result = bench_modules(backend, model, merged, input_shape=shape, plan=plan)
+    return {"original_ms": result.original.median_ms, "compressed_ms": result.compressed.median_ms,
+            "speedup": result.measured_speedup}
+
+
+def markdown(rows: List[Dict[str, Any]], extra_batch: int) -> str:
+    head = ["method", "budget ratio", "kept act. (of 14)", "blocks", "predicted", "predicted, measured rest",
+            "measured b=1",
+            "original → merged ms (b=1)"]
+    if extra_batch:
+        head.append(f"measured b={extra_batch}")
+    head += ["test acc before", "test acc after (merged)", "Δ points", "target"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"], f"{r['ratio']:.1f}", str(r["kept_activations"]), str(r["blocks"]),
+                 f"{r['predicted_speedup']:.2f}x", f"{r['predicted_speedup_measured_rest']:.2f}x",
+                 f"{r['measured_speedup']:.2f}x",
+                 f"{r['measured_original_ms']:.3f} → {r['measured_compressed_ms']:.3f}"]
+        if extra_batch:
+            extra = r.get("extra_batch")
+            cells.append(f"{extra['speedup']:.2f}x" if extra else "-")
+        cells += [f"{r['test_before']:.2f}%", f"{r['test_merged']:.2f}%", f"{r['delta_points']:+.2f}",
+                  "yes" if r["target_met"] else "no"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", default="out/bench_compress_digits")
+    parser.add_argument("--train-epochs", type=int, default=8, help="epochs of the original digits model")
+    parser.add_argument("--methods", default="uniform,proxy,finetune")
+    parser.add_argument("--ratios", default="0.9,0.7,0.5")
+    parser.add_argument("--epochs", type=int, default=8, help="fine-tuning epochs of each compressed model")
+    parser.add_argument("--distill", type=float, default=0.3)
+    parser.add_argument("--importance-steps", type=int, default=20)
+    parser.add_argument("--extra-batch", type=int, default=0, help="also bench each result at this batch size")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="ONNX Runtime threads for the table and the benches (1: a 32x32 model's convs take "
+                             "microseconds, and waking a second thread per op costs as much)")
+    parser.add_argument("--seed-importance", default=None,
+                        help="folder with <method>.csv/.meta.json importance tables to start from "
+                             "(used only where model, weights, data and settings match)")
+    parser.add_argument("--quick", action="store_true", help="one method (proxy), one budget (0.7), 2 epochs")
+    args = parser.parse_args()
+    if args.quick:
+        args.methods, args.ratios, args.epochs = "proxy", "0.7", 2
+        args.out_dir = args.out_dir.rstrip("/") + "_quick"
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "log.txt", "a")
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        log.write(line + "\n")
+        log.flush()
+
+    weights = train_model(out, args.train_epochs, say)
+    methods = args.methods.split(",")
+    ratios = [float(r) for r in args.ratios.split(",")]
+    cache = out / "importance"
+    cache.mkdir(exist_ok=True)
+    if args.seed_importance:
+        for method in methods:
+            for suffix in (".csv", ".meta.json"):
+                source = Path(args.seed_importance) / f"{method}{suffix}"
+                if source.exists() and not (cache / f"{method}{suffix}").exists():
+                    shutil.copyfile(source, cache / f"{method}{suffix}")
+    table_dir = None  # the folder of the first run, which profiles the latency table
+    rows: List[Dict[str, Any]] = []
+    for method in methods:
+        for ratio in ratios:
+            run_dir = out / f"{method}_{ratio:.1f}"
+            run_dir.mkdir(exist_ok=True)
+            if method != "uniform":
+                for suffix in (".csv", ".meta.json"):
+                    if (cache / f"{method}{suffix}").exists():
+                        shutil.copyfile(cache / f"{method}{suffix}", run_dir / f"importance{suffix}")
+            settings = CompressSettings(
+                budget_ratio=ratio, importance=method, importance_steps=args.importance_steps,
+                epochs=args.epochs, distill=args.distill, threads=args.threads,
+                # the first run finds no table in an empty folder and profiles one into its out_dir
+                tables_dir=str(table_dir if table_dir is not None else out / "no_tables"))
+            say(f"=== {method} @ {ratio} -> {run_dir}")
+            began = time.perf_counter()
+            report = compress(SPEC, str(weights), INPUT_SHAPE, str(run_dir), settings, data_spec="digits", say=say)
+            seconds = time.perf_counter() - began
+            if table_dir is None:
+                table_dir = Path(report["latency_table"]).parent
+            if method != "uniform":
+                for suffix in (".csv", ".meta.json"):
+                    shutil.copyfile(run_dir / f"importance{suffix}", cache / f"{method}{suffix}")
+            acc = report["accuracy"]
+            delta = 100 * (acc["test_merged"] - acc["test_before"])
+            row = {
+                "method": method, "ratio": ratio, "seconds": round(seconds, 1),
+                "kept_activations": len(report["plan"]["activations"]),
+                "blocks": len(report["plan"]["boundaries"]) - 1,
+                "table_original_ms": report["plan"]["original_latency_ms"],
+                "predicted_latency_ms": report["predicted_latency_ms"],
+                "predicted_speedup": report["predicted_speedup"],
+                "predicted_speedup_measured_rest": report["bench"].get("predicted_speedup_measured_rest"),
+                "measured_speedup": report["measured_speedup"],
+                "measured_original_ms": report["measured_original_ms"],
+                "measured_compressed_ms": report["measured_compressed_ms"],
+                "test_before": 100 * acc["test_before"], "test_after_reference": 100 * acc["test_after"],
+                "test_merged": 100 * acc["test_merged"], "delta_points": delta,
+                "max_rel_error": report["export"]["verification"]["max_rel_error"],
+                "latency_table": report["latency_table"],
+            }
+            row["target_met"] = bool(delta >= -TARGET_DROP_POINTS and row["measured_speedup"] >= TARGET_SPEEDUP)
+            if args.extra_batch:
+                row["extra_batch"] = extra_batch_speedup(run_dir, weights, args.extra_batch, args.threads)
+            rows.append(row)
+            say(f"--- {method} @ {ratio}: {row['kept_activations']} activations, predicted "
+                f"{row['predicted_speedup']:.2f}x, measured {row['measured_speedup']:.2f}x, test "
+                f"{row['test_before']:.2f}% -> {row['test_merged']:.2f}% ({seconds:.0f} s)")
+            (out / "results.json").write_text(json.dumps(rows, indent=1))
+    table = markdown(rows, args.extra_batch)
+    met = [r for r in rows if r["target_met"]]
+    verdict = (f"target (test accuracy within {TARGET_DROP_POINTS:g} point of the original at measured CPU "
+               f"speed-up >= {TARGET_SPEEDUP}x): "
+               + (f"met by {len(met)} of {len(rows)} runs ("
+                  + ", ".join(f"{r['method']}@{r['ratio']}" for r in met) + ")" if met else
+                  f"not met by any of {len(rows)} runs"))
+    (out / "results.md").write_text(f"ONNX Runtime CPU, {args.threads} thread(s)\n\n" + table + "\n" + verdict + "\n")
+    say("\n" + table)
+    say(verdict)
+
+
+if __name__ == "__main__":
+    main()
