@@ -254,6 +254,10 @@ def _read_meta(path: Path, table_path: Path) -> Dict[str, Any]:
         raise UserError(f"{path} is not valid JSON ({err}); use a new --out or --overwrite") from None
 
 
+def _shape_key(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape))
+
+
 def _existing_rows(table_path: Path, meta: Dict[str, Any], overwrite: bool) -> Tuple[Dict[Block, Row], Dict[str, Any]]:
     """Rows already measured with the same settings (from an interrupted run, else from the finished
     table) and the call overheads that were subtracted from them."""
@@ -331,9 +335,11 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                 return None
         return bound
 
-    timed_inputs = sorted({block_input_shape(geometries[groups[shape][0]], batch_size) for shape in to_time})
-    overheads = {shape: backend.call_overhead_ms(shape, precision, warmup, iters) for shape in timed_inputs}
-    overhead_by_shape.update({"x".join(map(str, shape)): ms for shape, ms in overheads.items()})
+    # Keyed NxCxHxW as in the meta; an interrupted run's values are kept, so that every row of a
+    # table has the same overhead taken off for its input shape.
+    for shape_in in sorted({block_input_shape(geometries[groups[shape][0]], batch_size) for shape in to_time}):
+        if _shape_key(shape_in) not in overhead_by_shape:
+            overhead_by_shape[_shape_key(shape_in)] = backend.call_overhead_ms(shape_in, precision, warmup, iters)
     meta = dict(meta, call_overhead_ms=overhead_by_shape)
 
     partial_table, partial_meta = partial_paths(table_path)
@@ -366,7 +372,8 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                 geometry = geometries[members[0]]
                 shape_in = block_input_shape(geometry, batch_size)
                 stats = time_runner(backend.prepare(block_module(geometry), shape_in, precision), warmup, iters)
-                latency = max(stats.median_ms - overheads[shape_in], MIN_KEPT_FRACTION * stats.median_ms)
+                latency = max(stats.median_ms - overhead_by_shape[_shape_key(shape_in)],
+                              MIN_KEPT_FRACTION * stats.median_ms)
                 std, measured = stats.std_ms, True
                 if latency > 0:
                     best_rate = max(best_rate, flops[shape] / latency)

@@ -268,8 +268,14 @@ def test_profile_cli_writes_the_table_and_refuses_other_settings(tmp_path):
 class OverheadBackend(RecordingBackend):
     """Recording backend whose every call also pays a fixed cost that grows with the input's channels."""
 
+    def __init__(self, per_channel: float = 10.0, fail_after: Optional[int] = None) -> None:
+        super().__init__(fail_after)
+        self.per_channel = per_channel
+        self.overhead_calls = 0
+
     def call_overhead_ms(self, input_shape: Sequence[int], precision: str, warmup: int, iters: int) -> float:
-        return 10.0 * input_shape[1]
+        self.overhead_calls += 1
+        return self.per_channel * input_shape[1]
 
 
 def test_call_overhead_is_subtracted_per_input_shape_and_floored(tmp_path):
@@ -289,3 +295,19 @@ def test_call_overhead_is_subtracted_per_input_shape_and_floored(tmp_path):
     meta = json.loads(meta_path_for(out).read_text())
     assert meta["call_overhead_ms"] == {"1x3x8x8": 30.0, "1x8x8x8": 80.0, "1x16x8x8": 160.0, "1x16x4x4": 160.0}
     assert "subtracted" in meta["call_overhead"]
+
+
+def test_resume_keeps_the_call_overheads_already_recorded(tmp_path):
+    chain = mixed_chain()
+    reference = tmp_path / "reference.csv"
+    profile_table(chain, OverheadBackend(), reference, warmup=0, iters=1, prune_margin=None)
+    out = tmp_path / "o.csv"
+    with pytest.raises(KeyboardInterrupt):
+        profile_table(chain, OverheadBackend(fail_after=3), out, warmup=0, iters=1, prune_margin=None)
+    # The overhead measured on resume would differ (noise); the table keeps one value per input shape.
+    resumed = OverheadBackend(per_channel=99.0)
+    profile_table(chain, resumed, out, warmup=0, iters=1, prune_margin=None)
+    assert resumed.overhead_calls == 0
+    assert read_csv(out) == read_csv(reference)
+    assert (json.loads(meta_path_for(out).read_text())["call_overhead_ms"]
+            == json.loads(meta_path_for(reference).read_text())["call_overhead_ms"])

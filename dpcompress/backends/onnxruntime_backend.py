@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, List, Optional, Sequence
 
 from dpcompress.backends import Backend, Runner, check_precision, cpu_name, default_threads, export_onnx_bytes
 from dpcompress.errors import UserError
+from dpcompress.timing import time_runner
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn
@@ -80,7 +81,6 @@ class OnnxRuntimeBackend(Backend):
         feed = {"x": np.ascontiguousarray(example.numpy())}
         return _OnnxRuntimeRunner(session, feed)
 
-
     def call_overhead_ms(self, input_shape: Sequence[int], precision: str, warmup: int, iters: int) -> float:
         """Median of ``session.run`` on a graph that only passes its input through, at ``input_shape``.
 
@@ -88,12 +88,9 @@ class OnnxRuntimeBackend(Backend):
         and output copies (about 5 us on a desktop CPU); inside a whole network's
         session a layer pays neither. On 32x32 inputs that is as much as the convolution.
         """
-        import statistics
-
         import torch
 
-        samples = self.prepare(torch.nn.Identity(), input_shape, precision).time(warmup, iters)
-        return float(statistics.median(samples))
+        return time_runner(self.prepare(torch.nn.Identity(), input_shape, precision), warmup, iters).median_ms
 
 
 class _OnnxRuntimeRunner(Runner):
