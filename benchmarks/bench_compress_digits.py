@@ -24,14 +24,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-import torch
+from digits_model import SPEC, trained_digits_model
 
-from dpcompress import zoo
 from dpcompress.compress import CompressSettings, compress
 from dpcompress.data import load_data
-from dpcompress.train import evaluate, train
-
-SPEC = "dpcompress.zoo:digits_mobilenet_v2"
+from dpcompress.train import evaluate
 INPUT_SHAPE = (1, 3, 32, 32)
 TARGET_SPEEDUP = 1.3
 TARGET_DROP_POINTS = 1.0
@@ -41,17 +38,10 @@ def train_model(out: Path, epochs: int, say: Any) -> Path:
     """Train (or reload) the digits model; return the state_dict path."""
     weights = out / "digits_mobilenet_v2.pt"
     data = load_data("digits", INPUT_SHAPE[2:])
-    torch.manual_seed(0)  # the initial weights too: train() seeds only the data order and dropout
-    model = zoo.digits_mobilenet_v2()
-    if weights.exists():
-        model.load_state_dict(torch.load(weights, weights_only=True))
-        say(f"reusing trained weights {weights}")
-    else:
-        began = time.perf_counter()
-        train(model, data.train, epochs=epochs, lr=0.1, seed=0)
-        torch.save(model.state_dict(), weights)
-        say(f"trained {epochs} epochs in {time.perf_counter() - began:.0f} s -> {weights}")
-    model.eval()
+    began = time.perf_counter()
+    model, trained = trained_digits_model(weights, data.train, epochs)
+    say(f"trained {epochs} epochs in {time.perf_counter() - began:.0f} s -> {weights}" if trained
+        else f"reusing trained weights {weights}")
     say(f"original: holdout {100 * evaluate(model, data.holdout):.2f}%, test {100 * evaluate(model, data.test):.2f}%")
     return weights
 
@@ -75,6 +65,13 @@ def extra_batch_speedup(run_dir: Path, weights: Path, batch: int, threads: int) 
     result = bench_modules(backend, model, merged, input_shape=shape, plan=plan)
     return {"original_ms": result.original.median_ms, "compressed_ms": result.compressed.median_ms,
             "speedup": result.measured_speedup}
+
+
+def copy_table(source: Path, target: Path) -> None:
+    """Copy an importance table and its meta (``source``.csv/.meta.json), where they exist."""
+    for suffix in (".csv", ".meta.json"):
+        if source.with_name(source.name + suffix).exists():
+            shutil.copyfile(source.with_name(source.name + suffix), target.with_name(target.name + suffix))
 
 
 def markdown(rows: List[Dict[str, Any]], extra_batch: int) -> str:
@@ -136,10 +133,8 @@ def main() -> None:
     cache.mkdir(exist_ok=True)
     if args.seed_importance:
         for method in methods:
-            for suffix in (".csv", ".meta.json"):
-                source = Path(args.seed_importance) / f"{method}{suffix}"
-                if source.exists() and not (cache / f"{method}{suffix}").exists():
-                    shutil.copyfile(source, cache / f"{method}{suffix}")
+            if not (cache / f"{method}.csv").exists():
+                copy_table(Path(args.seed_importance) / method, cache / method)
     table_dir = None  # the folder of the first run, which profiles the latency table
     rows: List[Dict[str, Any]] = []
     for method in methods:
@@ -147,9 +142,7 @@ def main() -> None:
             run_dir = out / f"{method}_{ratio:.1f}"
             run_dir.mkdir(exist_ok=True)
             if method != "uniform":
-                for suffix in (".csv", ".meta.json"):
-                    if (cache / f"{method}{suffix}").exists():
-                        shutil.copyfile(cache / f"{method}{suffix}", run_dir / f"importance{suffix}")
+                copy_table(cache / method, run_dir / "importance")
             settings = CompressSettings(
                 budget_ratio=ratio, importance=method, importance_steps=args.importance_steps,
                 epochs=args.epochs, distill=args.distill, threads=args.threads,
@@ -162,8 +155,7 @@ def main() -> None:
             if table_dir is None:
                 table_dir = Path(report["latency_table"]).parent
             if method != "uniform":
-                for suffix in (".csv", ".meta.json"):
-                    shutil.copyfile(run_dir / f"importance{suffix}", cache / f"{method}{suffix}")
+                copy_table(run_dir / "importance", cache / method)
             acc = report["accuracy"]
             delta = 100 * (acc["test_merged"] - acc["test_before"])
             row = {

@@ -17,15 +17,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+from digits_model import SPEC, trained_digits_model
 
-from dpcompress import zoo
 from dpcompress.data import load_data
 from dpcompress.importance import ImportanceSettings, allowed_segments, base_segments, compute_importance
 from dpcompress.trace import trace_model
-from dpcompress.train import evaluate, train
-
-SPEC = "dpcompress.zoo:digits_mobilenet_v2"
+from dpcompress.train import evaluate
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -53,14 +50,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     data = load_data("digits", (32, 32))
     weights = out / "digits_mobilenet_v2.pt"
-    torch.manual_seed(0)  # the initial weights too: train() seeds only the data order and dropout
-    model = zoo.digits_mobilenet_v2()
-    if weights.exists():
-        model.load_state_dict(torch.load(weights, weights_only=True))
-    else:
-        train(model, data.train, epochs=args.epochs, lr=0.1, seed=0)
-        torch.save(model.state_dict(), weights)
-    model.eval()
+    model, _ = trained_digits_model(weights, data.train, args.epochs)
     traced = trace_model(model, (1, 3, 32, 32), spec=SPEC)
     summary = {"model": SPEC, "num_positions": traced.chain.num_positions,
                "segments": len(allowed_segments(traced.chain)),

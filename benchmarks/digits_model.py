@@ -1,0 +1,29 @@
+"""The digits MobileNetV2 that the benchmarks compress: trained once, seeded, then reloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from dpcompress import zoo
+from dpcompress.train import train
+
+SPEC = "dpcompress.zoo:digits_mobilenet_v2"
+
+
+def trained_digits_model(weights: Path, train_set: Dataset, epochs: int) -> "tuple[torch.nn.Module, bool]":
+    """The model at ``weights`` if that file exists, else trained (SGD lr 0.1 cosine) and saved there.
+
+    Returns the model in eval mode and whether it was trained now.
+    """
+    torch.manual_seed(0)  # the initial weights too: train() seeds only the data order and dropout
+    model = zoo.digits_mobilenet_v2()
+    trained = not weights.exists()
+    if trained:
+        train(model, train_set, epochs=epochs, lr=0.1, seed=0)
+        torch.save(model.state_dict(), weights)
+    else:
+        model.load_state_dict(torch.load(weights, weights_only=True))
+    return model.eval(), trained
