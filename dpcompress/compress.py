@@ -84,9 +84,6 @@ def compress(model_spec: str, weights: Optional[str], input_shape: Sequence[int]
     method = settings.importance or ("finetune" if data is not None else "uniform")
     if method == "finetune" and data is None:
         raise UserError("--importance finetune needs --data; without data use uniform or proxy")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
     say(f"[1/7] trace {model_spec}")
     model = build_model(model_spec, weights)
     traced = trace_model(model, input_shape, spec=model_spec)
@@ -95,6 +92,8 @@ def compress(model_spec: str, weights: Optional[str], input_shape: Sequence[int]
     backend, picked = choose_backend(settings.backend, gpu=settings.gpu, threads=settings.threads)
     if picked:
         say(picked)
+    out = Path(out_dir)  # made only once the model and backend are known to work: a bad input writes nothing
+    out.mkdir(parents=True, exist_ok=True)
     batch_size = settings.batch_size or int(input_shape[0])
     tables_dir = Path(settings.tables_dir) if settings.tables_dir else DEFAULT_TABLES
     table_path = find_table(tables_dir, chain.fingerprint(), backend.name, settings.precision, batch_size,

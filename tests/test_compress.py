@@ -57,3 +57,14 @@ def test_compress_finetune_importance_without_data_is_a_user_error(tmp_path):
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "needs --data" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_compress_bad_threads_or_model_exit_2_and_create_nothing(tmp_path):
+    for bad in (["--model", TINY_SPEC, "--threads", "0"], ["--model", "dpcompress.zoo:no_such_model"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "dpcompress.cli", "compress", *bad, "--input-shape", "1,3,16,16",
+             "--out-dir", str(tmp_path / "out")],
+            capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error:"), result.stderr
+        assert "Traceback" not in result.stderr
+        assert not (tmp_path / "out").exists()
