@@ -213,20 +213,23 @@ def _print_progress(p: Any) -> None:
 @click.option("--prune-margin", type=float, default=2.0, show_default=True,
               help="Bound, not time, blocks slower than their single convs even at this x the fastest FLOP rate.")
 @click.option("--time-all", is_flag=True, help="Time every block, dominated ones too (slow: huge merged kernels).")
+@click.option("--timing", type=click.Choice(["in-network", "standalone"]), default=None,
+              help="in-network: blocks timed inside whole networks by the runtime's node profiler (what the "
+                   "network pays); standalone: each block as its own model.  [default: in-network where the "
+                   "backend can (onnxruntime), else standalone]")
 def profile(model_spec: str, weights: Optional[str], input_shape: str, backend_name: Optional[str], gpu: bool,
             device: str, precision: str, threads: Optional[int], cuda_graphs: bool, channels_last: bool,
             warmup: int, batch_size: Optional[int], iters: int, out: str, overwrite: bool, prune_margin: float,
-            time_all: bool) -> None:
+            time_all: bool, timing: Optional[str]) -> None:
     """Time every valid block as its merged convolution and write the latency table (resumable)."""
     from dpcompress.profile import profile_table
-    from dpcompress.trace import chain_for_spec, parse_input_shape
 
     backend = _backend(backend_name, gpu, device, threads, cuda_graphs, channels_last)
-    shape = parse_input_shape(input_shape)
-    chain = chain_for_spec(model_spec, shape, weights)
-    result = profile_table(chain, backend, out, model_spec=model_spec, input_shape=shape, batch_size=batch_size,
-                           precision=precision, warmup=warmup, iters=iters, overwrite=overwrite,
-                           prune_margin=None if time_all else prune_margin, progress=_print_progress)
+    traced = _traced_model(model_spec, weights, input_shape)
+    result = profile_table(traced.chain, backend, out, model_spec=model_spec, input_shape=traced.chain.input_shape,
+                           batch_size=batch_size, precision=precision, warmup=warmup, iters=iters,
+                           overwrite=overwrite, prune_margin=None if time_all else prune_margin,
+                           progress=_print_progress, traced=traced, timing=timing)
     click.echo(f"wrote {result.table_path} ({len(result.rows)} blocks, {result.timed_shapes} shapes timed now, "
                f"{result.meta['bounded_blocks']} bounded as dominated, {result.resumed_blocks} rows resumed) "
                f"and {result.meta_path}")

@@ -19,6 +19,16 @@ never credited below ``MIN_KEPT_FRACTION`` of its raw median, since the overhead
 estimate is itself a noisy measurement. The values go in the meta
 (``call_overhead_ms``, keyed ``NxCxHxW``).
 
+How rows are timed is the meta's ``timing``. ``in-network`` (the default where the backend
+profiles nodes, ONNX Runtime): blocks are timed inside whole networks, several disjoint
+blocks per network, each block's time read from the runtime's per-node profiler and
+scaled to the network's plain latency (``dpcompress/network_timing.py``); the network of
+single convs gives the table's ``rest_ms`` (head, pooling, layout conversions, the call),
+which the solver adds to every plan's latency, so that a plan's predicted latency is the
+whole network's. ``standalone``: each block is its own model, timed cache-hot, the call
+overhead subtracted; predictions from such tables run ahead of measurements for deep
+merges (benchmarks/RESULTS.md).
+
 Dominated blocks are not timed (``timed`` = 0, ``std_ms`` = nan). Merging a long
 stretch gives huge kernels (mobilenet_v2 has merged convs of 299x299) that take
 seconds to build and to run, and that the DP can never choose: stage 1 always has
@@ -54,15 +64,21 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch.nn
 
     from dpcompress.backends import Backend
+    from dpcompress.trace import TracedModel
 
 TABLE_FORMAT = "dpcompress-latency-table/1"
 TABLE_COLUMNS = ("start", "end", "latency_ms", "std_ms", "in_channels", "out_channels",
                  "kernel", "stride", "groups", "in_h", "in_w", "timed")
 # Meta fields that must agree for a run to resume (or reuse) an existing table.
-RESUME_KEYS = ("format", "model", "input_shape", "batch_size", "backend", "backend_version", "backend_options",
+RESUME_KEYS = ("format", "timing", "model", "input_shape", "batch_size", "backend", "backend_version", "backend_options",
                "device", "device_name", "threads", "precision", "warmup", "iters", "prune_margin", "call_overhead",
                "chain_fingerprint", "dpcompress_version")
 MIN_KEPT_FRACTION = 0.1
+TIMINGS = ("in-network", "standalone")
+# Networks profiled at once in in-network timing (they take turns, so drift hits them alike),
+# and the weight bytes they may hold together.
+NETWORKS_PER_ROUND = 6
+NETWORK_BYTES_PER_ROUND = 1 << 30
 
 Block = Tuple[int, int]
 Row = Dict[str, Any]
@@ -98,7 +114,7 @@ class ProfileResult:
     meta_path: Path
     meta: Dict[str, Any]
     rows: List[Row]
-    timed_shapes: int  # backend runs made by this call
+    timed_shapes: int  # shapes timed by this call
     resumed_blocks: int  # rows found from an earlier (interrupted) run
 
 
@@ -203,12 +219,22 @@ def read_rows(path: Path) -> Dict[Block, Row]:
     return rows
 
 
+TIMING_TEXT = {
+    "in-network": ("each block timed inside a whole network (disjoint blocks merged, single convs elsewhere) by "
+                   "the runtime's per-node profiler, node times scaled to the network's unprofiled latency less "
+                   "the call; rest_ms is what the network of single convs spends outside its convs"),
+    "standalone": "each block timed alone as its own model, runs back to back (cache-hot)",
+}
+
+
 def profile_meta(chain: Chain, backend: "Backend", *, model_spec: Optional[str], input_shape: Sequence[int],
                  batch_size: int, precision: str, warmup: int, iters: int,
-                 prune_margin: Optional[float] = 2.0) -> Dict[str, Any]:
+                 prune_margin: Optional[float] = 2.0, timing: str = "standalone") -> Dict[str, Any]:
     """The meta of a table profiled with these settings (``date`` is set when the table is finished)."""
     return {
         "format": TABLE_FORMAT,
+        "timing": timing,
+        "timing_method": TIMING_TEXT[timing],
         "model": model_spec,
         "input_shape": [int(x) for x in input_shape],
         "batch_size": int(batch_size),
@@ -224,7 +250,9 @@ def profile_meta(chain: Chain, backend: "Backend", *, model_spec: Optional[str],
         "statistic": "median of the timed runs; std_ms is their standard deviation",
         "call_overhead": ("subtracted: latency_ms is the median minus call_overhead_ms at the block's input shape "
                           "(the backend's cost of an empty call), floored at "
-                          f"{MIN_KEPT_FRACTION:g} x the median"),
+                          f"{MIN_KEPT_FRACTION:g} x the median") if timing == "standalone" else
+                         ("part of rest_ms: paid once per network, measured as the cost of an empty call at the "
+                          "model's input shape (call_overhead_ms)"),
         "prune_margin": prune_margin,
         "pruning": ("rows with timed=0 were not timed: their latency is a lower bound (FLOPs / (prune_margin x "
                     "the fastest FLOP/ms measured)) that already exceeds the sum of their single convs, "
@@ -258,33 +286,42 @@ def _shape_key(shape: Sequence[int]) -> str:
     return "x".join(map(str, shape))
 
 
-def _existing_rows(table_path: Path, meta: Dict[str, Any], overwrite: bool) -> Tuple[Dict[Block, Row], Dict[str, Any]]:
+def _existing_rows(table_path: Path, meta: Dict[str, Any], overwrite: bool
+                   ) -> Tuple[Dict[Block, Row], Dict[str, Any], Optional[float]]:
     """Rows already measured with the same settings (from an interrupted run, else from the finished
-    table) and the call overheads that were subtracted from them."""
+    table), the call overheads that were subtracted from them, and the rest (in-network timing)."""
     partial_table, partial_meta = partial_paths(table_path)
     if overwrite:
         for path in (partial_table, partial_meta):
             path.unlink(missing_ok=True)
-        return {}, {}
+        return {}, {}, None
     for rows_path, found_path in ((partial_table, partial_meta), (table_path, meta_path_for(table_path))):
         if rows_path.exists():
             found = _read_meta(found_path, table_path)
             _check_resumable(found_path, found, meta, table_path)
-            return read_rows(rows_path), dict(found.get("call_overhead_ms") or {})
-    return {}, {}
+            return read_rows(rows_path), dict(found.get("call_overhead_ms") or {}), found.get("rest_ms")
+    return {}, {}, None
+
+
+def default_timing(backend: "Backend", traced: Optional["TracedModel"]) -> str:
+    """in-network where the model is at hand and the backend profiles nodes, else standalone."""
+    return "in-network" if traced is not None and backend.profiles_networks else "standalone"
 
 
 def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str", *,
                   model_spec: Optional[str] = None, input_shape: Optional[Sequence[int]] = None,
                   batch_size: Optional[int] = None, precision: str = "fp32", warmup: int = 10, iters: int = 50,
                   overwrite: bool = False, prune_margin: Optional[float] = 2.0,
-                  progress: Optional[Callable[[ProfileProgress], None]] = None) -> ProfileResult:
+                  progress: Optional[Callable[[ProfileProgress], None]] = None,
+                  traced: Optional["TracedModel"] = None, timing: Optional[str] = None) -> ProfileResult:
     """Time every valid block of ``chain`` on ``backend`` and write the latency table ``out`` (+ meta).
 
     ``batch_size`` replaces N of the chain's input shape for timing (default: that N).
     Re-running with the same settings resumes an interrupted run and re-times nothing
     it already has; other settings are refused unless ``overwrite``. ``prune_margin``
     None times every block; otherwise dominated blocks are bounded, not timed (module doc).
+    ``timing`` is ``in-network`` (needs ``traced``, the model ``chain`` was traced from, and a
+    backend that profiles nodes) or ``standalone``; default: :func:`default_timing`.
     """
     from dpcompress.backends import check_precision
 
@@ -292,6 +329,13 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
         raise UserError("--warmup must be >= 0 and --iters >= 1")
     if prune_margin is not None and prune_margin < 1:
         raise UserError(f"--prune-margin must be at least 1 (got {prune_margin}); use --time-all to time every block")
+    timing = timing or default_timing(backend, traced)
+    if timing not in TIMINGS:
+        raise UserError(f"unknown timing {timing!r}; use one of {', '.join(TIMINGS)}")
+    if timing == "in-network" and not backend.profiles_networks:
+        raise UserError(f"the {backend.name} backend cannot time blocks inside a network; use --timing standalone")
+    if timing == "in-network" and traced is None:
+        raise UserError("in-network timing needs the model, not only its chain; use --timing standalone")
     check_precision(precision, backend.device)
     input_shape = tuple(input_shape or chain.input_shape)
     batch_size = int(batch_size or input_shape[0])
@@ -299,10 +343,10 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
         raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
     table_path = Path(out)
     meta = profile_meta(chain, backend, model_spec=model_spec, input_shape=input_shape, batch_size=batch_size,
-                        precision=precision, warmup=warmup, iters=iters, prune_margin=prune_margin)
+                        precision=precision, warmup=warmup, iters=iters, prune_margin=prune_margin, timing=timing)
     blocks = chain.valid_blocks()
     valid = set(blocks)
-    existing, overhead_by_shape = _existing_rows(table_path, meta, overwrite)
+    existing, overhead_by_shape, rest_ms = _existing_rows(table_path, meta, overwrite)
     rows = {b: r for b, r in existing.items() if b in valid}
     resumed = len(rows)
     geometries = {block: block_geometry(chain, *block) for block in blocks}  # computed once: not cheap
@@ -337,10 +381,15 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
 
     # Keyed NxCxHxW as in the meta; an interrupted run's values are kept, so that every row of a
     # table has the same overhead taken off for its input shape.
-    for shape_in in sorted({block_input_shape(geometries[groups[shape][0]], batch_size) for shape in to_time}):
+    network_input = (batch_size, *input_shape[1:])
+    overhead_shapes = ({block_input_shape(geometries[groups[shape][0]], batch_size) for shape in to_time}
+                       if timing == "standalone" else ({tuple(network_input)} if to_time else set()))
+    for shape_in in sorted(overhead_shapes):
         if _shape_key(shape_in) not in overhead_by_shape:
             overhead_by_shape[_shape_key(shape_in)] = backend.call_overhead_ms(shape_in, precision, warmup, iters)
     meta = dict(meta, call_overhead_ms=overhead_by_shape)
+    if rest_ms is not None:
+        meta["rest_ms"] = rest_ms
 
     partial_table, partial_meta = partial_paths(table_path)
     write_json_atomic(partial_meta, meta)
@@ -355,37 +404,96 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
         eta = elapsed / handled * (len(to_time) - handled) if handled else None
         progress(ProfileProgress(len(rows), len(blocks), handled, len(to_time), elapsed, eta))
 
+    def write(sink: Any, shape: BlockShape, latency: float, std: float, measured: bool) -> None:
+        for block in groups[shape]:
+            if block not in rows:
+                row = table_row(geometries[block], latency, std, measured)
+                rows[block] = row
+                sink.write(_csv_line(row))
+
+    def settle(sink: Any, shape: BlockShape) -> bool:
+        """Write ``shape``'s rows without timing it where that is possible: an earlier row of the same
+        shape, or a bound that shows it dominated. True when done so."""
+        nonlocal handled
+        members = groups[shape]
+        missing = [b for b in members if b not in rows]
+        if not missing:
+            return True
+        done = next((rows[b] for b in members if b in rows and rows[b]["timed"]), None)
+        if done is not None:
+            write(sink, shape, done["latency_ms"], done["std_ms"], True)
+            return True
+        bound = dominated(shape, missing)
+        if bound is not None:
+            write(sink, shape, bound, float("nan"), False)
+            handled += 1
+            return True
+        return False
+
+    def flush(sink: Any) -> None:
+        sink.flush()
+        os.fsync(sink.fileno())
+        report()
+
     report()
     with open(partial_table, "a") as sink:
-        for shape in order:
-            members = groups[shape]
-            missing = [b for b in members if b not in rows]
-            if not missing:
-                continue
-            done = next((rows[b] for b in members if b in rows and rows[b]["timed"]), None)
-            bound = None if done is not None else dominated(shape, missing)
-            if done is not None:
-                latency, std, measured = done["latency_ms"], done["std_ms"], True
-            elif bound is not None:
-                latency, std, measured = bound, float("nan"), False
-            else:
-                geometry = geometries[members[0]]
+        if timing == "standalone":
+            for shape in order:
+                if settle(sink, shape):
+                    flush(sink)
+                    continue
+                geometry = geometries[groups[shape][0]]
                 shape_in = block_input_shape(geometry, batch_size)
                 stats = time_runner(backend.prepare(block_module(geometry), shape_in, precision), warmup, iters)
                 latency = max(stats.median_ms - overhead_by_shape[_shape_key(shape_in)],
                               MIN_KEPT_FRACTION * stats.median_ms)
-                std, measured = stats.std_ms, True
                 if latency > 0:
                     best_rate = max(best_rate, flops[shape] / latency)
+                write(sink, shape, latency, stats.std_ms, True)
                 timed += 1
-            handled += done is None
-            for block in missing:
-                row = table_row(geometries[block], latency, std, measured)
-                rows[block] = row
-                sink.write(_csv_line(row))
-            sink.flush()
-            os.fsync(sink.fileno())
-            report()
+                handled += 1
+                flush(sink)
+        else:
+            from dpcompress.network_timing import pack, packed_plan, time_networks
+
+            assert traced is not None
+            overhead = overhead_by_shape[_shape_key(network_input)] if to_time else 0.0
+            pending = list(order)
+            while pending:
+                # Shapes settled without timing go; the rest, cheapest first, fill a round of networks.
+                pending = [shape for shape in pending if not settle(sink, shape)]
+                flush(sink)
+                if not pending:
+                    break
+                singles = [shape for shape in pending if any(e - s == 1 for s, e in groups[shape])]
+                if singles or rest_ms is None:
+                    # The network of single convs: every single conv, and the rest of the network.
+                    networks: List[List[Block]] = [[]]
+                else:
+                    budget = NETWORK_BYTES_PER_ROUND // max(1, _parameter_bytes(traced))
+                    networks, _ = pack([_member_for(groups[shape], rows) for shape in pending],
+                                       max(1, min(NETWORKS_PER_ROUND, budget)))
+                plans = [packed_plan(chain, members) for members in networks]
+                results = time_networks(backend, traced, plans, geometries, network_input, precision, warmup,
+                                        iters, overhead)
+                timed_now = set()
+                for plan, result in zip(plans, results):
+                    for block, (latency, std) in result.blocks.items():
+                        shape = block_shape(geometries[block])
+                        if shape in timed_now or not any(b not in rows for b in groups[shape]):
+                            continue
+                        write(sink, shape, latency, std, True)
+                        timed_now.add(shape)
+                        if latency > 0:
+                            best_rate = max(best_rate, flops[shape] / latency)
+                    if not networks[0] and plan is plans[0]:
+                        rest_ms = result.wall_ms - sum(latency for latency, _ in result.blocks.values())
+                        meta["rest_ms"] = rest_ms
+                        write_json_atomic(partial_meta, meta)
+                timed += len(timed_now)
+                handled += len(timed_now & set(pending))
+                pending = [shape for shape in pending if shape not in timed_now]
+                flush(sink)
 
     meta = dict(meta, num_blocks=len(blocks), unique_shapes=len(groups),
                 bounded_blocks=sum(1 for r in rows.values() if not r["timed"]),
@@ -396,3 +504,12 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
     partial_meta.unlink()
     return ProfileResult(table_path, meta_path_for(table_path), meta,
                          sorted(rows.values(), key=lambda r: (r["start"], r["end"])), timed, resumed)
+
+
+def _member_for(members: List[Block], rows: Dict[Block, Row]) -> Block:
+    """The block that stands for a shape in a timed network: the first without a row."""
+    return next(b for b in members if b not in rows)
+
+
+def _parameter_bytes(traced: "TracedModel") -> int:
+    return sum(p.numel() * p.element_size() for p in traced.gm.parameters())

@@ -109,7 +109,7 @@ def reference_model(traced: TracedModel, plan: Plan) -> fx.GraphModule:
         residuals = [(r.start - start, r.end - start) for r in chain.residuals_inside(start, end)]
         return ReorderedBlock(convs, norms, [u.padding for u in units], residuals)
 
-    return _rewrite(traced, plan, holder, make_block)
+    return rewrite_blocks(traced, plan, holder, make_block)
 
 
 def merge_reference(reference: fx.GraphModule) -> fx.GraphModule:
@@ -127,8 +127,10 @@ def merged_model(traced: TracedModel, plan: Plan) -> fx.GraphModule:
     return merge_reference(reference_model(traced, plan).eval())
 
 
-def _rewrite(traced: TracedModel, plan: Plan, holder: nn.Module,
-             make_block: Callable[[int, int], nn.Module]) -> fx.GraphModule:
+def rewrite_blocks(traced: TracedModel, plan: Plan, holder: nn.Module,
+                   make_block: Callable[[int, int], nn.Module]) -> fx.GraphModule:
+    """The traced graph with each block of ``plan`` one module ``make_block(start, end)`` (registered
+    on ``holder`` as ``dpc_block_<index>``) and the activations that the plan drops removed."""
     chain: Chain = traced.chain
     kept = set(plan.activations)
     skipped: Set[fx.Node] = set()

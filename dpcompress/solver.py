@@ -37,6 +37,9 @@ from dpcompress.tables import Block, ImportanceTable, LatencyTable, check_table_
 # relative slack are pruned; the slack only guards against float summation order,
 # the final choice compares against the budget itself.
 _PRUNE_SLACK = 1e-9
+# A plan may exceed the budget by this relative amount (float summation order, a budget
+# typed back from a printed latency with 10 significant digits), and no more.
+_BUDGET_SLACK = 1e-9
 
 
 @dataclass
@@ -319,7 +322,8 @@ def plan_for_point(point: FrontierPoint, s1: Stage1Result, segments: Segments, t
     for start, end in zip(ends[:-1], ends[1:]):
         boundaries.extend(s1.split_points(start, end))
         boundaries.append(end)
-    latency = math.fsum(table.latency_ms[block] for block in zip(boundaries[:-1], boundaries[1:]))
+    latency = math.fsum([*(table.latency_ms[block] for block in zip(boundaries[:-1], boundaries[1:])),
+                         table.rest_ms])
     importance = math.fsum(segments.importance_of(start, end) for start, end in zip(ends[:-1], ends[1:]))
     try:
         original: Optional[float] = table.original_latency_ms()
@@ -380,20 +384,23 @@ def _solve(latency_table: LatencyTable, importance_table: Optional[ImportanceTab
     began = time.perf_counter()
     s1 = run_stage1(latency_table)
     segments = build_segments(s1, importance_table, allowed_positions)
-    smallest = _check_connected(segments, s1, importance_table)
-    points = stage2_frontier(s1, segments, None if full_frontier else budget_ms)
-    # The DP's sums may differ from the exact sums in the last bit, so the final check
-    # against the budget uses each candidate's exact latency, best importance first.
-    limit = budget_ms + _PRUNE_SLACK * max(1.0, abs(budget_ms))
+    rest = latency_table.rest_ms  # paid by every plan: the DP works on the blocks' share of the budget
+    smallest = _check_connected(segments, s1, importance_table) + rest
+    points = stage2_frontier(s1, segments, None if full_frontier else budget_ms - rest)
+    # The DP's sums may differ from the exact sums in the last bits, so the final check against
+    # the budget uses each candidate's exact latency, best importance first, and forgives a
+    # difference of summation order (a budget typed back from the smallest latency printed
+    # below must give a plan).
+    limit = budget_ms + _BUDGET_SLACK * max(1.0, abs(budget_ms))
     for point in reversed(points):
-        if point.latency_ms > limit:
+        if point.latency_ms + rest > limit:
             continue
         plan = plan_for_point(point, s1, segments, latency_table, budget_ms)
-        if plan.latency_ms <= budget_ms:  # type: ignore[operator]
+        if plan.latency_ms <= limit:  # type: ignore[operator]
             plan.solve_seconds = time.perf_counter() - began
             return plan, points, s1, segments
-    raise UserError(f"budget {budget_ms:.6g} ms is below the smallest achievable latency "
-                    f"{smallest:.6g} ms; raise the budget")
+    raise UserError(f"budget {budget_ms:.10g} ms is below the smallest achievable latency "
+                    f"{smallest:.10g} ms; raise the budget")
 
 
 def resolve_budget(table: LatencyTable, budget_ms: Optional[float], budget_ratio: Optional[float]) -> float:

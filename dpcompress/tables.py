@@ -3,7 +3,8 @@
 Latency table: one row per valid block, ``start,end,latency_ms`` required; any further
 columns (``std_ms``, ``in_channels``, ...) are kept in the file but ignored here. A block
 with no row is not allowed. Beside ``<name>.csv`` may sit ``<name>.meta.json`` (model spec,
-backend, chain fingerprint, ...).
+backend, chain fingerprint, ...); its ``rest_ms``, where present, is added to every plan's
+latency (what the network spends outside its trunk convs).
 
 Importance table: one row per allowed segment between two kept activations,
 ``start,end,importance`` required; extra columns (raw measurements) are ignored.
@@ -38,14 +39,23 @@ class LatencyTable:
     meta: Dict[str, Any] = field(default_factory=dict)  # contents of <name>.meta.json, if any
     source: str = "<memory>"
 
+    @property
+    def rest_ms(self) -> float:
+        """What the network spends outside the table's blocks (head, pooling, layout conversions, the
+        call), paid by every plan alike: meta ``rest_ms``, written by in-network timing; 0 without it."""
+        value = self.meta.get("rest_ms")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        return 0.0
+
     def original_latency_ms(self) -> float:
-        """Latency of the uncompressed chain: the sum of the single-conv blocks (p-1, p)."""
+        """Latency of the uncompressed network: the sum of the single-conv blocks (p-1, p) plus the rest."""
         missing = [p for p in range(1, self.num_positions + 1) if (p - 1, p) not in self.latency_ms]
         if missing:
             raise UserError(
                 f"{self.source}: no row for the single-conv block ({missing[0] - 1}, {missing[0]}), "
                 "so the original latency is unknown; profile every single conv or use --budget-ms")
-        return math.fsum(self.latency_ms[(p - 1, p)] for p in range(1, self.num_positions + 1))
+        return math.fsum([*(self.latency_ms[(p - 1, p)] for p in range(1, self.num_positions + 1)), self.rest_ms])
 
 
 @dataclass

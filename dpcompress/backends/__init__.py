@@ -31,6 +31,24 @@ class Runner(ABC):
         """Run ``warmup`` untimed passes, then return the latency of each of ``iters`` timed passes, in ms."""
 
 
+class NetworkProfile(ABC):
+    """A whole network prepared with the runtime's own per-node profiler on.
+
+    Its parts are named submodules; each part's time in one run is the kernel time of
+    the nodes the runtime made of it (with the elementwise ops fused after it, such as
+    its activation or a residual add), as the network pays it: caches as the layers
+    before it left them, no layout conversions at its edges, no call of its own.
+    """
+
+    @abstractmethod
+    def run(self, iters: int, warmup: int = 0) -> None:
+        """``warmup`` runs that are not recorded, then ``iters`` recorded runs."""
+
+    @abstractmethod
+    def part_times(self) -> Tuple[Dict[str, List[float]], List[float]]:
+        """Per recorded run: ms spent in each part, and in all nodes together. Ends profiling."""
+
+
 class Backend(ABC):
     """A runtime on a device: prepares modules for timing and says what it is."""
 
@@ -59,6 +77,16 @@ class Backend(ABC):
     def options(self) -> Dict[str, Any]:
         """Settings that change the timings beyond name, device and threads (for the table's meta)."""
         return {}
+
+    @property
+    def profiles_networks(self) -> bool:
+        """Whether :meth:`prepare_network_profile` is available (the runtime reports per-node times)."""
+        return False
+
+    def prepare_network_profile(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str,
+                                parts: Sequence[str]) -> NetworkProfile:
+        """``module`` built with per-node profiling, its nodes attributed to the submodules ``parts``."""
+        raise NotImplementedError(f"the {self.name} backend does not profile nodes inside a network")
 
     def call_overhead_ms(self, input_shape: Sequence[int], precision: str, warmup: int, iters: int) -> float:
         """Fixed cost of one timed call that a layer inside a whole network does not pay, in ms.

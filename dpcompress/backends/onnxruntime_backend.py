@@ -2,14 +2,26 @@
 
 Threads are set explicitly and spinning is off, so that the many small sessions a
 latency table creates in one process do not burn cores waiting on each other.
+
+Networks can also be profiled node by node (``SessionOptions.enable_profiling``): ONNX
+Runtime rewrites the graph before it runs it (activations and residual adds fused into
+convolutions, the CPU's blocked NCHWc layout) and names a rewritten node after a
+tensor or node of the exported graph, so the exported graph tells which submodule
+each profiled node came from.
 """
 
 from __future__ import annotations
 
+import bisect
+import json
+import os
+import tempfile
 import time
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
-from dpcompress.backends import Backend, Runner, check_precision, cpu_name, default_threads, export_onnx_bytes
+from dpcompress.backends import (Backend, NetworkProfile, Runner, check_precision, cpu_name, default_threads,
+                                 export_onnx_bytes)
 from dpcompress.errors import UserError
 from dpcompress.timing import time_runner
 
@@ -81,6 +93,30 @@ class OnnxRuntimeBackend(Backend):
         feed = {"x": np.ascontiguousarray(example.numpy())}
         return _OnnxRuntimeRunner(session, feed)
 
+    @property
+    def profiles_networks(self) -> bool:
+        return True
+
+    def prepare_network_profile(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str,
+                                parts: Sequence[str]) -> NetworkProfile:
+        import numpy as np
+        import onnx
+        import torch
+
+        check_precision(precision, self.device)
+        module = module.eval()
+        example = torch.randn(*input_shape)
+        if precision == "fp16":
+            module, example = module.half(), example.half()
+        model_bytes = export_onnx_bytes(module, example)
+        owners = part_owners(onnx.load_from_string(model_bytes).graph, parts)
+        folder = tempfile.mkdtemp(prefix="dpcompress_ort_profile_")
+        options = self.session_options()
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(folder, "profile")
+        session = self._ort.InferenceSession(model_bytes, options, providers=self._providers)
+        return _OnnxRuntimeNetworkProfile(session, {"x": np.ascontiguousarray(example.numpy())}, owners, folder)
+
     def call_overhead_ms(self, input_shape: Sequence[int], precision: str, warmup: int, iters: int) -> float:
         """Median of ``session.run`` on a graph that only passes its input through, at ``input_shape``.
 
@@ -109,3 +145,110 @@ class _OnnxRuntimeRunner(Runner):
             run(None, feed)
             samples.append((time.perf_counter() - t0) * 1e3)
         return samples
+
+
+# Ops that ONNX Runtime runs fused with the convolution before them, or that otherwise
+# belong to the layer that ends there (its activation, a residual add at its output).
+_FOLLOWERS = {"Relu", "Clip", "LeakyRelu", "Elu", "Selu", "Celu", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh",
+              "Softplus", "Mish", "Gelu", "PRelu", "Add"}
+
+
+def part_owners(graph: Any, parts: Sequence[str]) -> Dict[str, str]:
+    """Node and tensor names of an exported ONNX graph mapped to the part (submodule) they belong to.
+
+    A part's own nodes are those in its scope (``/<part>/...``); after its output come the
+    elementwise ops that act on that output alone (an activation, SiLU as Sigmoid and Mul,
+    a residual Add) until the tensor is read by something else or by more than one node.
+    """
+    consumers: Dict[str, List[Any]] = defaultdict(list)
+    for node in graph.node:
+        for tensor in node.input:
+            consumers[tensor].append(node)
+    owners: Dict[str, str] = {}
+    frontier: List[Tuple[str, str]] = []
+
+    def claim(node: Any, part: str) -> None:
+        owners[node.name] = part
+        for tensor in node.output:
+            owners[tensor] = part
+
+    for node in graph.node:
+        part = next((p for p in parts if node.name.startswith(f"/{p}/")), None)
+        if part is not None:
+            claim(node, part)
+    for node in graph.node:
+        part = owners.get(node.name)
+        if part is not None:
+            frontier.extend((t, part) for t in node.output
+                            if any(owners.get(c.name) != part for c in consumers[t]))
+    while frontier:
+        tensor, part = frontier.pop()
+        users = [u for u in consumers[tensor] if u.name not in owners]
+        if len(consumers[tensor]) == 1 and users and users[0].op_type in _FOLLOWERS:
+            taken = users
+        elif sorted(u.op_type for u in consumers[tensor]) == ["Mul", "Sigmoid"] and len(users) == 2:
+            sigmoid = next(u for u in users if u.op_type == "Sigmoid")
+            mul = next(u for u in users if u.op_type == "Mul")
+            taken = users if sigmoid.output[0] in mul.input else []  # x * sigmoid(x): SiLU
+        else:
+            taken = []
+        for node in taken:
+            claim(node, part)
+        if taken:
+            frontier.extend((t, part) for t in taken[-1].output)
+    return owners
+
+
+def _owner_of(event_name: str, owners: Dict[str, str]) -> Optional[str]:
+    """The part a profiled node belongs to: by its own name, the tensor a rewritten node is named after
+    (``<tensor>_nchwc``), or the node a fused node's name starts with (``<node>/QuickGeluFusion/``)."""
+    name = event_name[: -len("_kernel_time")]
+    for candidate in (name, name[: -len("_nchwc")] if name.endswith("_nchwc") else None):
+        if candidate and candidate in owners:
+            return owners[candidate]
+    pieces = name.rstrip("/").split("/")
+    for stop in range(len(pieces) - 1, 1, -1):
+        owner = owners.get("/".join(pieces[:stop]))
+        if owner is not None:
+            return owner
+    return None
+
+
+class _OnnxRuntimeNetworkProfile(NetworkProfile):
+    def __init__(self, session: Any, feed: dict, owners: Dict[str, str], folder: str) -> None:
+        self._session, self._feed, self._owners, self._folder = session, feed, owners, folder
+        self._recorded: List[bool] = []  # per run so far: recorded (True) or warm-up
+
+    def run(self, iters: int, warmup: int = 0) -> None:
+        for recorded in [False] * warmup + [True] * iters:
+            self._session.run(None, self._feed)
+            self._recorded.append(recorded)
+
+    def part_times(self) -> Tuple[Dict[str, List[float]], List[float]]:
+        path = self._session.end_profiling()
+        try:
+            with open(path) as f:
+                events = json.load(f)
+        finally:
+            os.unlink(path)
+            os.rmdir(self._folder)
+        starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+        if len(starts) != len(self._recorded):
+            raise RuntimeError(f"the profile holds {len(starts)} runs, {len(self._recorded)} were made")
+        parts: Dict[str, List[float]] = {}
+        totals = [0.0] * len(starts)
+        for owner in set(self._owners.values()):
+            parts[owner] = [0.0] * len(starts)
+        for e in events:
+            if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+                continue
+            run = bisect.bisect_right(starts, e["ts"]) - 1
+            if run < 0:
+                continue
+            ms = e["dur"] / 1e3
+            totals[run] += ms
+            owner = _owner_of(e["name"], self._owners)
+            if owner is not None:
+                parts[owner][run] += ms
+        keep = [i for i, recorded in enumerate(self._recorded) if recorded]
+        return {p: [v[i] for i in keep] for p, v in parts.items()}, [totals[i] for i in keep]

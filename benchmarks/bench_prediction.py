@@ -1,0 +1,104 @@
+"""Predicted vs measured speed-up of solved plans, per model and budget (issue 11's targets).
+
+For each model: a latency table (a given one, else profiled into ``--out-dir`` with the default
+timing, resumable), plans solved with uniform importance at each budget ratio and at the smallest
+feasible latency, and each plan's merged network benched against the original with
+``dpcompress.bench.bench_modules`` (alternating rounds in one process), ``--repeats`` times.
+Prints one markdown row per plan: predicted, the measured speed-ups, their median and the
+prediction error of the median; writes the rows as JSON too.
+
+Usage: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_prediction.py \
+    --models mobilenet_v2,resnet18 [--batch-size 8] [--ratios 0.9,0.7,0.5,min] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from dpcompress.backends import get_backend
+from dpcompress.bench import bench_modules
+from dpcompress.models import build_model
+from dpcompress.profile import profile_table
+from dpcompress.rewrite import merged_model
+from dpcompress.solver import frontier, resolve_budget, solve_for_model
+from dpcompress.tables import read_latency_table
+from dpcompress.trace import trace_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="mobilenet_v2", help="torchvision names or full specs, comma-separated")
+    parser.add_argument("--table", default=None, help="use this table (one model only) instead of profiling")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--ratios", default="0.9,0.7,0.5,min")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating benches per plan")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--timing", default=None, help="in-network or standalone (profiling)")
+    parser.add_argument("--out-dir", default="out/bench_prediction")
+    args = parser.parse_args()
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    backend = get_backend("onnxruntime", threads=args.threads)
+    shape = (args.batch_size, 3, args.size, args.size)
+    print(f"# {platform.node()} {backend.describe()}, input {'x'.join(map(str, shape))}, "
+          f"load average {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d %H:%M')}")
+    print("| model | budget | blocks | predicted | measured (each bench) | measured median | error |")
+    print("|---|---|---|---|---|---|---|")
+    records = []
+    for name in args.models.split(","):
+        spec = name if ":" in name else f"torchvision:{name}"
+        torch.manual_seed(0)
+        model = build_model(spec, None).eval()
+        traced = trace_model(model, shape, spec=spec)
+        if args.table:
+            table_path = Path(args.table)
+        else:
+            stem = spec.split(":")[-1].replace("?", "_").replace("=", "")
+            table_path = out / f"{stem}_{args.size}_b{args.batch_size}_{args.timing or 'default'}.csv"
+            if not table_path.exists():
+                began = time.perf_counter()
+                profile_table(traced.chain, backend, table_path, model_spec=spec, input_shape=shape,
+                              traced=traced, timing=args.timing)
+                print(f"<!-- profiled {table_path} in {time.perf_counter() - began:.0f} s -->", flush=True)
+        table = read_latency_table(table_path)
+        smallest = frontier(table, None, traced.chain.activation_positions)[0][0]
+        for ratio in args.ratios.split(","):
+            budget = smallest if ratio == "min" else resolve_budget(table, None, float(ratio))
+            if budget < smallest:
+                print(f"| {name} | {ratio} | infeasible: smallest is {smallest / table.original_latency_ms():.2f} "
+                      "of the original | | | | |", flush=True)
+                continue
+            plan, _ = solve_for_model(table, None, budget, chain=traced.chain)
+            merged = merged_model(traced, plan)
+            measured = []
+            for _ in range(args.repeats):
+                result = bench_modules(backend, model, merged, input_shape=shape, rounds=args.rounds,
+                                       iters_per_round=args.iters, plan=plan)
+                measured.append(result.measured_speedup)
+            predicted = plan.original_latency_ms / plan.latency_ms
+            median = statistics.median(measured)
+            label = "min" if ratio == "min" else ratio
+            record = {"model": spec, "budget": label, "budget_ratio": budget / plan.original_latency_ms,
+                      "blocks": len(plan.blocks), "predicted": predicted, "measured": measured,
+                      "measured_median": median, "error": predicted / median - 1, "table": str(table_path),
+                      "input_shape": list(shape)}
+            records.append(record)
+            print(f"| {name} | {label} ({record['budget_ratio']:.2f}) | {len(plan.blocks)} | {predicted:.2f}x | "
+                  f"{', '.join(f'{m:.2f}x' for m in measured)} | {median:.2f}x | {record['error']:+.1%} |", flush=True)
+    (out / f"prediction_{args.size}_b{args.batch_size}.json").write_text(json.dumps(records, indent=2))
+
+
+if __name__ == "__main__":
+    main()

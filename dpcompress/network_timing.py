@@ -1,0 +1,139 @@
+"""Blocks timed inside whole networks, as a deployed network pays for them.
+
+A block timed alone is timed cache-hot (its weights stay in cache from one run to
+the next), pays the layout conversions at its edges, and pays a runtime call of its
+own; inside a network none of that holds (benchmarks/RESULTS.md, "Where predictions
+went wrong"). So the profiler builds whole networks instead: the model with a set of
+disjoint blocks each replaced by its merged convolution (random weights of the
+block's geometry: latency does not depend on their values) and single convs
+elsewhere, and reads each block's time from the runtime's per-node profiler.
+
+The profiler's own bookkeeping slows every node a little; each network is therefore
+also timed without it, in alternating rounds, and its node times are scaled so that
+they add up to that plain latency less the call overhead. What the blocks do not
+account for (the head, pooling, layout conversions, the call) is the network's rest,
+taken from the network of single convs: the original.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Dict, List, Sequence, Tuple
+
+from dpcompress.chain import Chain
+from dpcompress.geometry import BlockGeometry
+from dpcompress.plan import Plan
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.nn
+
+    from dpcompress.backends import Backend
+    from dpcompress.trace import TracedModel
+
+Block = Tuple[int, int]
+# Recorded runs of a network stop after about this many seconds (at least MIN_ROUNDS rounds).
+SECONDS_PER_NETWORK = 3.0
+MIN_ROUNDS = 3
+MAX_ITERS_PER_ROUND = 10
+
+
+def packed_plan(chain: Chain, blocks: Sequence[Block]) -> Plan:
+    """A plan with ``blocks`` (disjoint) merged and every other conv on its own; activations kept
+    wherever they are not inside a block."""
+    L = chain.num_positions
+    inside = {p for start, end in blocks for p in range(start + 1, end)}
+    if len(inside) != sum(end - start - 1 for start, end in blocks):
+        raise ValueError(f"blocks overlap: {sorted(blocks)}")
+    boundaries = [p for p in range(L + 1) if p not in inside]
+    activations = [p for p in chain.activation_positions if p not in inside and 0 < p < L]
+    return Plan(activations=activations, boundaries=boundaries, num_positions=L)
+
+
+def geometry_conv(geometry: BlockGeometry) -> "torch.nn.Module":
+    """The merged convolution of a block as an ``nn.Conv2d`` with random weights."""
+    from torch import nn
+
+    g = geometry
+    return nn.Conv2d(g.in_channels, g.out_channels, g.kernel, stride=g.stride, padding=g.padding,
+                     groups=g.groups, bias=g.bias).eval()
+
+
+def packed_network(traced: "TracedModel", plan: Plan,
+                   geometries: Dict[Block, BlockGeometry]) -> Tuple["torch.nn.Module", Dict[str, Block]]:
+    """The model with each block of ``plan`` one random conv of its geometry; and the block of each
+    submodule name."""
+    from dpcompress.rewrite import BLOCK_PREFIX, rewrite_blocks
+
+    holder = copy.copy(traced.gm)
+    holder._modules = dict(traced.gm._modules)  # new blocks go here, not into the traced model
+    network = rewrite_blocks(traced, plan, holder, lambda start, end: geometry_conv(geometries[(start, end)]))
+    names = {f"{BLOCK_PREFIX}{index}": block for index, block in enumerate(plan.blocks)}
+    return network.eval(), names
+
+
+def pack(blocks: Sequence[Block], max_networks: int) -> Tuple[List[List[Block]], List[Block]]:
+    """First-fit of ``blocks`` into at most ``max_networks`` sets of disjoint blocks (in the given order);
+    the blocks that fit nowhere are returned for a later round."""
+    networks: List[List[Block]] = []
+    left: List[Block] = []
+    for block in blocks:
+        for members in networks:
+            if all(block[1] <= s or e <= block[0] for s, e in members):
+                members.append(block)
+                break
+        else:
+            if len(networks) < max_networks:
+                networks.append([block])
+            else:
+                left.append(block)
+    return networks, left
+
+
+@dataclass(frozen=True)
+class NetworkTiming:
+    blocks: Dict[Block, Tuple[float, float]]  # block -> (median ms, std ms), scaled
+    wall_ms: float  # median of the plain (unprofiled) runs, call included
+    scale: float  # plain time less the call over the profiled node time
+    runs: int
+
+
+def time_networks(backend: "Backend", traced: "TracedModel", plans: Sequence[Plan],
+                  geometries: Dict[Block, BlockGeometry], input_shape: Sequence[int], precision: str,
+                  warmup: int, iters: int, call_overhead_ms: float) -> List[NetworkTiming]:
+    """Time the blocks of each plan inside its network; the networks take turns, round by round."""
+    import torch
+
+    from dpcompress.timing import summarize
+
+    prepared = []
+    with torch.no_grad():
+        for plan in plans:
+            network, names = packed_network(traced, plan, geometries)
+            profiled = backend.prepare_network_profile(network, input_shape, precision, list(names))
+            plain = backend.prepare(network, input_shape, precision)
+            profiled.run(0, warmup=max(1, warmup))
+            first = plain.time(max(1, warmup), 1)[0]
+            per_round = max(1, min(MAX_ITERS_PER_ROUND, int(0.25 / max(first / 1e3, 1e-6))))
+            rounds = max(MIN_ROUNDS, min(math.ceil(iters / per_round),
+                                         math.ceil(SECONDS_PER_NETWORK / (per_round * max(first / 1e3, 1e-6)))))
+            prepared.append((names, profiled, plain, per_round, rounds, []))
+    for round_index in range(max(p[4] for p in prepared)):
+        for names, profiled, plain, per_round, rounds, walls in prepared:
+            if round_index < rounds:
+                profiled.run(per_round, warmup=1)
+                walls.extend(plain.time(1, per_round))
+    timings = []
+    for names, profiled, plain, per_round, rounds, walls in prepared:
+        parts, totals = profiled.part_times()
+        wall = summarize(walls).median_ms
+        node_ms = statistics.median(totals)
+        scale = max(wall - call_overhead_ms, 0.0) / node_ms if node_ms > 0 else 1.0
+        blocks = {}
+        for name, block in names.items():
+            stats = summarize(parts.get(name) or [0.0])
+            blocks[block] = (scale * stats.median_ms, scale * stats.std_ms)
+        timings.append(NetworkTiming(blocks, wall, scale, len(walls)))
+    return timings
