@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
-from dpcompress.timing import TimingStats, alternate, summarize
+from dpcompress.timing import TimingStats, alternate, narrow_enough, summarize
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn
@@ -40,6 +40,14 @@ class BenchResult:
         return self.original.median_ms / self.compressed.median_ms
 
     @property
+    def measured_speedup_interval(self) -> Optional[List[float]]:
+        """The speed-up's range from the two medians' 95% intervals (slowest to fastest)."""
+        if self.compressed is None:
+            return None
+        o, c = self.original, self.compressed
+        return [o.ci_low_ms / c.ci_high_ms, o.ci_high_ms / c.ci_low_ms]
+
+    @property
     def predicted_speedup_measured_rest(self) -> Optional[float]:
         """The plan's predicted saving (table sums) taken off the measured original latency.
 
@@ -64,6 +72,7 @@ class BenchResult:
             "original": self.original.to_json(),
             "compressed": self.compressed.to_json() if self.compressed else None,
             "measured_speedup": self.measured_speedup,
+            "measured_speedup_interval": self.measured_speedup_interval,
             "predicted_speedup": self.predicted_speedup,
             "predicted_speedup_measured_rest": self.predicted_speedup_measured_rest,
             "plan": self.plan,
@@ -71,11 +80,15 @@ class BenchResult:
 
     def summary_lines(self) -> List[str]:
         """Lines a script can read: ``measured speed-up: 1.42x``, ``predicted speed-up: 1.50x``."""
-        lines = [f"original: median {self.original.median_ms:.3f} ms "
-                 f"(std {self.original.std_ms:.3f} ms, {self.original.count} runs)"]
+        def stats_line(label: str, stats: TimingStats) -> str:
+            return (f"{label}: median {stats.median_ms:.3f} ms (95% interval {stats.ci_low_ms:.3f}-"
+                    f"{stats.ci_high_ms:.3f}, std {stats.std_ms:.3f} ms, {stats.count} runs)")
+
+        lines = [stats_line("original", self.original)]
         if self.compressed is not None:
-            lines.append(f"compressed: median {self.compressed.median_ms:.3f} ms "
-                         f"(std {self.compressed.std_ms:.3f} ms, {self.compressed.count} runs)")
+            low, high = self.measured_speedup_interval  # type: ignore[misc]
+            lines.append(stats_line("compressed", self.compressed))
+            lines.append(f"speed-up from the medians' 95% intervals: {low:.2f}x-{high:.2f}x")
             lines.append(f"measured speed-up: {self.measured_speedup:.2f}x")
         if self.predicted_speedup is not None:
             lines.append(f"predicted speed-up: {self.predicted_speedup:.2f}x")
@@ -98,12 +111,19 @@ def backend_record(backend: "Backend") -> Dict[str, Any]:
 
 def bench_modules(backend: "Backend", original: "torch.nn.Module", compressed: Optional["torch.nn.Module"] = None,
                   *, input_shape: Sequence[int], precision: str = "fp32", warmup: int = 10, rounds: int = 10,
-                  iters_per_round: int = 10, plan: Optional["Plan"] = None) -> BenchResult:
-    """Time ``original`` (and ``compressed``) on ``backend``, alternating rounds when there are two."""
+                  iters_per_round: int = 10, plan: Optional["Plan"] = None, until_ci: Optional[float] = None,
+                  max_rounds: int = 100) -> BenchResult:
+    """Time ``original`` (and ``compressed``) on ``backend``, alternating rounds when there are two.
+
+    With ``until_ci``, rounds go on past ``rounds`` (up to ``max_rounds``) until each median's
+    95% interval is within ``until_ci`` of it (relative half-width).
+    """
     runners = [backend.prepare(original, input_shape, precision)]
     if compressed is not None:
         runners.append(backend.prepare(compressed, input_shape, precision))
-    samples = alternate(runners, warmup, rounds, iters_per_round)
+    samples = alternate(runners, warmup, rounds, iters_per_round,
+                        until=narrow_enough(until_ci) if until_ci else None, max_rounds=max_rounds)
+    rounds = len(samples[0]) // iters_per_round
     plan_figures = None
     if plan is not None:
         plan_figures = {"latency_ms": plan.latency_ms, "original_latency_ms": plan.original_latency_ms,
@@ -121,7 +141,8 @@ def bench_modules(backend: "Backend", original: "torch.nn.Module", compressed: O
 
 def bench_spec(backend: "Backend", model_spec: str, *, weights: Optional[str] = None,
                input_shape: Sequence[int] = (1, 3, 224, 224), plan_path: Optional[str] = None,
-               precision: str = "fp32", warmup: int = 10, rounds: int = 10, iters_per_round: int = 10) -> BenchResult:
+               precision: str = "fp32", warmup: int = 10, rounds: int = 10, iters_per_round: int = 10,
+               until_ci: Optional[float] = None, max_rounds: int = 100) -> BenchResult:
     """Build the model a spec names and bench it, against its merged version when a plan is given."""
     from dpcompress.models import build_model
 
@@ -135,4 +156,5 @@ def bench_spec(backend: "Backend", model_spec: str, *, weights: Optional[str] = 
         plan = load_plan(plan_path)
         compressed = merged_model(trace_model(model, input_shape, spec=model_spec), plan)  # checks the plan
     return bench_modules(backend, model, compressed, input_shape=input_shape, precision=precision, warmup=warmup,
-                         rounds=rounds, iters_per_round=iters_per_round, plan=plan)
+                         rounds=rounds, iters_per_round=iters_per_round, plan=plan, until_ci=until_ci,
+                         max_rounds=max_rounds)

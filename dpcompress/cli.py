@@ -112,10 +112,19 @@ def export(model_spec: str, weights: Optional[str], input_shape: str, plan_path:
 @click.option("--chain", "chain_path", type=click.Path(dir_okay=False), default=None,
               help="Chain JSON from `dpcompress trace --json`: segments end only at its activations.")
 @click.option("--model", "model_spec", default=None, help="Trace this model for the chain instead of --chain.")
+@click.option("--weights", default=None, type=click.Path(dir_okay=False), help="state_dict for --model.")
 @click.option("--input-shape", default="1,3,224,224", show_default=True, help="N,C,H,W, with --model.")
+@click.option("--measure", is_flag=True,
+              help="With --model: bench the most important candidate plans around the budget on --backend and "
+                   "write the best one measured within it (or the plan that merges nothing).")
+@click.option("--candidates", type=int, default=3, show_default=True, help="With --measure: plans to bench.")
+@click.option("--backend", "backend_name", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default=None,
+              help="With --measure: the runtime to bench on.  [default: onnxruntime]")
+@click.option("--threads", type=int, default=None, help="With --measure: CPU threads.  [default: all cores]")
 def solve(latency_table_path: str, importance_source: str, budget_ms: Optional[float],
           budget_ratio: Optional[float], out: str, frontier_path: Optional[str], plot_path: Optional[str],
-          chain_path: Optional[str], model_spec: Optional[str], input_shape: str) -> None:
+          chain_path: Optional[str], model_spec: Optional[str], weights: Optional[str], input_shape: str,
+          measure: bool, candidates: int, backend_name: Optional[str], threads: Optional[int]) -> None:
     """Choose the activations to keep and the convs to merge within a latency budget (no torch needed)."""
     from dpcompress.plan import save_plan
     from dpcompress.solver import load_chain, resolve_budget, solve_for_model, write_frontier_csv
@@ -123,16 +132,27 @@ def solve(latency_table_path: str, importance_source: str, budget_ms: Optional[f
 
     if chain_path and model_spec:
         raise UserError("give --chain or --model, not both")
+    if measure and not model_spec:
+        raise UserError("--measure benches the plans on the model: give --model")
     table = read_latency_table(latency_table_path)
     importance = None if importance_source == "uniform" else read_importance_table(importance_source)
     chain = load_chain(chain_path) if chain_path else None
+    traced = None
     if model_spec:
-        from dpcompress.trace import chain_for_spec, parse_input_shape
-
-        chain = chain_for_spec(model_spec, parse_input_shape(input_shape))
+        traced = _traced_model(model_spec, weights, input_shape)
+        chain = traced.chain
     budget = resolve_budget(table, budget_ms, budget_ratio)
     plan, frontier = solve_for_model(table, importance, budget, chain,
-                                     with_frontier=bool(frontier_path or plot_path))
+                                     with_frontier=bool(frontier_path or plot_path or measure))
+    if measure:
+        from dpcompress.closed_loop import measure_candidates
+
+        backend = _backend(backend_name, False, "cpu", threads, False, False)
+        batch = table.meta.get("batch_size") or chain.input_shape[0]
+        loop = measure_candidates(backend, traced, frontier, budget, input_shape=(batch, *chain.input_shape[1:]),
+                                  count=candidates, say=lambda line: click.echo(line, err=True))
+        click.echo(loop.reason, err=True)
+        plan = loop.plan
     save_plan(out, plan)
     if frontier_path:
         write_frontier_csv(frontier_path, frontier)
@@ -155,7 +175,8 @@ def plan_summary(plan: Any, eligible: Optional[list] = None) -> str:
     if plan.original_latency_ms:
         latency += (f", original {plan.original_latency_ms:.4f} ms, "
                     f"{plan.latency_ms / plan.original_latency_ms:.1%} of it")
-    lines += [latency + ")", f"importance: {plan.importance:.6g}",
+    importance = "not solved (the original network)" if plan.importance is None else f"{plan.importance:.6g}"
+    lines += [latency + ")", f"importance: {importance}",
               f"solve time: {plan.solve_seconds * 1e3:.1f} ms"]
     return "\n".join(lines)
 
@@ -242,22 +263,32 @@ def profile(model_spec: str, weights: Optional[str], input_shape: str, backend_n
               help="plan.json: also time the merged model and compare.")
 @click.option("--rounds", type=int, default=10, show_default=True, help="Alternating rounds of original/compressed.")
 @click.option("--iters", type=int, default=10, show_default=True, help="Timed runs of each model per round.")
-@click.option("--json", "as_json", is_flag=True, help="Print the full record as JSON.")
+@click.option("--repeat", is_flag=True,
+              help="After --rounds, go on with rounds until each median's 95%% interval is within --ci of it "
+                   "(or --max-rounds).")
+@click.option("--ci", type=float, default=0.01, show_default=True,
+              help="With --repeat: the relative half-width to reach.")
+@click.option("--max-rounds", type=int, default=100, show_default=True, help="With --repeat: stop here anyway.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full record as JSON (alone on stdout).")
 def bench(model_spec: str, weights: Optional[str], input_shape: str, backend_name: Optional[str], gpu: bool,
           device: str, precision: str, threads: Optional[int], cuda_graphs: bool, channels_last: bool,
-          warmup: int, plan_path: Optional[str], rounds: int, iters: int, as_json: bool) -> None:
+          warmup: int, plan_path: Optional[str], rounds: int, iters: int, repeat: bool, ci: float,
+          max_rounds: int, as_json: bool) -> None:
     """Time the original model (and the plan's merged model, alternating) end to end."""
     from dpcompress.bench import bench_spec
     from dpcompress.trace import parse_input_shape
 
+    if rounds < 1 or iters < 1 or max_rounds < rounds:
+        raise UserError("--rounds and --iters must be at least 1, and --max-rounds at least --rounds")
+    if repeat and not 0 < ci < 1:
+        raise UserError(f"--ci must be between 0 and 1 (got {ci})")
     backend = _backend(backend_name, gpu, device, threads, cuda_graphs, channels_last)
     result = bench_spec(backend, model_spec, weights=weights, input_shape=parse_input_shape(input_shape),
                         plan_path=plan_path, precision=precision, warmup=warmup, rounds=rounds,
-                        iters_per_round=iters)
+                        iters_per_round=iters, until_ci=ci if repeat else None, max_rounds=max_rounds)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
-        click.echo(f"backend: {backend.describe()}")
         for line in result.summary_lines():
             click.echo(line)
 
@@ -360,10 +391,15 @@ def finetune(model_spec: str, weights: Optional[str], input_shape: str, plan_pat
 @click.option("--distill", type=float, default=0.0, show_default=True, help="Knowledge distillation weight.")
 @click.option("--tables-dir", type=click.Path(file_okay=False), default=None,
               help="Where to look for a matching latency table [default: the shipped latency_tables/].")
+@click.option("--measure/--no-measure", default=True, show_default=True,
+              help="Closed loop: bench the most important candidate plans around the budget on the backend and "
+                   "keep the best one measured within it (or the original where none is).")
+@click.option("--candidates", type=int, default=3, show_default=True, help="Plans the closed loop benches.")
 def compress(model_spec: str, weights: Optional[str], input_shape: str, out_dir: str, budget_ms: Optional[float],
              budget_ratio: Optional[float], data_spec: Optional[str], importance_method: Optional[str],
              importance_steps: int, backend: Optional[str], gpu: bool, batch_size: Optional[int], precision: str,
-             threads: Optional[int], epochs: int, distill: float, tables_dir: Optional[str]) -> None:
+             threads: Optional[int], epochs: int, distill: float, tables_dir: Optional[str], measure: bool,
+             candidates: int) -> None:
     """Everything in one go: trace, table, importance, solve, fine-tune, export --verify, bench, report."""
     from dpcompress.compress import CompressSettings, compress as run_compress
     from dpcompress.trace import parse_input_shape
@@ -374,9 +410,12 @@ def compress(model_spec: str, weights: Optional[str], input_shape: str, out_dir:
         budget_ms=budget_ms, budget_ratio=budget_ratio if budget_ms is None and budget_ratio is not None
         else (None if budget_ms is not None else 0.7),
         importance=importance_method, importance_steps=importance_steps, backend=backend, gpu=gpu,
-        batch_size=batch_size, precision=precision, threads=threads, epochs=epochs, distill=distill, tables_dir=tables_dir)
+        batch_size=batch_size, precision=precision, threads=threads, epochs=epochs, distill=distill, tables_dir=tables_dir,
+        measure=measure, candidates=candidates)
     report = run_compress(model_spec, weights, parse_input_shape(input_shape), out_dir, settings, data_spec,
                           say=lambda line: click.echo(line, err=True))
+    if report["kept_original"]:
+        click.echo("no plan was measured within the budget and faster than the original: kept the original")
     click.echo(f"predicted speed-up: {report['predicted_speedup']:.2f}x")
     click.echo(f"measured speed-up: {report['measured_speedup']:.2f}x")
     if report["accuracy"]:

@@ -30,6 +30,8 @@ class CompressSettings:
     distill: float = 0.0
     tolerance: float = 1e-3
     tables_dir: Optional[str] = None  # where to look for a matching table before profiling
+    measure: bool = True  # the closed loop: bench the best candidates, keep one measured within the budget
+    candidates: int = 3
 
 
 def _shown(path: Path) -> str:
@@ -41,9 +43,10 @@ def _shown(path: Path) -> str:
 
 
 def find_table(tables_dir: Path, fingerprint: str, backend: str, precision: str, batch_size: int,
-               threads: Optional[int] = None) -> Optional[Path]:
+               threads: Optional[int] = None, timing: Optional[str] = None) -> Optional[Path]:
     """A latency table under ``tables_dir`` made for this chain, backend, precision and batch size
-    (and with ``threads`` CPU threads, where given)."""
+    (and with ``threads`` CPU threads and rows timed the way ``timing`` says, where given; a table
+    from before timings were recorded counts as ``standalone``)."""
     for meta_path in sorted(tables_dir.rglob("*.meta.json")):
         try:
             meta = json.loads(meta_path.read_text())
@@ -54,7 +57,8 @@ def find_table(tables_dir: Path, fingerprint: str, backend: str, precision: str,
         table = meta_path.with_name(meta_path.name[: -len(".meta.json")] + ".csv")
         if (meta.get("chain_fingerprint") == fingerprint and meta.get("backend") == backend
                 and meta.get("precision") == precision and meta.get("batch_size") == batch_size
-                and (threads is None or meta.get("threads") == threads) and table.is_file()):
+                and (threads is None or meta.get("threads") == threads)
+                and (timing is None or meta.get("timing", "standalone") == timing) and table.is_file()):
             return table
     return None
 
@@ -70,7 +74,7 @@ def compress(model_spec: str, weights: Optional[str], input_shape: Sequence[int]
     from dpcompress.importance import ImportanceSettings, compute_importance
     from dpcompress.models import build_model
     from dpcompress.plan import save_plan
-    from dpcompress.profile import profile_table
+    from dpcompress.profile import default_timing, profile_table
     from dpcompress.rewrite import merge_reference, reference_model
     from dpcompress.solver import resolve_budget, solve_for_model, write_frontier_csv
     from dpcompress.tables import read_importance_table, read_latency_table
@@ -96,8 +100,9 @@ def compress(model_spec: str, weights: Optional[str], input_shape: Sequence[int]
     out.mkdir(parents=True, exist_ok=True)
     batch_size = settings.batch_size or int(input_shape[0])
     tables_dir = Path(settings.tables_dir) if settings.tables_dir else DEFAULT_TABLES
+    timing = default_timing(backend, traced)
     table_path = find_table(tables_dir, chain.fingerprint(), backend.name, settings.precision, batch_size,
-                            settings.threads) if tables_dir.is_dir() else None
+                            settings.threads, timing) if tables_dir.is_dir() else None
     if table_path is not None:
         say(f"[2/7] latency table: reusing {_shown(table_path)}")
     else:
@@ -105,7 +110,7 @@ def compress(model_spec: str, weights: Optional[str], input_shape: Sequence[int]
         say(f"[2/7] latency table: profiling {len(chain.valid_blocks())} blocks on {backend.name} -> {table_path}")
         profile_table(chain, backend, table_path, model_spec=model_spec, input_shape=input_shape,
                       batch_size=batch_size, precision=settings.precision, warmup=settings.warmup,
-                      iters=settings.iters)
+                      iters=settings.iters, traced=traced, timing=timing)
     table = read_latency_table(table_path)
 
     say(f"[3/7] importance: {method}")
@@ -118,14 +123,29 @@ def compress(model_spec: str, weights: Optional[str], input_shape: Sequence[int]
 
     budget = resolve_budget(table, settings.budget_ms, settings.budget_ratio)
     say(f"[4/7] solve at budget {budget:.4g} ms")
-    plan, frontier = solve_for_model(table, importance_table, budget, chain=chain, with_frontier=True)
+    solved, frontier = solve_for_model(table, importance_table, budget, chain=chain, with_frontier=True)
+    bench_shape = (batch_size, *input_shape[1:])
+    loop = None
+    plan = solved
+    if settings.measure:
+        from dpcompress.closed_loop import measure_candidates
+
+        say(f"      measuring the best {settings.candidates} candidates on {backend.name}")
+        loop = measure_candidates(backend, traced, frontier, budget, input_shape=bench_shape,
+                                  precision=settings.precision, count=settings.candidates, warmup=settings.warmup,
+                                  say=say)
+        plan = loop.plan
+        say(f"      {loop.reason}")
     save_plan(out / "plan.json", plan)
     write_frontier_csv(out / "frontier.csv", frontier)
     plot_frontier(out / "frontier.png", frontier, chosen=plan, budget_ms=budget,
                   original_latency_ms=plan.original_latency_ms)
 
     accuracy: Dict[str, float] = {}
-    if data is not None:
+    if data is not None and loop is not None and loop.kept_original:
+        say("[5/7] fine-tune: skipped (the original network was kept)")
+        reference = reference_model(traced, plan)
+    elif data is not None:
         from dpcompress.finetune import FinetuneSettings, finetune
 
         say(f"[5/7] fine-tune {settings.epochs} epochs on {data_spec}")
@@ -149,7 +169,7 @@ def compress(model_spec: str, weights: Optional[str], input_shape: Sequence[int]
         accuracy["test_merged"] = evaluate(merged, data.test)
 
     say(f"[7/7] bench on {backend.name}")
-    bench = bench_modules(backend, model, merged, input_shape=input_shape, precision=settings.precision,
+    bench = bench_modules(backend, model, merged, input_shape=bench_shape, precision=settings.precision,
                           warmup=settings.warmup, plan=plan)
     report = {
         "model": model_spec, "weights": weights, "input_shape": list(input_shape), "data": data_spec,
@@ -159,6 +179,8 @@ def compress(model_spec: str, weights: Optional[str], input_shape: Sequence[int]
         "measured_original_ms": bench.original.median_ms,
         "measured_compressed_ms": bench.compressed.median_ms if bench.compressed else None,
         "accuracy": accuracy or None, "export": exported.to_json(), "bench": bench.to_json(),
+        "solved_plan": solved.to_json(), "closed_loop": loop.to_json() if loop is not None else None,
+        "kept_original": bool(loop is not None and loop.kept_original),
     }
     write_json_atomic(out / "report.json", report)
     write_text_atomic(out / "report.md", report_markdown(report))
@@ -186,6 +208,20 @@ def report_markdown(report: Dict[str, Any]) -> str:
         f"measured speed-up: {report['measured_speedup']:.2f}x",
         f"- verification: max relative error {v['max_rel_error']:.3g} ({'OK' if v['passed'] else 'FAILED'})",
     ]
+    loop = report.get("closed_loop")
+    if loop:
+        lines += ["", f"Closed loop: the budget is {loop['budget_ratio']:.1%} of the original's measured latency "
+                  f"({100 * loop['noise_allowance']:.0f}% allowance for noise); {loop['reason']}.", "",
+                  "| candidate | kept activations | blocks | importance | predicted ms | measured ms | "
+                  "measured budget ms | measured speed-up | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+        for index, c in enumerate(loop["candidates"], start=1):
+            verdict = ("chosen" if c["chosen"] else "within" if c["within_budget"] and c["faster"] else
+                       "over the budget" if not c["within_budget"] else "no faster than the original")
+            lines.append(f"| {index} | {len(c['activations'])} | {len(c['boundaries']) - 1} | {c['importance']:.4g} | "
+                         f"{c['predicted_ms']:.4g} | {c['measured_ms']:.4g} | {c['measured_budget_ms']:.4g} | "
+                         f"{c['measured_speedup']:.2f}x | {verdict} |")
+    else:
+        lines += ["", "Closed loop: off (--no-measure); the plan is the solver's, unmeasured before export."]
     accuracy = report["accuracy"]
     if accuracy:
         lines.append("- accuracy: " + ", ".join(f"{k} {100 * val:.2f}%" for k, val in sorted(accuracy.items())))

@@ -7,9 +7,10 @@ each in one process, so that drift (thermal, other load) hits both alike.
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Protocol, Sequence
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 
 class Timeable(Protocol):
@@ -23,21 +24,41 @@ class TimingStats:
     min_ms: float
     max_ms: float
     count: int
+    ci_low_ms: float = math.nan  # 95% confidence interval of the median (order statistics)
+    ci_high_ms: float = math.nan
+
+    @property
+    def ci_half_width(self) -> float:
+        """Half the width of the median's 95% interval, relative to the median."""
+        return (self.ci_high_ms - self.ci_low_ms) / (2 * self.median_ms) if self.median_ms > 0 else math.inf
 
     def to_json(self) -> Dict[str, Any]:
         return asdict(self)
 
 
+def median_interval(samples_ms: Sequence[float], z: float = 1.96) -> Tuple[float, float]:
+    """Distribution-free 95% interval of the median: the order statistics n/2 -+ z*sqrt(n)/2
+    (normal approximation of the binomial); the whole range where there are too few samples."""
+    ordered = sorted(samples_ms)
+    n = len(ordered)
+    half = z * math.sqrt(n) / 2
+    low, high = int(math.floor(n / 2 - half)), int(math.ceil(n / 2 + half))
+    return float(ordered[max(low, 0)]), float(ordered[min(high, n - 1)])
+
+
 def summarize(samples_ms: Sequence[float]) -> TimingStats:
-    """Median, spread and range of latency samples (ms)."""
+    """Median, spread, range and the median's 95% interval of latency samples (ms)."""
     if not samples_ms:
         raise ValueError("no timing samples")
+    low, high = median_interval(samples_ms)
     return TimingStats(
         median_ms=float(statistics.median(samples_ms)),
         std_ms=float(statistics.pstdev(samples_ms)),
         min_ms=float(min(samples_ms)),
         max_ms=float(max(samples_ms)),
         count=len(samples_ms),
+        ci_low_ms=low,
+        ci_high_ms=high,
     )
 
 
@@ -47,19 +68,32 @@ def time_runner(runner: Timeable, warmup: int, iters: int) -> TimingStats:
     return summarize(runner.time(warmup, iters))
 
 
-def alternate(runners: Sequence[Timeable], warmup: int, rounds: int, iters_per_round: int) -> List[List[float]]:
+def alternate(runners: Sequence[Timeable], warmup: int, rounds: int, iters_per_round: int,
+              until: Optional[Callable[[List[List[float]]], bool]] = None,
+              max_rounds: Optional[int] = None) -> List[List[float]]:
     """Samples of each runner, timed in turns: A×k, B×k, A×k, ... for ``rounds`` rounds.
 
     Each runner first gets ``warmup`` untimed passes; every round starts with one
     untimed pass of the runner so that switching between models (caches, clocks)
-    is not charged to the first timed run.
+    is not charged to the first timed run. With ``until``, rounds go on after
+    ``rounds`` until ``until(samples)`` is true or ``max_rounds`` rounds were timed.
     """
     if rounds < 1 or iters_per_round < 1:
         raise ValueError("rounds and iters_per_round must be at least 1")
     for runner in runners:
         runner.time(warmup, 0)
     samples: List[List[float]] = [[] for _ in runners]
-    for _ in range(rounds):
+    done = 0
+    while done < rounds or (until is not None and done < (max_rounds or rounds) and not until(samples)):
         for runner, collected in zip(runners, samples):
             collected.extend(runner.time(1, iters_per_round))
+        done += 1
     return samples
+
+
+def narrow_enough(relative_half_width: float) -> Callable[[List[List[float]]], bool]:
+    """A stopping rule for :func:`alternate`: every runner's median known to within
+    ``relative_half_width`` of itself (95% interval)."""
+    def check(samples: List[List[float]]) -> bool:
+        return all(summarize(s).ci_half_width <= relative_half_width for s in samples)
+    return check
