@@ -22,7 +22,13 @@ def test_compress_with_data_produces_verified_export_and_report(tmp_path):
                  "frontier.png", "finetuned.pt", "compressed.onnx", "report.json", "report.md"]:
         assert (out / name).is_file(), name
     assert report["export"]["verification"]["passed"]
-    assert report["predicted_latency_ms"] <= report["budget_ms"]
+    assert report["predicted_latency_ms"] <= report["budget_ms"] or report["kept_original"]
+    # The closed loop benched its candidates and says which one it kept and why.
+    loop = report["closed_loop"]
+    assert loop["candidates"] and sum(c["chosen"] for c in loop["candidates"]) == (0 if report["kept_original"] else 1)
+    assert report["plan"]["boundaries"] == next(
+        (c["boundaries"] for c in loop["candidates"] if c["chosen"]), list(range(report["plan"]["num_positions"] + 1)))
+    assert "Closed loop" in (out / "report.md").read_text()
     assert {"test_before", "test_merged", "test_after"} <= set(report["accuracy"])
     # The merged export is the fine-tuned network: its accuracy is the fine-tuned one.
     assert abs(report["accuracy"]["test_merged"] - report["accuracy"]["test_after"]) < 0.01
@@ -35,6 +41,9 @@ def test_compress_with_data_produces_verified_export_and_report(tmp_path):
     # ... and, where threads are asked for, only with the threads it was made with.
     assert find_table(out, report["plan"]["chain_fingerprint"], "onnxruntime", "fp32", 1, threads=1) is not None
     assert find_table(out, report["plan"]["chain_fingerprint"], "onnxruntime", "fp32", 1, threads=2) is None
+    # ... and only when its rows were timed the way asked for (tables from before count as standalone).
+    assert find_table(out, report["plan"]["chain_fingerprint"], "onnxruntime", "fp32", 1, timing="in-network")
+    assert find_table(out, report["plan"]["chain_fingerprint"], "onnxruntime", "fp32", 1, timing="standalone") is None
     assert report["bench"]["backend"]["threads"] == 1
 
 
@@ -42,11 +51,12 @@ def test_compress_cli_without_data_says_accuracy_not_measured(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "dpcompress.cli", "compress", "--model", TINY_SPEC, "--input-shape", "1,3,16,16",
          "--importance", "uniform", "--threads", "1", "--out-dir", str(tmp_path / "out"),
-         "--tables-dir", str(tmp_path)],
+         "--tables-dir", str(tmp_path), "--no-measure"],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "accuracy: not measured" in result.stdout and "measured speed-up:" in result.stdout
     assert "not measured" in (tmp_path / "out" / "report.md").read_text()
+    assert "Closed loop: off" in (tmp_path / "out" / "report.md").read_text()
     assert json.loads((tmp_path / "out" / "latency.meta.json").read_text())["threads"] == 1
 
 
@@ -68,3 +78,11 @@ def test_compress_bad_threads_or_model_exit_2_and_create_nothing(tmp_path):
         assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error:"), result.stderr
         assert "Traceback" not in result.stderr
         assert not (tmp_path / "out").exists()
+
+
+def test_a_table_without_a_timing_counts_as_standalone(tmp_path):
+    (tmp_path / "old.csv").write_text("start,end,latency_ms\n0,1,1.0\n")
+    meta = {"chain_fingerprint": "f", "backend": "onnxruntime", "precision": "fp32", "batch_size": 1}
+    (tmp_path / "old.meta.json").write_text(json.dumps(meta))
+    assert find_table(tmp_path, "f", "onnxruntime", "fp32", 1, timing="in-network") is None
+    assert find_table(tmp_path, "f", "onnxruntime", "fp32", 1, timing="standalone") == tmp_path / "old.csv"

@@ -259,3 +259,29 @@ def test_frontier_with_many_plans_stays_sorted_and_non_dominated():
         assert plan.latency_ms == lat
         blocks = list(zip(plan.boundaries[:-1], plan.boundaries[1:]))
         assert sum(latency[b] for b in blocks) == pytest.approx(lat, rel=1e-12)
+
+
+def test_budget_typed_back_from_the_smallest_latency_gets_a_plan():
+    # Latencies whose sums depend on the order of addition: the smallest latency printed in the
+    # error, typed back as the budget, must be accepted.
+    rng = random.Random(3)
+    L = 12
+    rows = {(i, j): rng.uniform(0.1, 3.0) / 3.0 for i in range(L) for j in range(i + 1, min(L, i + 4) + 1)}
+    table = LatencyTable(num_positions=L, latency_ms=rows, meta={"rest_ms": 0.7})
+    with pytest.raises(UserError) as info:
+        solve(table, None, 0.001)
+    printed = float(str(info.value).split("smallest achievable latency ")[1].split(" ms")[0])
+    plan = solve(table, None, printed)
+    assert plan.latency_ms == pytest.approx(printed, rel=1e-9)
+
+
+def test_rest_is_added_to_every_plan_and_taken_off_the_budget():
+    rows = {(0, 1): 1.0, (1, 2): 1.0, (0, 2): 1.5}
+    with_rest = LatencyTable(num_positions=2, latency_ms=rows, meta={"rest_ms": 2.0})
+    assert with_rest.original_latency_ms() == 4.0
+    plan = solve(with_rest, None, 3.6)  # 3.6 - 2.0 leaves 1.6 for the blocks: only the merged one fits
+    assert plan.boundaries == [0, 2] and plan.latency_ms == 3.5 and plan.original_latency_ms == 4.0
+    with pytest.raises(UserError, match="smallest achievable latency 3.5 ms"):
+        solve(with_rest, None, 3.4)
+    without = LatencyTable(num_positions=2, latency_ms=rows, meta={"rest_ms": "n/a"})
+    assert without.rest_ms == 0.0 and solve(without, None, 1.6).latency_ms == 1.5

@@ -1,0 +1,166 @@
+"""The closed loop, on a deterministic backend whose 'latency' is a cost model of the network's convs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Callable, List, Sequence
+
+import pytest
+import torch
+from torch import nn
+
+from dpcompress import zoo
+from dpcompress.backends import Backend, Runner
+from dpcompress.closed_loop import NOISE_ALLOWANCE, candidate_plans, measure_candidates
+from dpcompress.geometry import block_geometry
+from dpcompress.network_timing import geometry_conv
+from dpcompress.rewrite import merged_model
+from dpcompress.solver import solve_for_model
+from dpcompress.tables import LatencyTable
+from dpcompress.trace import trace_model
+
+SHAPE = (1, 3, 16, 16)
+PER_CONV_MS = 0.05  # a fixed cost per conv, so that merging pays off in this cost model
+
+
+def conv_cost(module: nn.Module, input_shape: Sequence[int], factor: Callable[[nn.Conv2d], float]) -> float:
+    """Sum over the convs run by ``module`` of a fixed cost plus their multiply-adds (in millions) times
+    ``factor(conv)``."""
+    total = [0.0]
+
+    def hook(conv: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        kh, kw = conv.kernel_size
+        total[0] += PER_CONV_MS + factor(conv) * output.numel() * conv.in_channels // conv.groups * kh * kw / 1e6
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        module.eval()(torch.zeros(*input_shape))
+    for handle in handles:
+        handle.remove()
+    return total[0]
+
+
+class CostRunner(Runner):
+    def __init__(self, ms: float) -> None:
+        self.ms = ms
+
+    def time(self, warmup: int, iters: int) -> List[float]:
+        return [self.ms] * iters
+
+
+class CostBackend(Backend):
+    """'Measures' a network as the cost of its convs, each weighted by ``factor``."""
+
+    name = "cost"
+    device = "cpu"
+
+    def __init__(self, factor: Callable[[nn.Conv2d], float] = lambda conv: 1.0) -> None:
+        self.factor = factor
+
+    @property
+    def version(self) -> str:
+        return "1"
+
+    @property
+    def device_name(self) -> str:
+        return "cost model"
+
+    def prepare(self, module: nn.Module, input_shape: Sequence[int], precision: str = "fp32") -> Runner:
+        return CostRunner(conv_cost(module, input_shape, self.factor))
+
+
+@pytest.fixture(scope="module")
+def traced():
+    torch.manual_seed(0)
+    return trace_model(zoo.tiny_mobilenet_v2().eval(), SHAPE, spec="dpcompress.zoo:tiny_mobilenet_v2")
+
+
+@pytest.fixture(scope="module")
+def exact_table(traced):
+    """Each block's row is its merged conv's cost alone: exact for CostBackend() (no rest: only convs count)."""
+    chain = traced.chain
+    rows = {}
+    for block in chain.valid_blocks():
+        geometry = block_geometry(chain, *block)
+        rows[block] = conv_cost(geometry_conv(geometry), geometry.in_shape, lambda conv: 1.0)
+    return LatencyTable(num_positions=chain.num_positions, latency_ms=rows)
+
+
+def frontier_for(table, traced, ratio):
+    budget = ratio * table.original_latency_ms()
+    plan, frontier = solve_for_model(table, None, budget, chain=traced.chain, with_frontier=True)
+    return plan, frontier, budget
+
+
+def test_candidates_are_the_most_important_plans_near_the_budget(exact_table, traced):
+    plan, frontier, budget = frontier_for(exact_table, traced, 0.85)
+    chosen = candidate_plans(frontier, budget, count=3)
+    assert chosen[0].importance >= chosen[-1].importance and len(chosen) == 3
+    assert all(p.latency_ms <= budget * 1.05 for p in chosen)
+    within = [p for p in frontier if p.latency_ms <= budget]
+    assert max(p.importance for p in within) == plan.importance
+    assert chosen[0].activations == plan.activations or chosen[0].importance > plan.importance
+
+
+def test_loop_keeps_the_most_important_plan_measured_within_the_budget(exact_table, traced):
+    plan, frontier, budget = frontier_for(exact_table, traced, 0.85)
+    result = measure_candidates(CostBackend(), traced, frontier, budget, input_shape=SHAPE, count=3)
+    assert not result.kept_original and result.budget_ratio == pytest.approx(0.85)
+    chosen = [c for c in result.candidates if c.chosen]
+    assert len(chosen) == 1 and chosen[0].plan is result.plan
+    # The cost backend measures exactly what the table predicts: the solver's plan is the answer.
+    assert result.plan.activations == plan.activations and result.plan.boundaries == plan.boundaries
+    assert chosen[0].measured_ms == pytest.approx(conv_cost(merged_model(traced, result.plan), SHAPE, lambda c: 1.0))
+    assert chosen[0].measured_ms <= chosen[0].budget_ms * (1 + NOISE_ALLOWANCE)
+    for candidate in result.candidates:
+        assert candidate.measured_ms == pytest.approx(candidate.predicted_ms, rel=1e-6)
+        record = candidate.to_json()
+        assert {"predicted_ms", "measured_ms", "measured_budget_ms", "within_budget", "chosen"} <= set(record)
+    assert json.dumps(result.to_json())
+
+
+def test_loop_falls_back_to_a_less_important_plan_when_the_best_is_slow_as_measured(exact_table, traced):
+    plan, frontier, budget = frontier_for(exact_table, traced, 0.85)
+    slow_kernel = max(block_geometry(traced.chain, *b).kernel[0] for b in plan.blocks)
+    assert slow_kernel > 1
+    # Dense convs with the solver's plan's largest kernel run 3x slower than the table says.
+    backend = CostBackend(lambda conv: 3.0 if conv.kernel_size[0] == slow_kernel and conv.groups == 1 else 1.0)
+    result = measure_candidates(backend, traced, frontier, budget, input_shape=SHAPE, count=5)
+    first = result.candidates[0]
+    if first.within_budget:
+        pytest.skip("the cost change did not push the most important candidate over the budget")
+    assert not first.chosen
+    if not result.kept_original:
+        chosen = next(c for c in result.candidates if c.chosen)
+        assert chosen.within_budget and chosen.faster and chosen.plan.importance <= first.plan.importance
+        assert "more important" in result.reason
+
+
+def test_loop_keeps_the_original_when_no_plan_is_measured_within_the_budget(exact_table, traced):
+    plan, frontier, budget = frontier_for(exact_table, traced, 0.8)
+    # Every merged conv (dense, kernel > 1) is measured 50x slower than the table says.
+    backend = CostBackend(lambda conv: 50.0 if conv.groups == 1 and conv.kernel_size[0] > 1 else 1.0)
+    result = measure_candidates(backend, traced, frontier, budget, input_shape=SHAPE, count=3)
+    assert result.kept_original and "kept the original" in result.reason
+    assert not any(c.chosen for c in result.candidates) and len(result.candidates) == 3
+    L = traced.chain.num_positions
+    assert result.plan.boundaries == list(range(L + 1))
+    assert result.plan.activations == [p for p in traced.chain.activation_positions if p < L]
+    # The plan that merges nothing is the original network.
+    x = torch.randn(*SHAPE)
+    with torch.no_grad():
+        torch.testing.assert_close(merged_model(traced, result.plan)(x), traced.gm(x), rtol=1e-4, atol=1e-5)
+
+
+def test_bench_json_is_json_alone_on_stdout(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dpcompress.cli", "bench", "--model", "dpcompress.zoo:tiny_mobilenet_v2",
+         "--input-shape", "1,3,16,16", "--threads", "1", "--rounds", "2", "--iters", "3", "--repeat",
+         "--ci", "0.5", "--max-rounds", "4", "--json"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["original"]["ci_low_ms"] <= record["original"]["median_ms"] <= record["original"]["ci_high_ms"]
+    assert 2 <= record["rounds"] <= 4 and "backend" in result.stderr

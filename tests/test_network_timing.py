@@ -1,0 +1,130 @@
+"""In-network timing: ONNX nodes attributed to the right block, packing, and an in-network table."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from dpcompress import zoo
+from dpcompress.backends import export_onnx_bytes, get_backend
+from dpcompress.backends.onnxruntime_backend import _owner_of, part_owners
+from dpcompress.network_timing import pack, packed_network, packed_plan
+from dpcompress.geometry import block_geometry
+from dpcompress.profile import profile_table
+from dpcompress.solver import solve_for_model
+from dpcompress.tables import read_latency_table
+from dpcompress.trace import trace_model
+
+
+class ThreeParts(nn.Module):
+    """part_a -> ReLU -> part_b -> SiLU -> (+ residual from part_a's output) -> part_c -> gate (SE-like)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.part_a = nn.Conv2d(4, 8, 3, padding=1)
+        self.part_b = nn.Conv2d(8, 8, 3, padding=1)
+        self.part_c = nn.Conv2d(8, 8, 1)
+        self.gate = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.part_a(x))
+        b = nn.functional.silu(self.part_b(a)) + a
+        c = self.part_c(b)
+        return c * torch.sigmoid(self.gate(c.mean((2, 3), keepdim=True)))
+
+
+def test_nodes_are_attributed_to_their_part_with_the_ops_fused_after_it():
+    graph = onnx.load_from_string(export_onnx_bytes(ThreeParts().eval(), torch.randn(1, 4, 8, 8))).graph
+    owners = part_owners(graph, ["part_a", "part_b", "part_c"])
+    by_op = {}
+    for node in graph.node:
+        by_op.setdefault(node.op_type, []).append(owners.get(node.name))
+    assert by_op["Relu"] == ["part_a"]  # its activation
+    assert sorted(by_op["Sigmoid"], key=str) == [None, "part_b"]  # SiLU's sigmoid; the gate's is not a block's
+    assert "part_b" in by_op["Mul"] and None in by_op["Mul"]  # SiLU's Mul; the gating Mul belongs to nobody
+    assert by_op["Add"] == ["part_b"]  # the residual add at part_b's output
+    convs = [owners.get(n.name) for n in graph.node if n.op_type == "Conv"]
+    assert convs == ["part_a", "part_b", "part_c", None]  # the gate conv is nobody's
+    # part_c's output is read by the gate's mean and by the Mul: nothing after it is taken.
+    assert all(owners.get(n.name) != "part_c" for n in graph.node if n.op_type in ("ReduceMean", "Mul"))
+
+
+def test_profiled_node_names_map_back_to_their_part():
+    owners = {"/part_a/Conv": "a", "/relu/Relu_output_0": "a", "/silu/Mul": "b"}
+    assert _owner_of("/part_a/Conv_kernel_time", owners) == "a"
+    assert _owner_of("/relu/Relu_output_0_nchwc_kernel_time", owners) == "a"  # a conv fused with its ReLU
+    assert _owner_of("/silu/Mul/QuickGeluFusion/_kernel_time", owners) == "b"  # SiLU fused into one node
+    assert _owner_of("ReorderOutput_token_3_kernel_time", owners) is None
+
+
+def test_pack_makes_disjoint_sets_within_the_limit():
+    blocks = [(0, 2), (1, 3), (2, 4), (3, 5), (0, 5), (4, 6)]
+    networks, left = pack(blocks, max_networks=2)
+    assert len(networks) <= 2
+    placed = [b for members in networks for b in members]
+    assert sorted(placed + left) == sorted(blocks)
+    for members in networks:
+        for i, (s1, e1) in enumerate(members):
+            assert all(e1 <= s2 or e2 <= s1 for s2, e2 in members[i + 1:])
+
+
+@pytest.fixture(scope="module")
+def tiny_traced():
+    torch.manual_seed(0)
+    return trace_model(zoo.tiny_mobilenet_v2().eval(), (1, 3, 16, 16), spec="dpcompress.zoo:tiny_mobilenet_v2")
+
+
+def test_packed_network_computes_with_the_blocks_geometry(tiny_traced):
+    chain = tiny_traced.chain
+    blocks = [b for b in chain.valid_blocks() if b[1] - b[0] > 1][:1]
+    plan = packed_plan(chain, blocks)
+    assert set(blocks) <= set(plan.blocks)
+    assert all(e - s == 1 for s, e in plan.blocks if (s, e) not in blocks)
+    geometries = {b: block_geometry(chain, *b) for b in plan.blocks}
+    network, names = packed_network(tiny_traced, plan, geometries)
+    assert sorted(names.values()) == sorted(plan.blocks)
+    for name, block in names.items():
+        conv = network.get_submodule(name)
+        assert tuple(conv.kernel_size) == geometries[block].kernel and conv.groups == geometries[block].groups
+    assert network(torch.randn(1, 3, 16, 16)).shape == (1, 10)
+    assert not any(name.startswith("dpc_block_") for name in dict(tiny_traced.gm.named_children()))
+
+
+def test_in_network_table_has_every_block_the_rest_and_says_how_it_was_timed(tiny_traced, tmp_path):
+    backend = get_backend("onnxruntime", threads=1)
+    out = tmp_path / "t.csv"
+    result = profile_table(tiny_traced.chain, backend, out, traced=tiny_traced, warmup=1, iters=3)
+    meta = json.loads((tmp_path / "t.meta.json").read_text())
+    assert meta["timing"] == "in-network" and "per-node profiler" in meta["timing_method"]
+    assert math.isfinite(meta["rest_ms"]) and "1x3x16x16" in meta["call_overhead_ms"]
+    table = read_latency_table(out)
+    assert set(table.latency_ms) == set(tiny_traced.chain.valid_blocks())
+    assert all(r["latency_ms"] > 0 for r in result.rows if r["timed"])
+    assert table.rest_ms == meta["rest_ms"]
+    singles = math.fsum(table.latency_ms[(p - 1, p)] for p in range(1, table.num_positions + 1))
+    assert table.original_latency_ms() == pytest.approx(singles + meta["rest_ms"])
+    plan, _ = solve_for_model(table, None, 0.8 * table.original_latency_ms(), chain=tiny_traced.chain)
+    assert plan.latency_ms == pytest.approx(math.fsum(table.latency_ms[b] for b in plan.blocks) + table.rest_ms)
+    assert plan.latency_ms <= 0.8 * table.original_latency_ms()
+    # Asking for the other timing on the same file is refused, as other settings are.
+    from dpcompress.errors import UserError
+
+    with pytest.raises(UserError, match="timing"):
+        profile_table(tiny_traced.chain, backend, out, traced=tiny_traced, warmup=1, iters=3, timing="standalone")
+
+
+def test_in_network_timing_needs_the_model_and_a_backend_that_profiles_nodes(tiny_traced, tmp_path):
+    from dpcompress.errors import UserError
+
+    backend = get_backend("onnxruntime", threads=1)
+    with pytest.raises(UserError, match="needs the model"):
+        profile_table(tiny_traced.chain, backend, tmp_path / "a.csv", timing="in-network")
+    torch_backend = get_backend("torch", threads=1)
+    with pytest.raises(UserError, match="cannot time blocks inside a network"):
+        profile_table(tiny_traced.chain, torch_backend, tmp_path / "b.csv", traced=tiny_traced, timing="in-network")
+    assert not (tmp_path / "a.csv").exists() and not (tmp_path / "b.csv").exists()
