@@ -25,8 +25,9 @@ import torch
 
 from dpcompress.backends import get_backend
 from dpcompress.bench import bench_modules
+from dpcompress.compress import find_table
 from dpcompress.models import build_model
-from dpcompress.profile import profile_table
+from dpcompress.profile import default_timing, profile_table
 from dpcompress.rewrite import merged_model
 from dpcompress.solver import frontier, resolve_budget, solve_for_model
 from dpcompress.tables import read_latency_table
@@ -37,6 +38,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="mobilenet_v2", help="torchvision names or full specs, comma-separated")
     parser.add_argument("--table", default=None, help="use this table (one model only) instead of profiling")
+    parser.add_argument("--tables-dir", default="latency_tables",
+                        help="reuse a table made in-network for the same chain and settings from here")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--ratios", default="0.9,0.7,0.5,min")
@@ -62,8 +65,10 @@ def main() -> None:
         torch.manual_seed(0)
         model = build_model(spec, None).eval()
         traced = trace_model(model, shape, spec=spec)
-        if args.table:
-            table_path = Path(args.table)
+        found = find_table(Path(args.tables_dir), traced.chain.fingerprint(), backend.name, "fp32", args.batch_size,
+                           backend.threads, args.timing or default_timing(backend, traced))
+        if args.table or found:
+            table_path = Path(args.table or found)
         else:
             stem = spec.split(":")[-1].replace("?", "_").replace("=", "")
             table_path = out / f"{stem}_{args.size}_b{args.batch_size}_{args.timing or 'default'}.csv"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import traceback
 from typing import Any, Optional
 
@@ -214,13 +215,17 @@ def _backend(backend_name: Optional[str], gpu: bool, device: str, threads: Optio
     return backend
 
 
+_last_progress_line = [0.0]  # when the last plain progress line was printed (time.monotonic)
+
+
 def _print_progress(p: Any) -> None:
     eta = "estimating" if p.eta_s is None else f"{int(p.eta_s) // 60}:{int(p.eta_s) % 60:02d} left"
     line = f"profile: {p.done_blocks}/{p.total_blocks} blocks, {p.shapes_done}/{p.shapes_total} shapes, {eta}"
     finished = p.done_blocks == p.total_blocks
     if sys.stderr.isatty():
         click.echo("\r" + line, err=True, nl=finished)
-    elif finished or p.shapes_done % 20 == 0:
+    elif finished or time.monotonic() - _last_progress_line[0] >= 10:  # a log gets a line every 10 s
+        _last_progress_line[0] = time.monotonic()
         click.echo(line, err=True)
 
 
