@@ -13,7 +13,7 @@ original network is kept (the plan that merges nothing) and the result says so.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 from dpcompress.errors import UserError
@@ -78,13 +78,13 @@ def candidate_plans(frontier: Sequence[Plan], budget_ms: float, count: int = 3,
     return sorted(near, key=lambda p: (-(p.importance or 0.0), p.latency_ms))[:count]
 
 
-def original_plan(traced: "TracedModel", like: Plan) -> Plan:
+def original_plan(traced: "TracedModel", like: Plan, budget_ms: float) -> Plan:
     """The plan that changes nothing: every activation kept, every conv its own block."""
     chain = traced.chain
     L = chain.num_positions
     return Plan(activations=[p for p in chain.activation_positions if 0 < p < L], boundaries=list(range(L + 1)),
                 num_positions=L, model=like.model, chain_fingerprint=like.chain_fingerprint,
-                budget_ms=like.budget_ms, latency_ms=like.original_latency_ms, importance=None,
+                budget_ms=budget_ms, latency_ms=like.original_latency_ms, importance=None,
                 original_latency_ms=like.original_latency_ms)
 
 
@@ -129,7 +129,7 @@ def measure_candidates(backend: "Backend", traced: "TracedModel", frontier: Sequ
         reason = ("the most important candidate, measured within the budget" if best is first else
                   f"the most important candidate measured within the budget; {candidates.index(best)} more "
                   "important one(s) measured over it or no faster than the original")
-        return LoopResult(best.plan, False, ratio, candidates, reason)
+        return LoopResult(replace(best.plan, budget_ms=budget_ms), False, ratio, candidates, reason)
     reason = ("no candidate was measured within the budget and faster than the original; "
               "kept the original network")
-    return LoopResult(original_plan(traced, plans[0]), True, ratio, candidates, reason)
+    return LoopResult(original_plan(traced, plans[0], budget_ms), True, ratio, candidates, reason)

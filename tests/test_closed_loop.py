@@ -109,7 +109,8 @@ def test_loop_keeps_the_most_important_plan_measured_within_the_budget(exact_tab
     result = measure_candidates(CostBackend(), traced, frontier, budget, input_shape=SHAPE, count=3)
     assert not result.kept_original and result.budget_ratio == pytest.approx(0.85)
     chosen = [c for c in result.candidates if c.chosen]
-    assert len(chosen) == 1 and chosen[0].plan is result.plan
+    assert len(chosen) == 1 and chosen[0].plan.boundaries == result.plan.boundaries
+    assert result.plan.budget_ms == budget
     # The cost backend measures exactly what the table predicts: the solver's plan is the answer.
     assert result.plan.activations == plan.activations and result.plan.boundaries == plan.boundaries
     assert chosen[0].measured_ms == pytest.approx(conv_cost(merged_model(traced, result.plan), SHAPE, lambda c: 1.0))
@@ -164,3 +165,21 @@ def test_bench_json_is_json_alone_on_stdout(tmp_path):
     record = json.loads(result.stdout)
     assert record["original"]["ci_low_ms"] <= record["original"]["median_ms"] <= record["original"]["ci_high_ms"]
     assert 2 <= record["rounds"] <= 4 and "backend" in result.stderr
+
+
+def test_solve_measure_writes_the_chosen_plan_and_needs_a_model(exact_table, traced, tmp_path):
+    from dpcompress.tables import write_latency_table
+
+    table = tmp_path / "t.csv"
+    write_latency_table(table, [{"start": s, "end": e, "latency_ms": ms} for (s, e), ms in exact_table.latency_ms.items()])
+    common = [sys.executable, "-m", "dpcompress.cli", "solve", "--latency-table", str(table), "--budget-ratio", "0.9",
+              "--out", str(tmp_path / "plan.json")]
+    refused = subprocess.run(common + ["--measure"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--measure" in refused.stderr and not (tmp_path / "plan.json").exists()
+    done = subprocess.run(common + ["--measure", "--model", "dpcompress.zoo:tiny_mobilenet_v2", "--input-shape",
+                                    "1,3,16,16", "--threads", "1", "--candidates", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "candidate 1/2" in done.stderr and "candidate 2/2" in done.stderr
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["boundaries"][0] == 0 and plan["boundaries"][-1] == traced.chain.num_positions

@@ -128,3 +128,33 @@ def test_in_network_timing_needs_the_model_and_a_backend_that_profiles_nodes(tin
     with pytest.raises(UserError, match="cannot time blocks inside a network"):
         profile_table(tiny_traced.chain, torch_backend, tmp_path / "b.csv", traced=tiny_traced, timing="in-network")
     assert not (tmp_path / "a.csv").exists() and not (tmp_path / "b.csv").exists()
+
+
+def test_an_interrupted_in_network_profile_resumes_without_retiming(tiny_traced, tmp_path):
+    from dpcompress.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from dpcompress.profile import partial_paths
+
+    class CountingBackend(OnnxRuntimeBackend):
+        def __init__(self, fail_at=None):
+            super().__init__(threads=1)
+            self.parts, self.fail_at = [], fail_at
+
+        def prepare_network_profile(self, module, input_shape, precision, parts):
+            self.parts.append(len(parts))
+            if len(self.parts) == self.fail_at:
+                raise KeyboardInterrupt
+            return super().prepare_network_profile(module, input_shape, precision, parts)
+
+    out = tmp_path / "t.csv"
+    with pytest.raises(KeyboardInterrupt):
+        profile_table(tiny_traced.chain, CountingBackend(fail_at=2), out, traced=tiny_traced, warmup=1, iters=3)
+    partial_rows, partial_meta = partial_paths(out)
+    rest = json.loads(partial_meta.read_text())["rest_ms"]  # the network of single convs finished
+    singles = {(p - 1, p) for p in range(1, tiny_traced.chain.num_positions + 1)}
+    assert singles <= {(int(l.split(",")[0]), int(l.split(",")[1])) for l in partial_rows.read_text().splitlines()[1:]}
+    resumed = CountingBackend()
+    result = profile_table(tiny_traced.chain, resumed, out, traced=tiny_traced, warmup=1, iters=3)
+    assert result.resumed_blocks >= len(singles) and result.meta["rest_ms"] == rest
+    # The network of single convs (one part per conv) was not profiled again; the others were.
+    assert resumed.parts and len(singles) not in resumed.parts
+    assert not partial_rows.exists() and set(read_latency_table(out).latency_ms) == set(tiny_traced.chain.valid_blocks())
