@@ -2,7 +2,7 @@
 
 A :class:`Backend` turns a module plus an input shape into a :class:`Runner` whose
 ``time(warmup, iters)`` returns one wall-clock latency per timed run, in ms.
-``get_backend`` imports a backend's runtime (onnxruntime, torch, tensorrt) only
+``get_backend`` imports a backend's runtime (onnxruntime, openvino, torch, tensorrt) only
 when that backend is asked for, so the package works without any of them.
 """
 
@@ -18,7 +18,7 @@ from dpcompress.errors import UserError
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn
 
-BACKEND_NAMES = ("onnxruntime", "torch", "tensorrt")
+BACKEND_NAMES = ("onnxruntime", "openvino", "torch", "tensorrt")
 PRECISIONS = ("fp32", "fp16")
 DEVICES = ("cpu", "cuda")
 
@@ -160,6 +160,12 @@ def get_backend(name: str, *, device: str = "cpu", threads: Optional[int] = None
         from dpcompress.backends.onnxruntime_backend import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(device=device, threads=threads)
+    if name == "openvino":
+        if device != "cpu":
+            raise UserError("the openvino backend runs on the CPU only; use --device cpu")
+        from dpcompress.backends.openvino_backend import OpenVinoBackend
+
+        return OpenVinoBackend(threads=threads)
     if name == "torch":
         from dpcompress.backends.torch_backend import TorchBackend
 

@@ -203,9 +203,16 @@ def _owner_of(event_name: str, owners: Dict[str, str]) -> Optional[str]:
     """The part a profiled node belongs to: by its own name, the tensor a rewritten node is named after
     (``<tensor>_nchwc``), or the node a fused node's name starts with (``<node>/QuickGeluFusion/``)."""
     name = event_name[: -len("_kernel_time")]
-    for candidate in (name, name[: -len("_nchwc")] if name.endswith("_nchwc") else None):
-        if candidate and candidate in owners:
-            return owners[candidate]
+    if name.endswith("_nchwc") and name[: -len("_nchwc")] in owners:
+        return owners[name[: -len("_nchwc")]]
+    return scope_owner(name, owners)
+
+
+def scope_owner(name: str, owners: Dict[str, str]) -> Optional[str]:
+    """The part of the node or tensor called ``name``, else of the longest node its scope starts with
+    (``/a/Conv/Fused/`` is ``/a/Conv``'s)."""
+    if name in owners:
+        return owners[name]
     pieces = name.rstrip("/").split("/")
     for stop in range(len(pieces) - 1, 1, -1):
         owner = owners.get("/".join(pieces[:stop]))

@@ -1,0 +1,177 @@
+"""OpenVINO backend: Intel's runtime on the CPU, fp32, latency hint, threads set explicitly.
+
+A module goes through the same ONNX bytes as ONNX Runtime (``export_onnx_bytes``) and
+is read from memory by ``Core.read_model``: OpenVINO's ONNX frontend takes the bytes as
+they are (about 10 ms for a block; ``openvino.convert_model`` takes no bytes, only a file
+or a stream, and goes through the model conversion tool, 40x slower). The compiled
+model states every setting that changes its timings: the latency hint (one stream),
+the number of inference threads, and fp32 inference precision, which must be asked
+for: on CPUs with bf16 or AMX units OpenVINO otherwise runs convolutions in bf16.
+
+Networks can also be profiled node by node (``PERF_COUNT``). OpenVINO's CPU plugin
+fuses activations, residual adds and bias adds into the convolution before them, or
+elementwise chains into one ``Subgraph`` node; a fused op is listed as ``NOT_RUN``.
+An executed node keeps the name of an ONNX node: a convolution that of its
+``Convolution`` op, ``<onnx conv node>/WithoutBiases``; a fused subgraph that of its
+last op, an ONNX node name, or for the graph's output op the output tensor's name.
+Layout conversions (``Reorder``, named ``<from>_<layouts>_<to>``) belong to no part.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+
+from dpcompress.backends import (Backend, NetworkProfile, Runner, check_precision, cpu_name, default_threads,
+                                 export_onnx_bytes)
+from dpcompress.backends.onnxruntime_backend import part_owners, scope_owner
+from dpcompress.errors import UserError
+from dpcompress.timing import time_runner
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.nn
+
+INSTALL_HINT = "pip install openvino (or pip install 'dpcompress[openvino]')"
+# Node types OpenVINO inserts to convert layouts and precisions between nodes: the network's rest.
+LAYOUT_NODES = ("Reorder",)
+
+
+def import_openvino() -> Any:
+    try:
+        import openvino
+    except ImportError as err:
+        raise UserError(f"the openvino backend needs OpenVINO: {INSTALL_HINT}") from err
+    return openvino
+
+
+class OpenVinoBackend(Backend):
+    name = "openvino"
+    device = "cpu"
+
+    def __init__(self, threads: Optional[int] = None) -> None:
+        self._ov = import_openvino()
+        self._core = self._ov.Core()
+        self._threads = threads or default_threads()
+
+    @property
+    def version(self) -> str:
+        return str(self._ov.get_version())
+
+    @property
+    def device_name(self) -> str:
+        return cpu_name()
+
+    @property
+    def threads(self) -> Optional[int]:
+        return self._threads
+
+    def options(self) -> Dict[str, Any]:
+        return {"device": "CPU", "performance_hint": "LATENCY", "inference_precision": "f32"}
+
+    def compile_config(self, profiling: bool = False) -> Dict[Any, Any]:
+        """Properties of every compiled model: threads, the latency hint and fp32, set explicitly."""
+        props = self._ov.properties
+        return {props.inference_num_threads: self._threads,
+                props.hint.performance_mode: props.hint.PerformanceMode.LATENCY,
+                props.hint.inference_precision: self._ov.Type.f32,
+                props.enable_profiling: profiling}
+
+    def _compile(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str,
+                 profiling: bool = False) -> Tuple[Any, Any, bytes]:
+        """``module`` compiled for the CPU, a request with its input set once, and the ONNX bytes."""
+        import numpy as np
+        import torch
+
+        check_precision(precision, self.device)
+        example = torch.randn(*input_shape)
+        model_bytes = export_onnx_bytes(module.eval(), example)
+        compiled = self._core.compile_model(self._core.read_model(model_bytes), "CPU",
+                                            self.compile_config(profiling))
+        request = compiled.create_infer_request()
+        request.set_input_tensor(self._ov.Tensor(np.ascontiguousarray(example.numpy())))
+        return compiled, request, model_bytes
+
+    def prepare(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str = "fp32") -> Runner:
+        _, request, _ = self._compile(module, input_shape, precision)
+        return _OpenVinoRunner(request)
+
+    @property
+    def profiles_networks(self) -> bool:
+        return True
+
+    def prepare_network_profile(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str,
+                                parts: Sequence[str]) -> NetworkProfile:
+        import onnx
+
+        _, request, model_bytes = self._compile(module, input_shape, precision, profiling=True)
+        owners = part_owners(onnx.load_from_string(model_bytes).graph, parts)
+        return _OpenVinoNetworkProfile(request, owners)
+
+    def call_overhead_ms(self, input_shape: Sequence[int], precision: str, warmup: int, iters: int) -> float:
+        """Median of a synchronous inference of a graph that only passes its input through, at ``input_shape``.
+
+        Every call pays entering the runtime from Python and the request's bookkeeping
+        (about 12 us on a desktop CPU), which a layer inside a whole network does not.
+        """
+        import torch
+
+        return time_runner(self.prepare(torch.nn.Identity(), input_shape, precision), warmup, iters).median_ms
+
+
+class _OpenVinoRunner(Runner):
+    def __init__(self, request: Any) -> None:
+        self._request = request
+
+    def time(self, warmup: int, iters: int) -> List[float]:
+        infer = self._request.infer
+        for _ in range(warmup):
+            infer(share_outputs=True)
+        samples = []
+        for _ in range(iters):
+            # infer() is synchronous: it returns when the outputs are ready (left in the request, not copied).
+            t0 = time.perf_counter()
+            infer(share_outputs=True)
+            samples.append((time.perf_counter() - t0) * 1e3)
+        return samples
+
+
+def owner_of_node(node_name: str, node_type: str, owners: Dict[str, str]) -> Optional[str]:
+    """The part an executed OpenVINO node belongs to, from ``owners`` (ONNX node and tensor names, see
+    ``part_owners``): by its own name (a fused subgraph, named after its last op), else by the longest
+    ONNX node name its scope starts with (``/dpc_block_3/Conv/WithoutBiases``: the conv without its
+    bias add). Layout conversions belong to no part."""
+    if node_type in LAYOUT_NODES:
+        return None
+    return scope_owner(node_name, owners)
+
+
+class _OpenVinoNetworkProfile(NetworkProfile):
+    def __init__(self, request: Any, owners: Dict[str, str]) -> None:
+        self._request, self._owners = request, owners
+        self._parts: Dict[str, List[float]] = {part: [] for part in set(owners.values())}
+        self._totals: List[float] = []
+
+    def run(self, iters: int, warmup: int = 0) -> None:
+        request = self._request
+        for _ in range(warmup):
+            request.infer(share_outputs=True)
+        for _ in range(iters):
+            request.infer(share_outputs=True)
+            self._record(request.get_profiling_info())  # the counters of the last inference only
+
+    def _record(self, infos: Sequence[Any]) -> None:
+        for times in self._parts.values():
+            times.append(0.0)
+        total = 0.0
+        for info in infos:
+            if info.status != info.Status.EXECUTED:  # NOT_RUN: fused into another node, or nothing to do
+                continue
+            ms = info.real_time.total_seconds() * 1e3
+            total += ms
+            owner = owner_of_node(info.node_name, info.node_type, self._owners)
+            if owner is not None:
+                self._parts[owner][-1] += ms
+        self._totals.append(total)
+
+    def part_times(self) -> Tuple[Dict[str, List[float]], List[float]]:
+        return {part: list(times) for part, times in self._parts.items()}, list(self._totals)
