@@ -75,7 +75,8 @@ def trace(model_spec: str, weights: Optional[str], input_shape: str, as_json: bo
               help="plan.json from `dpcompress solve`, or hand-written with activations and boundaries.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Fine-tuned checkpoint from `dpcompress finetune` (replaces --weights for the trunk).")
-@click.option("--format", "fmt", type=click.Choice(["torch", "onnx", "tensorrt"]), default="onnx", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["torch", "onnx", "openvino", "tensorrt"]), default="onnx",
+              show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the merged model.")
 @click.option("--verify", is_flag=True, help="Check the export against the unmerged reference in ONNX Runtime.")
 @click.option("--tolerance", type=float, default=1e-3, show_default=True,
@@ -119,7 +120,8 @@ def export(model_spec: str, weights: Optional[str], input_shape: str, plan_path:
               help="With --model: bench the most important candidate plans around the budget on --backend and "
                    "write the best one measured within it (or the plan that merges nothing).")
 @click.option("--candidates", type=int, default=3, show_default=True, help="With --measure: plans to bench.")
-@click.option("--backend", "backend_name", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default=None,
+@click.option("--backend", "backend_name", type=click.Choice(["onnxruntime", "openvino", "torch", "tensorrt"]),
+              default=None,
               help="With --measure: the runtime to bench on.  [default: onnxruntime]")
 @click.option("--threads", type=int, default=None, help="With --measure: CPU threads.  [default: all cores]")
 def solve(latency_table_path: str, importance_source: str, budget_ms: Optional[float],
@@ -188,7 +190,7 @@ def plan_summary(plan: Any, eligible: Optional[list] = None) -> str:
 def backend_options(func: Any) -> Any:
     """Options choosing and tuning the latency backend (profile and bench)."""
     options = [
-        click.option("--backend", "backend_name", type=click.Choice(["onnxruntime", "torch", "tensorrt"]),
+        click.option("--backend", "backend_name", type=click.Choice(["onnxruntime", "openvino", "torch", "tensorrt"]),
                      default=None, help="Runtime to time on.  [default: onnxruntime]"),
         click.option("--gpu", is_flag=True,
                      help="Time on the GPU: tensorrt where it imports, else torch on CUDA."),
@@ -385,7 +387,7 @@ def finetune(model_spec: str, weights: Optional[str], input_shape: str, plan_pat
 @click.option("--importance", "importance_method", type=click.Choice(["uniform", "proxy", "finetune"]), default=None,
               help="Default: finetune with --data, uniform without.")
 @click.option("--importance-steps", type=int, default=100, show_default=True)
-@click.option("--backend", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default=None)
+@click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "torch", "tensorrt"]), default=None)
 @click.option("--gpu", is_flag=True, help="Profile and bench on the GPU (TensorRT if installed, else torch CUDA).")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)

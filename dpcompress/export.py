@@ -1,4 +1,4 @@
-"""Write a merged network as torch (TorchScript .pt), ONNX or a TensorRT engine, and verify it."""
+"""Write a merged network as torch (TorchScript .pt), ONNX, OpenVINO IR or a TensorRT engine, and verify it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from dpcompress.errors import UserError
 from dpcompress.fileio import PathLike, atomic_path
 
-FORMATS = ("torch", "onnx", "tensorrt")
+FORMATS = ("torch", "onnx", "openvino", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,12 @@ def onnx_bytes(model: nn.Module, input_shape: Sequence[int], dynamic_batch: bool
 
 def export_bytes(model: nn.Module, fmt: str, input_shape: Sequence[int], dynamic_batch: bool = False,
                  precision: str = "fp32", onnx_model: Optional[bytes] = None) -> bytes:
-    """``model`` serialised in format ``fmt``: TorchScript (torch), ONNX or a TensorRT engine."""
+    """``model`` serialised in format ``fmt``: TorchScript (torch), ONNX or a TensorRT engine
+    (OpenVINO IR is two files: :func:`write_openvino_ir`)."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt == "openvino":
+        raise ValueError("OpenVINO IR is an .xml and a .bin: use write_openvino_ir")
     model = model.eval()
     if fmt == "torch":
         with warnings.catch_warnings(), torch.no_grad():
@@ -113,6 +116,24 @@ def verify_onnx(onnx_model: bytes, reference: nn.Module, input_shape: Sequence[i
     options.log_severity_level = 3
     session = ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
+    return compare_outputs(lambda x: session.run(None, {input_name: x})[0], reference, input_shape, tolerance,
+                           trials, seed)
+
+
+def verify_openvino(model_path: PathLike, reference: nn.Module, input_shape: Sequence[int],
+                    tolerance: float = 1e-3, trials: int = 3, seed: int = 0) -> Verification:
+    """Run the OpenVINO IR at ``model_path`` on the CPU (fp32 inference) and ``reference`` in torch; compare."""
+    from dpcompress.backends.openvino_backend import import_openvino
+
+    ov = import_openvino()
+    compiled = ov.Core().compile_model(str(model_path), "CPU", {ov.properties.hint.inference_precision: ov.Type.f32})
+    return compare_outputs(lambda x: compiled({0: x})[compiled.output(0)], reference, input_shape, tolerance,
+                           trials, seed)
+
+
+def compare_outputs(run: Callable[[np.ndarray], np.ndarray], reference: nn.Module, input_shape: Sequence[int],
+                    tolerance: float, trials: int, seed: int) -> Verification:
+    """``run`` (an exported model) against ``reference`` in torch on ``trials`` seeded random inputs."""
     generator = torch.Generator().manual_seed(seed)
     max_abs, scale = 0.0, 0.0
     reference = reference.eval()
@@ -120,7 +141,7 @@ def verify_onnx(onnx_model: bytes, reference: nn.Module, input_shape: Sequence[i
         x = torch.randn(*input_shape, generator=generator)
         with torch.no_grad():
             expected = reference(x).double().numpy()
-        got = session.run(None, {input_name: x.numpy()})[0].astype(np.float64)
+        got = np.asarray(run(x.numpy())).astype(np.float64)
         max_abs = max(max_abs, float(np.max(np.abs(got - expected))))
         scale = max(scale, float(np.max(np.abs(expected))))
     relative = max_abs / scale if scale > 0 else float("inf")
@@ -132,6 +153,34 @@ def check_verification(result: Verification, tolerance: float) -> None:
     if not result.passed:
         raise UserError(f"verification failed: max relative error {result.max_rel_error:.3g} exceeds "
                         f"{tolerance:g} (max abs {result.max_abs_error:.3g}); the export was not written")
+
+
+def check_openvino_path(out: PathLike) -> None:
+    if Path(out).suffix != ".xml":
+        raise UserError(f"--format openvino writes an .xml with its weights in a .bin beside it; give --out a "
+                        f"path ending in .xml (got {out})")
+
+
+def write_openvino_ir(onnx_model: bytes, out: PathLike, reference: Optional[nn.Module] = None,
+                      input_shape: Sequence[int] = (), tolerance: float = 1e-3) -> Tuple[int, Optional[Verification]]:
+    """``onnx_model`` as OpenVINO IR: ``out`` (.xml) and its weights beside it (.bin, fp32). With ``reference``,
+    the IR is first read back and run in OpenVINO against it, and nothing is written if it is off by more than
+    ``tolerance``. Returns the bytes written and the verification."""
+    from dpcompress.backends.openvino_backend import import_openvino
+
+    check_openvino_path(out)
+    ov = import_openvino()
+    with tempfile.TemporaryDirectory(prefix="dpcompress_ir_") as folder:
+        xml = Path(folder) / "model.xml"
+        ov.save_model(ov.Core().read_model(onnx_model), str(xml), compress_to_fp16=False)
+        verification = None
+        if reference is not None:
+            verification = verify_openvino(xml, reference, input_shape, tolerance)
+            check_verification(verification, tolerance)
+        graph, weights = xml.read_bytes(), xml.with_suffix(".bin").read_bytes()
+    write_bytes_atomic(Path(out).with_suffix(".bin"), weights)  # the .xml last: it names a complete model
+    write_bytes_atomic(out, graph)
+    return len(graph) + len(weights), verification
 
 
 
@@ -151,9 +200,16 @@ def export_plan(original: nn.Module, reference: nn.Module, merged: nn.Module, fm
                 input_shape: Sequence[int], verify: bool = False, tolerance: float = 1e-3,
                 dynamic_batch: bool = False, precision: str = "fp32") -> ExportReport:
     """Export ``merged`` (the plan applied to ``original``); with ``verify``, check it against ``reference``
-    in ONNX Runtime first and write nothing if it is off by more than ``tolerance`` (relative)."""
+    first (in OpenVINO for ``openvino``, else in ONNX Runtime) and write nothing if it is off by more than
+    ``tolerance`` (relative)."""
     onnx_model = None
     verification = None
+    if fmt == "openvino":
+        check_openvino_path(out)
+        size, verification = write_openvino_ir(onnx_bytes(merged, input_shape, dynamic_batch), out,
+                                               reference if verify else None, input_shape, tolerance)
+        return ExportReport(before=model_stats(original, input_shape), after=model_stats(merged, input_shape),
+                            verification=verification, size_bytes=size)
     if verify:
         onnx_model = onnx_bytes(merged, input_shape, dynamic_batch)
         verification = verify_onnx(onnx_model, reference, input_shape, tolerance)
