@@ -1,0 +1,160 @@
+"""OpenVINO backend: settings, timing order, in-network tables, node attribution, IR export; a clear error without it."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dpcompress.backends import export_onnx_bytes, get_backend
+from dpcompress.backends.onnxruntime_backend import part_owners
+from dpcompress.backends.openvino_backend import owner_of_node
+from dpcompress.cli import main
+from dpcompress.errors import UserError
+from dpcompress.network_timing import pack, packed_network, packed_plan
+from dpcompress.geometry import block_geometry
+from dpcompress.profile import profile_table
+from dpcompress.tables import read_latency_table
+from dpcompress.timing import time_runner
+from tests.test_backends import EXPENSIVE, slower_of_two
+from tests.test_export_cli import run_cli, workdir  # noqa: F401 (a fixture)
+from tests.test_network_timing import ThreeParts, tiny_traced  # noqa: F401 (a fixture)
+
+
+def openvino():
+    return pytest.importorskip("openvino")
+
+
+PARTS = ["part_a", "part_b", "part_c"]
+
+
+def test_openvino_times_the_expensive_conv_slower():
+    openvino()
+    assert slower_of_two(get_backend("openvino", threads=1)) == "expensive"
+
+
+def test_openvino_compiles_with_its_settings_stated():
+    ov = openvino()
+    backend = get_backend("openvino", threads=1)
+    assert backend.name == "openvino" and backend.device == "cpu" and backend.threads == 1
+    assert backend.version == ov.get_version() and backend.device_name
+    assert backend.options()["performance_hint"] == "LATENCY" and backend.options()["inference_precision"] == "f32"
+    compiled, _, _ = backend._compile(*EXPENSIVE, "fp32")
+    assert compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    assert str(compiled.get_property("PERFORMANCE_HINT")).endswith("LATENCY")  # an enum in some versions
+    assert compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32  # not bf16, even where the CPU has it
+    assert get_backend("openvino").threads >= 1  # default: all cores, set explicitly
+    samples = backend.prepare(*EXPENSIVE).time(1, 4)
+    assert len(samples) == 4 and all(s > 0 for s in samples)
+    with pytest.raises(UserError, match="fp16"):
+        backend.prepare(*EXPENSIVE, precision="fp16")
+    with pytest.raises(UserError, match="CPU only"):
+        get_backend("openvino", device="cuda")
+
+
+def test_openvino_call_overhead_is_below_a_conv():
+    openvino()
+    backend = get_backend("openvino", threads=1)
+    overhead = backend.call_overhead_ms(EXPENSIVE[1], "fp32", warmup=2, iters=15)
+    conv = time_runner(backend.prepare(*EXPENSIVE), warmup=2, iters=15).median_ms
+    assert 0 < overhead < conv
+
+
+def test_fused_node_names_map_back_to_their_block():
+    graph = onnx.load_from_string(export_onnx_bytes(ThreeParts().eval(), torch.randn(1, 4, 8, 8))).graph
+    owners = part_owners(graph, PARTS)
+    assert owner_of_node("/part_a/Conv/WithoutBiases", "Convolution", owners) == "part_a"
+    assert owner_of_node("/part_c/Conv", "Convolution", owners) == "part_c"  # a conv without bias
+    assert owner_of_node("/Add", "Subgraph", owners) == "part_b"  # SiLU and the residual add, fused
+    assert owner_of_node("x_abcd_acdb_/part_a/Conv/WithoutBiases", "Reorder", owners) is None
+    assert owner_of_node("/part_c/Conv/WithoutBiases_acdb_abcd_/ReduceMean", "Reorder", owners) is None
+    assert owner_of_node("/gate/Conv/WithoutBiases", "Convolution", owners) is None
+    assert owner_of_node("y", "Subgraph", owners) is None  # the gating multiply: nobody's
+
+
+def test_openvino_attributes_each_blocks_nodes_to_it():
+    openvino()
+    backend = get_backend("openvino", threads=1)
+    profiled = backend.prepare_network_profile(ThreeParts(), (1, 4, 16, 16), "fp32", PARTS)
+    profiled.run(3, warmup=1)
+    executed = [(i.node_name, i.node_type) for i in profiled._request.get_profiling_info()
+                if i.status == i.Status.EXECUTED]
+    owner = {name: owner_of_node(name, kind, profiled._owners) for name, kind in executed}
+    for part in PARTS:  # each block's conv, as OpenVINO names it, is the block's
+        convs = [name for name, kind in executed if kind == "Convolution" and name.startswith(f"/{part}/")]
+        assert convs and all(owner[name] == part for name in convs)
+    assert all(owner[name] is None for name, kind in executed if kind == "Reorder" or name.startswith("/gate/"))
+    parts, totals = profiled.part_times()
+    assert sorted(parts) == PARTS and len(totals) == 3
+    for run, total in enumerate(totals):
+        in_parts = sum(parts[p][run] for p in PARTS)
+        assert all(parts[p][run] > 0 for p in PARTS) and 0 < in_parts < total
+
+
+def test_openvino_attributes_a_packed_networks_blocks(tiny_traced):
+    openvino()
+    chain = tiny_traced.chain
+    members = pack([b for b in chain.valid_blocks() if b[1] - b[0] > 1], 1)[0][0]
+    plan = packed_plan(chain, members)
+    network, names = packed_network(tiny_traced, plan, {b: block_geometry(chain, *b) for b in plan.blocks})
+    profiled = get_backend("openvino", threads=1).prepare_network_profile(network, (1, 3, 16, 16), "fp32",
+                                                                          list(names))
+    profiled.run(2, warmup=1)
+    owners = {owner_of_node(i.node_name, i.node_type, profiled._owners)
+              for i in profiled._request.get_profiling_info() if i.status == i.Status.EXECUTED}
+    assert owners == set(names) | {None}  # every block's nodes found, merged or single; the head is nobody's
+    parts, totals = profiled.part_times()
+    assert set(parts) == set(names) and len(totals) == 2
+    assert all(sum(parts[p][run] for p in parts) < totals[run] for run in range(2))
+
+
+def test_openvino_in_network_table(tiny_traced, tmp_path):
+    ov = openvino()
+    backend = get_backend("openvino", threads=1)
+    out = tmp_path / "t.csv"
+    result = profile_table(tiny_traced.chain, backend, out, traced=tiny_traced, warmup=1, iters=3)
+    meta = json.loads((tmp_path / "t.meta.json").read_text())
+    assert meta["backend"] == "openvino" and meta["backend_version"] == ov.get_version()
+    assert meta["backend_options"]["performance_hint"] == "LATENCY" and meta["threads"] == 1
+    assert meta["timing"] == "in-network" and math.isfinite(meta["rest_ms"])
+    assert "1x3x16x16" in meta["call_overhead_ms"]
+    table = read_latency_table(out)
+    assert set(table.latency_ms) == set(tiny_traced.chain.valid_blocks())
+    # OpenVINO counts node time in whole microseconds: a 16x16 depthwise conv may take 0 in most runs.
+    timed = [r["latency_ms"] for r in result.rows if r["timed"]]
+    assert all(ms >= 0 for ms in timed) and sum(ms > 0 for ms in timed) > len(timed) / 2
+
+
+def test_export_openvino_ir_verified(workdir):
+    ov = openvino()
+    args = ["export", "--model", "nets.py:small", "--input-shape", "1,3,16,16", "--plan", "plan.json",
+            "--format", "openvino", "--verify"]
+    result = run_cli(*args, "--out", "ir/merged.xml", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert "verify:" in result.stdout and "OK" in result.stdout
+    model = ov.Core().read_model(str(workdir / "ir" / "merged.xml"))  # reads merged.bin beside it
+    assert [op.get_type_name() for op in model.get_ordered_ops()].count("Convolution") == 1  # three convs in one
+    assert sorted(p.name for p in (workdir / "ir").iterdir()) == ["merged.bin", "merged.xml"]
+    # A failed check or an out path that is not an .xml: exit 2, one line, nothing written.
+    failed = run_cli(*args, "--tolerance", "-1", "--out", "bad/merged.xml", cwd=workdir)
+    assert failed.returncode == 2 and "verification failed" in failed.stderr and "Traceback" not in failed.stderr
+    wrong = run_cli(*args, "--out", "merged.ir", cwd=workdir)
+    assert wrong.returncode == 2 and "ending in .xml" in wrong.stderr
+    assert not (workdir / "bad").exists() and not list(workdir.glob("merged.*"))
+
+
+def test_missing_openvino_is_a_one_line_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError
+    with pytest.raises(UserError, match="pip install openvino"):
+        get_backend("openvino")
+    out = tmp_path / "t.csv"
+    result = CliRunner().invoke(main, ["profile", "--model", "torchvision:resnet18", "--backend", "openvino",
+                                       "--out", str(out)])
+    assert result.exit_code == 2 and not out.exists()
+    lines = result.output.strip().splitlines()
+    assert lines == [lines[0]] and "pip install openvino" in lines[0] and "Traceback" not in result.output
