@@ -4,7 +4,9 @@ Composing conv1 (kernel k1, stride s1, padding p1) then conv2 (k2, s2, p2) with
 the padding applied once at the input gives kernel ``k1 + s1*(k2-1)``, stride
 ``s1*s2`` and padding ``p1 + s1*p2``. Dilated kernels count with their dilated
 extent ``d*(k-1)+1``. Groups follow the channel connectivity: the merged conv
-keeps the largest grouping under which it is still exact.
+keeps the largest grouping under which it is still exact. A merged kernel can be
+far larger than its input; ``crop_taps`` says which of its taps only ever meet zero
+padding at the block's input size, and the merged conv leaves them out.
 """
 
 from __future__ import annotations
@@ -42,9 +44,43 @@ def largest_exact_groups(mask: np.ndarray) -> int:
     return 1
 
 
+def crop_taps(kernel: int, stride: int, padding: int, size: int) -> Tuple[int, int]:
+    """Leading and trailing taps (per axis) a conv can drop on an input of ``size``, keeping one padding value.
+
+    Output o's tap t reads input ``o*stride + t - padding``, a real pixel for t in
+    ``[padding - o*stride, padding + size - 1 - o*stride]``. Of the n outputs, those whose range
+    meets the kernel are o in [first, last], so the first ``a = max(0, padding - last*stride)``
+    and the last ``b = max(0, kernel - padding - size + first*stride)`` taps only ever multiply
+    zero padding. Dropping a' leading and b' trailing taps with padding ``padding - a'`` on
+    *both* sides keeps output o reading the same pixels, and keeps n outputs iff
+    ``0 <= r - a' + b' < stride``, where ``r = size + 2*padding - kernel - (n-1)*stride`` are the
+    padded rows the last window leaves unread. One padding value per axis keeps the conv a plain
+    ``nn.Conv2d`` (profiling, ONNX, TensorRT), and costs nothing in the case that matters: a
+    kernel overhanging both ends of an input that every output reads has ``b - a = -r``, so all
+    of a and b go. Returns (0, 0) when no tap meets the input (the output is the bias alone).
+    """
+    outputs = (size + 2 * padding - kernel) // stride + 1
+    if size < 1 or outputs < 1:
+        raise ValueError(f"a kernel of {kernel} with padding {padding} has no output on an input of {size}")
+    first = max(0, -((kernel - 1 - padding) // stride))  # ceil((padding - kernel + 1) / stride)
+    last = min(outputs - 1, (padding + size - 1) // stride)
+    if first > last:
+        return (0, 0)
+    lead = max(0, padding - last * stride)
+    trail = max(0, kernel - padding - size + first * stride)
+    unread = size + 2 * padding - kernel - (outputs - 1) * stride
+    lead = min(lead, trail + unread)
+    return (lead, min(trail, lead + stride - 1 - unread))
+
+
 @dataclass(frozen=True)
 class BlockGeometry:
-    """What block (start, end) becomes: one convolution, plus the activation at ``end``."""
+    """What block (start, end) becomes: one convolution, plus the activation at ``end``.
+
+    ``kernel`` and ``padding`` are those of the merged conv as built, cropped to the block's
+    input size (``crop_taps``); ``composed_kernel`` is the kernel composition computes before
+    cropping, which is what merging the block costs.
+    """
 
     start: int
     end: int
@@ -58,6 +94,7 @@ class BlockGeometry:
     out_shape: Tuple[int, int, int, int]
     activation: Optional[str]
     bias: bool
+    composed_kernel: Tuple[int, int]
 
 
 def effective_kernel(kernel: Sequence[int], dilation: Sequence[int]) -> Tuple[int, int]:
@@ -96,13 +133,15 @@ def block_geometry(chain: Chain, start: int, end: int) -> BlockGeometry:
             mask = compose_connectivity(mask, connectivity(u.in_channels, u.out_channels, u.groups))
             mask_at[p] = mask
     last = chain.unit(end)
+    crops = [crop_taps(kernel[axis], stride[axis], padding[axis], first.in_shape[2 + axis]) for axis in range(2)]
     return BlockGeometry(
         start=start, end=end,
         in_channels=first.in_channels, out_channels=last.out_channels,
-        kernel=(kernel[0], kernel[1]), stride=(stride[0], stride[1]), padding=(padding[0], padding[1]),
+        kernel=(kernel[0] - sum(crops[0]), kernel[1] - sum(crops[1])), stride=(stride[0], stride[1]),
+        padding=(padding[0] - crops[0][0], padding[1] - crops[1][0]),
         groups=largest_exact_groups(mask_at[end]),
         in_shape=first.in_shape, out_shape=last.out_shape,
-        activation=last.activation, bias=has_bias,
+        activation=last.activation, bias=has_bias, composed_kernel=(kernel[0], kernel[1]),
     )
 
 

@@ -8,6 +8,8 @@ followed by conv2 (k2, s2, p2) equals one conv with kernel ``k1 + s1*(k2-1)``, s
 network runs a block: the block's total padding goes in front, the inner convs pad
 nothing. Groups follow the structural channel connectivity (``dpcompress.geometry``),
 so a merged conv has exactly the grouping ``geometry.block_geometry`` predicts.
+Once composed, ``crop_to_input`` drops the taps that only ever meet zero padding at
+the block's input size (``geometry.crop_taps``), again as ``block_geometry`` predicts.
 
 Composition runs in float64; results come back in the inputs' dtype unless asked.
 """
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dpcompress.geometry import largest_exact_groups
+from dpcompress.geometry import crop_taps, largest_exact_groups
 
 IntPair = Union[int, Sequence[int]]
 
@@ -260,6 +262,21 @@ def compose_all(convs: Sequence[AffineConv], dtype: Optional[torch.dtype] = None
     for conv in convs[1:]:
         merged = compose(merged, conv, dtype=torch.float64)
     return merged.to(out_dtype)
+
+
+def crop_to_input(conv: AffineConv, size: Tuple[int, int]) -> AffineConv:
+    """``conv`` without the kernel taps that only ever multiply zero padding on an (H, W) = ``size`` input.
+
+    Same output on inputs of that size (``geometry.crop_taps`` gives the rule); the padding
+    shrinks by the leading taps dropped and stays one value per axis.
+    """
+    (lead_h, trail_h), (lead_w, trail_w) = (
+        crop_taps(conv.kernel[axis], conv.stride[axis], conv.padding[axis], size[axis]) for axis in range(2))
+    kh, kw = conv.kernel
+    # A copy, so that the uncropped kernel (possibly huge) is freed with ``conv``.
+    weight = conv.weight[:, :, lead_h:kh - trail_h, lead_w:kw - trail_w].clone()
+    return AffineConv(weight, conv.bias, conv.stride, (conv.padding[0] - lead_h, conv.padding[1] - lead_w),
+                      conv.groups)
 
 
 def add_identity(conv: AffineConv) -> AffineConv:

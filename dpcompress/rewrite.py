@@ -5,6 +5,9 @@ activations and applies each block's padding once, at the block's input (the
 network to fine-tune). The merged network replaces each block by one convolution
 computed from the reference network's weights; the two agree to float precision.
 Everything outside the trunk (pooling, squeeze-excitation, the head) is kept as is.
+
+Merged kernels are cropped to the taps that can meet the block's input at the traced
+input size, so the merged network is exact at that size (its convs are fixed for it).
 """
 
 from __future__ import annotations
@@ -30,11 +33,14 @@ class ReorderedBlock(nn.Module):
 
     Identity residuals inside the block add their shortcut cropped by the padding
     of the convs they skip, so that the tensors line up as in the merged conv.
+    ``in_size`` is the (H, W) of its input, which the merged conv is cropped to.
     """
 
     def __init__(self, convs: Sequence[nn.Conv2d], norms: Sequence[Optional[nn.BatchNorm2d]],
-                 conv_paddings: Sequence[Tuple[int, int]], residuals: Sequence[Tuple[int, int]]):
+                 conv_paddings: Sequence[Tuple[int, int]], residuals: Sequence[Tuple[int, int]],
+                 in_size: Tuple[int, int]):
         super().__init__()
+        self.in_size = in_size
         self.convs = nn.ModuleList(convs)
         self.norms = nn.ModuleList([n if n is not None else nn.Identity() for n in norms])
         self.conv_paddings = [tuple(p) for p in conv_paddings]  # the convs' own paddings, for merging
@@ -76,7 +82,7 @@ class ReorderedBlock(nn.Module):
             combined = merge.add_identity(merge.compose_all([p[2] for p in inside]))
             first = pieces.index(inside[0])
             pieces[first:first + len(inside)] = [(start, end, combined)]
-        result = merge.compose_all([p[2] for p in pieces])
+        result = merge.crop_to_input(merge.compose_all([p[2] for p in pieces]), self.in_size)
         conv = merge.to_conv2d(result)
         return conv.to(dtype=self.convs[0].weight.dtype, device=self.convs[0].weight.device)
 
@@ -107,7 +113,8 @@ def reference_model(traced: TracedModel, plan: Plan) -> fx.GraphModule:
         convs = [copy.deepcopy(holder.get_submodule(u.name)) for u in units]
         norms = [copy.deepcopy(holder.get_submodule(u.batchnorm)) if u.batchnorm else None for u in units]
         residuals = [(r.start - start, r.end - start) for r in chain.residuals_inside(start, end)]
-        return ReorderedBlock(convs, norms, [u.padding for u in units], residuals)
+        return ReorderedBlock(convs, norms, [u.padding for u in units], residuals,
+                              in_size=(units[0].in_shape[2], units[0].in_shape[3]))
 
     return rewrite_blocks(traced, plan, holder, make_block)
 

@@ -14,9 +14,11 @@ from hypothesis import strategies as st
 
 from dpcompress import merge
 from dpcompress.chain import Chain, ConvUnit, Residual
-from dpcompress.geometry import block_geometry, compose_connectivity, connectivity, largest_exact_groups
+from dpcompress.geometry import (block_geometry, compose_connectivity, connectivity, crop_taps,
+                                 largest_exact_groups)
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FEWER = settings(SETTINGS, max_examples=50)  # for properties that other tests already exercise in part
 
 
 @dataclass
@@ -278,11 +280,12 @@ def _unit(position: int, spec: Spec, in_hw: Tuple[int, int], linked: bool) -> Tu
 
 
 @SETTINGS
-@given(chain=residual_chains())
-def test_matches_block_geometry(chain) -> None:
+@given(chain=residual_chains(), extra=st.tuples(st.integers(0, 3), st.integers(0, 3)))
+def test_matches_block_geometry(chain, extra: Tuple[int, int]) -> None:
     pre, body, post = chain
     specs = pre + body + post
-    hw = (min_input(specs, 0) + 3, min_input(specs, 1) + 3)
+    in_hw = (min_input(specs, 0) + extra[0], min_input(specs, 1) + extra[1])
+    hw = in_hw
     units = []
     for position, spec in enumerate(specs, start=1):
         unit, hw = _unit(position, spec, hw, linked=position > 1)
@@ -291,12 +294,53 @@ def test_matches_block_geometry(chain) -> None:
     geometry = block_geometry(Chain(model=None, input_shape=units[0].in_shape, units=units, residuals=[residual]),
                               0, len(specs))
     body_merged = merge.add_identity(merge.compose_all([s.affine() for s in body]))
-    merged = merge.compose_all([s.affine() for s in pre] + [body_merged] + [s.affine() for s in post])
+    composed = merge.compose_all([s.affine() for s in pre] + [body_merged] + [s.affine() for s in post])
+    assert composed.kernel == geometry.composed_kernel
+    merged = merge.crop_to_input(composed, in_hw)  # small inputs: often cropped
     assert merged.kernel == geometry.kernel
     assert merged.stride == geometry.stride
     assert merged.padding == geometry.padding
     assert merged.groups == geometry.groups
     assert (merged.in_channels, merged.out_channels) == (geometry.in_channels, geometry.out_channels)
+
+
+@SETTINGS
+@given(data=st.data(), seed=st.integers(0, 1000))
+def test_crop_to_input_keeps_the_output(data: st.DataObject, seed: int) -> None:
+    spec = data.draw(conv_specs(data.draw(st.sampled_from([1, 2, 4]))))
+    spec.padding = (data.draw(st.integers(0, 6)), data.draw(st.integers(0, 6)))
+    size = tuple(max(1, spec.extent(a) - 2 * spec.padding[a]) + data.draw(st.integers(0, 4)) for a in range(2))
+    conv = spec.affine()
+    x = random_input(conv.in_channels, size[0], size[1], seed)
+    cropped = merge.crop_to_input(conv, size)
+    torch.testing.assert_close(merge.apply(cropped, x), merge.apply(conv, x), rtol=1e-10, atol=1e-10)
+    for axis in range(2):
+        lead, trail = crop_taps(conv.kernel[axis], conv.stride[axis], conv.padding[axis], size[axis])
+        assert cropped.kernel[axis] == conv.kernel[axis] - lead - trail
+        assert cropped.padding[axis] == conv.padding[axis] - lead
+
+
+@FEWER
+@given(specs=conv_chains(), extra=st.tuples(st.integers(0, 2), st.integers(0, 2)), seed=st.integers(0, 1000))
+def test_cropped_composition_equals_sequence(specs: List[Spec], extra: Tuple[int, int], seed: int) -> None:
+    height, width = min_input(specs, 0) + extra[0], min_input(specs, 1) + extra[1]
+    x = random_input(specs[0].in_channels, height, width, seed)
+    composed = merge.compose_all([s.affine() for s in specs])
+    merged = merge.crop_to_input(composed, (height, width))
+    torch.testing.assert_close(merge.apply(merged, x), run_sequence(specs, x), rtol=1e-10, atol=1e-10)
+
+
+def test_cropping_a_kernel_larger_than_its_input() -> None:
+    # Four 3x3 convs of stride 2 compose to a 31x31 kernel; on a 5x6 input it needs far fewer taps.
+    generator = torch.Generator().manual_seed(7)
+    specs = [Spec(torch.randn(3, 3, 3, 3, generator=generator, dtype=torch.float64),
+                  torch.randn(3, generator=generator, dtype=torch.float64), (2, 2), (1, 1), (1, 1), 1)
+             for _ in range(4)]
+    composed = merge.compose_all([s.affine() for s in specs])
+    merged = merge.crop_to_input(composed, (5, 6))
+    assert composed.kernel == (31, 31) and max(merged.kernel) <= 6
+    x = random_input(3, 5, 6, 8)
+    torch.testing.assert_close(merge.apply(merged, x), run_sequence(specs, x), rtol=1e-10, atol=1e-10)
 
 
 def test_add_identity_rejects_what_it_cannot_absorb() -> None:

@@ -4,6 +4,7 @@ import random
 
 import pytest
 import torch
+import torch.nn as nn
 
 from dpcompress.geometry import block_geometry, greedy_boundaries
 from dpcompress.plan import Plan
@@ -12,8 +13,8 @@ from tests.test_trace import MODELS, TinyResidual
 from dpcompress.calibrate import calibrate_batchnorm, randomize_batchnorm_affine
 from dpcompress.trace import trace_model
 
-# Weights per merged block in these tests: keeps them fast; merging itself is unlimited.
-# VGG11's smallest mergeable pair (128->256->256, 5x5) needs the larger cap.
+# Weights per composed (uncropped) block in these tests: keeps them fast; merging itself is
+# unlimited. VGG11's smallest mergeable pair (128->256->256, 5x5) needs the larger cap.
 MAX_WEIGHTS = 400_000
 MAX_WEIGHTS_VGG = 2_000_000
 
@@ -21,7 +22,8 @@ MAX_WEIGHTS_VGG = 2_000_000
 def small_enough(chain, i, j):
     g = block_geometry(chain, i, j)
     cap = MAX_WEIGHTS_VGG if "vgg" in (chain.model or "") else MAX_WEIGHTS
-    return j == i + 1 or g.out_channels * g.in_channels // g.groups * g.kernel[0] * g.kernel[1] <= cap
+    kh, kw = g.composed_kernel
+    return j == i + 1 or g.out_channels * g.in_channels // g.groups * kh * kw <= cap
 
 
 def plan_all_removed(chain):
@@ -70,7 +72,16 @@ def assert_merged_matches(traced, plan, size=64):
     assert (got - expected).abs().max().item() <= 1e-7 * scale
     merged_convs = sum(isinstance(m, torch.nn.Conv2d) for m in merged.modules())
     assert not any(isinstance(m, ReorderedBlock) for m in merged.modules())
+    assert_geometry_matches(traced.chain, plan, merged)
     return merged_convs
+
+
+def assert_geometry_matches(chain, plan, merged):
+    """Each block's merged conv is the conv block_geometry predicts (what profiling times), cropped or not."""
+    for index, block in enumerate(plan.blocks):
+        conv, g = merged.get_submodule(f"dpc_block_{index}"), block_geometry(chain, *block)
+        assert (conv.kernel_size, conv.stride, conv.padding, conv.groups) == (g.kernel, g.stride, g.padding, g.groups)
+        assert (conv.in_channels, conv.out_channels) == (g.in_channels, g.out_channels)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -118,3 +129,46 @@ def test_removing_an_activation_changes_the_output():
     convs = [m for m in merged.modules() if isinstance(m, torch.nn.Conv2d)]
     assert len(convs) == 3 + 1  # stem, merged block, d, and the gate's conv
     assert chain.residuals and sorted(c.kernel_size for c in convs)[-1] == (3, 3)
+
+
+class Strided(nn.Module):
+    """Stride-2 convs around an identity residual: merged whole, a 31x31 kernel of stride 4."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8))
+        self.act = nn.ReLU()
+        self.down = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.wide = nn.Sequential(nn.Conv2d(16, 16, 5, padding=2), nn.BatchNorm2d(16), nn.ReLU())
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.act(x + self.b(self.a(x)))
+        return self.head(self.wide(self.down(x))).mean((2, 3))
+
+
+def traced_strided(size):
+    model = Strided()
+    randomize_batchnorm_affine(model)
+    calibrate_batchnorm(model, (4, 3, *size))
+    return trace_model(model, (1, 3, *size))
+
+
+@pytest.mark.parametrize("size", [(5, 5), (6, 9), (12, 7)])
+@pytest.mark.parametrize("activations, boundaries", [([], [0, 6]), ([3], [0, 3, 6])])
+def test_kernels_larger_than_the_input_are_cropped_exactly(size, activations, boundaries):
+    traced = traced_strided(size)
+    plan = Plan(activations=activations, boundaries=boundaries, num_positions=traced.chain.num_positions)
+    reference = reference_model(traced, plan).double().eval()
+    merged = merge_reference(reference)
+    x = torch.randn(2, 3, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), reference(x), rtol=1e-9, atol=1e-9)
+    assert_geometry_matches(traced.chain, plan, merged)
+    geometries = [block_geometry(traced.chain, *block) for block in plan.blocks]
+    assert any(g.kernel != g.composed_kernel for g in geometries)
+    assert max(geometries[-1].composed_kernel) > max(geometries[-1].in_shape[2:])  # it outgrew its input
+
