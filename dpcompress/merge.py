@@ -264,6 +264,37 @@ def compose_all(convs: Sequence[AffineConv], dtype: Optional[torch.dtype] = None
     return merged.to(out_dtype)
 
 
+@dataclass(frozen=True)
+class CompositionCost:
+    """What ``compose_all`` of some convs builds, known before building it."""
+
+    kernel: Tuple[int, int]  # of the composed conv, before any cropping
+    groups: int
+    bytes: int  # float64 weights held at the costliest step
+
+
+def composition_cost(convs: Sequence[AffineConv]) -> CompositionCost:
+    """The composed kernel, grouping and peak memory of ``compose_all(convs)``, from shapes alone.
+
+    Each step holds the kernel composed so far, its copy laid out in the step's grouping,
+    and the step's result, all in float64; the peak is the costliest step.
+    """
+    first = convs[0]
+    in_channels, out_channels = first.in_channels, first.out_channels
+    kernel, stride, groups = first.kernel, first.stride, first.groups
+    peak = 0
+    for conv in convs[1:]:
+        step_groups = largest_exact_groups(
+            composed_connectivity(in_channels, out_channels, conv.out_channels, groups, conv.groups))
+        step_kernel = (kernel[0] + stride[0] * (conv.kernel[0] - 1), kernel[1] + stride[1] * (conv.kernel[1] - 1))
+        held = out_channels * kernel[0] * kernel[1] * (in_channels // groups + in_channels // step_groups) \
+            + conv.out_channels * step_kernel[0] * step_kernel[1] * (in_channels // step_groups)
+        peak = max(peak, held)
+        out_channels, kernel, groups = conv.out_channels, step_kernel, step_groups
+        stride = (stride[0] * conv.stride[0], stride[1] * conv.stride[1])
+    return CompositionCost(kernel, groups, 8 * peak)
+
+
 def crop_to_input(conv: AffineConv, size: Tuple[int, int]) -> AffineConv:
     """``conv`` without the kernel taps that only ever multiply zero padding on an (H, W) = ``size`` input.
 

@@ -8,11 +8,14 @@ Everything outside the trunk (pooling, squeeze-excitation, the head) is kept as 
 
 Merged kernels are cropped to the taps that can meet the block's input at the traced
 input size, so the merged network is exact at that size (its convs are fixed for it).
+Composing a block is refused, as a UserError, when it would take more than
+``DPCOMPRESS_MAX_MERGE_BYTES`` bytes (default 4 GiB).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -22,10 +25,38 @@ import torch.nn.functional as F
 
 from dpcompress import merge
 from dpcompress.chain import Chain
+from dpcompress.errors import UserError
 from dpcompress.plan import Plan, check_plan_against_chain
 from dpcompress.trace import TracedModel
 
 BLOCK_PREFIX = "dpc_block_"
+MAX_MERGE_BYTES_ENV = "DPCOMPRESS_MAX_MERGE_BYTES"
+DEFAULT_MAX_MERGE_BYTES = 4 * 2**30
+
+
+def max_merge_bytes() -> int:
+    """The most memory composing one block may take: ``$DPCOMPRESS_MAX_MERGE_BYTES`` or 4 GiB."""
+    value = os.environ.get(MAX_MERGE_BYTES_ENV)
+    if value is None:
+        return DEFAULT_MAX_MERGE_BYTES
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise UserError(f"{MAX_MERGE_BYTES_ENV}={value!r} must be a positive number of bytes")
+    return limit
+
+
+def _size_text(n_bytes: int) -> str:
+    if n_bytes < 1024:
+        return f"{n_bytes} bytes"
+    size = n_bytes / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
 
 
 class ReorderedBlock(nn.Module):
@@ -33,13 +64,15 @@ class ReorderedBlock(nn.Module):
 
     Identity residuals inside the block add their shortcut cropped by the padding
     of the convs they skip, so that the tensors line up as in the merged conv.
-    ``in_size`` is the (H, W) of its input, which the merged conv is cropped to.
+    ``block`` is its (start, end) in the chain and ``in_size`` the (H, W) of its input,
+    which the merged conv is cropped to.
     """
 
     def __init__(self, convs: Sequence[nn.Conv2d], norms: Sequence[Optional[nn.BatchNorm2d]],
                  conv_paddings: Sequence[Tuple[int, int]], residuals: Sequence[Tuple[int, int]],
-                 in_size: Tuple[int, int]):
+                 block: Tuple[int, int], in_size: Tuple[int, int]):
         super().__init__()
+        self.block = block
         self.in_size = in_size
         self.convs = nn.ModuleList(convs)
         self.norms = nn.ModuleList([n if n is not None else nn.Identity() for n in norms])
@@ -76,6 +109,7 @@ class ReorderedBlock(nn.Module):
             affine = merge.AffineConv.from_conv(weight, bias, tuple(conv.stride), padding,
                                                 tuple(conv.dilation), conv.groups)
             pieces.append((position - 1, position, affine))
+        self._check_cost([p[2] for p in pieces])
         # Innermost residuals first, so nested shortcuts compose correctly.
         for start, end in sorted(self.residuals, key=lambda r: r[1] - r[0]):
             inside = [p for p in pieces if start <= p[0] and p[1] <= end]
@@ -85,6 +119,17 @@ class ReorderedBlock(nn.Module):
         result = merge.crop_to_input(merge.compose_all([p[2] for p in pieces]), self.in_size)
         conv = merge.to_conv2d(result)
         return conv.to(dtype=self.convs[0].weight.dtype, device=self.convs[0].weight.device)
+
+    def _check_cost(self, convs: Sequence[merge.AffineConv]) -> None:
+        """UserError, before any work, when composing ``convs`` would take more memory than allowed."""
+        cost = merge.composition_cost(convs)
+        limit = max_merge_bytes()
+        if cost.bytes > limit:
+            raise UserError(
+                f"block {self.block} merges into a {convs[0].in_channels}->{convs[-1].out_channels} conv with a "
+                f"{cost.kernel[0]}x{cost.kernel[1]} kernel (groups {cost.groups}); composing it needs about "
+                f"{_size_text(cost.bytes)}, over the {_size_text(limit)} limit ({MAX_MERGE_BYTES_ENV}); "
+                "use a plan with shorter blocks there, or raise the limit")
 
 
 def _sum_padding(paddings: Sequence[Tuple[int, int]]) -> Tuple[int, int]:
@@ -114,7 +159,7 @@ def reference_model(traced: TracedModel, plan: Plan) -> fx.GraphModule:
         norms = [copy.deepcopy(holder.get_submodule(u.batchnorm)) if u.batchnorm else None for u in units]
         residuals = [(r.start - start, r.end - start) for r in chain.residuals_inside(start, end)]
         return ReorderedBlock(convs, norms, [u.padding for u in units], residuals,
-                              in_size=(units[0].in_shape[2], units[0].in_shape[3]))
+                              block=(start, end), in_size=(units[0].in_shape[2], units[0].in_shape[3]))
 
     return rewrite_blocks(traced, plan, holder, make_block)
 

@@ -25,6 +25,14 @@ def run_cli(*args, cwd):
                           timeout=300)
 
 
+def error_line(result):
+    """The one line a user error prints: exit status 2, no traceback."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
 @pytest.fixture
 def workdir(tmp_path):
     (tmp_path / "nets.py").write_text(MODEL_FILE)
@@ -66,8 +74,15 @@ def test_export_torch_loads_without_dpcompress(workdir):
 ])
 def test_bad_inputs_one_line_exit_2_nothing_written(workdir, args, message):
     (workdir / "broken.json").write_text('{"activations": [1, 2,')
-    result = run_cli(*args, cwd=workdir)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+    assert message in error_line(run_cli(*args, cwd=workdir))
     assert not list(workdir.glob("x.*"))
+
+
+def test_export_of_a_block_over_the_merge_memory_limit_writes_nothing(workdir, monkeypatch):
+    monkeypatch.setenv("DPCOMPRESS_MAX_MERGE_BYTES", "1000")  # the subprocess inherits it
+    result = run_cli("export", "--model", "nets.py:small", "--input-shape", "1,3,16,16", "--plan", "plan.json",
+                     "--format", "onnx", "--out", "x.onnx", cwd=workdir)
+    line = error_line(result)
+    assert "block (0, 3)" in line and "5x5 kernel" in line and "DPCOMPRESS_MAX_MERGE_BYTES" in line
+    assert not list(workdir.glob("x.*"))
+

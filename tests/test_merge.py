@@ -343,6 +343,17 @@ def test_cropping_a_kernel_larger_than_its_input() -> None:
     torch.testing.assert_close(merge.apply(merged, x), run_sequence(specs, x), rtol=1e-10, atol=1e-10)
 
 
+@FEWER
+@given(specs=conv_chains(min_len=1))
+def test_composition_cost_predicts_compose_all(specs: List[Spec]) -> None:
+    convs = [s.affine() for s in specs]
+    cost = merge.composition_cost(convs)
+    merged = merge.compose_all(convs)
+    assert (cost.kernel, cost.groups) == (merged.kernel, merged.groups)
+    # The last step holds at least the result; a single conv composes nothing.
+    assert cost.bytes >= 8 * merged.weight.numel() if len(convs) > 1 else cost.bytes == 0
+
+
 def test_add_identity_rejects_what_it_cannot_absorb() -> None:
     weight = torch.randn(4, 4, 3, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="stride 1"):

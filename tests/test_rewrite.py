@@ -6,15 +6,17 @@ import pytest
 import torch
 import torch.nn as nn
 
+from dpcompress.errors import UserError
 from dpcompress.geometry import block_geometry, greedy_boundaries
 from dpcompress.plan import Plan
-from dpcompress.rewrite import ReorderedBlock, merge_reference, reference_model
+from dpcompress.rewrite import ReorderedBlock, max_merge_bytes, merge_reference, merged_model, reference_model
 from tests.test_trace import MODELS, TinyResidual
 from dpcompress.calibrate import calibrate_batchnorm, randomize_batchnorm_affine
 from dpcompress.trace import trace_model
 
 # Weights per composed (uncropped) block in these tests: keeps them fast; merging itself is
-# unlimited. VGG11's smallest mergeable pair (128->256->256, 5x5) needs the larger cap.
+# limited only by DPCOMPRESS_MAX_MERGE_BYTES. VGG11's smallest mergeable pair (128->256->256,
+# 5x5) needs the larger cap.
 MAX_WEIGHTS = 400_000
 MAX_WEIGHTS_VGG = 2_000_000
 
@@ -172,3 +174,22 @@ def test_kernels_larger_than_the_input_are_cropped_exactly(size, activations, bo
     assert any(g.kernel != g.composed_kernel for g in geometries)
     assert max(geometries[-1].composed_kernel) > max(geometries[-1].in_shape[2:])  # it outgrew its input
 
+
+def test_a_block_over_the_merge_memory_limit_is_a_user_error(monkeypatch):
+    traced = traced_strided((6, 9))
+    plan = Plan(activations=[], boundaries=[0, 6], num_positions=traced.chain.num_positions)
+    monkeypatch.setenv("DPCOMPRESS_MAX_MERGE_BYTES", "10000")
+    with pytest.raises(UserError) as raised:
+        merged_model(traced, plan)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert all(part in message for part in ("block (0, 6)", "3->4", "31x31", "DPCOMPRESS_MAX_MERGE_BYTES"))
+    monkeypatch.setenv("DPCOMPRESS_MAX_MERGE_BYTES", str(10**9))
+    merged_model(traced, plan)
+
+
+@pytest.mark.parametrize("value", ["lots", "0", "-5"])
+def test_merge_memory_limit_must_be_a_positive_number(monkeypatch, value):
+    monkeypatch.setenv("DPCOMPRESS_MAX_MERGE_BYTES", value)
+    with pytest.raises(UserError, match="DPCOMPRESS_MAX_MERGE_BYTES"):
+        max_merge_bytes()
