@@ -5,7 +5,10 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import pickle
+import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -101,23 +104,51 @@ def build_model(spec: str, weights: Optional[str] = None) -> Any:
     return model.eval()
 
 
+SAVE_HINT = "save one with torch.save(model.state_dict(), PATH)"
+
+
 def load_weights(model: Any, path: str) -> None:
-    """Load a state_dict (or a checkpoint dict holding one under 'state_dict'/'model') into ``model``."""
+    """Load a state_dict (or a checkpoint dict holding one under 'state_dict'/'model') into ``model``.
+
+    Anything else ends in one line naming what the file holds: torch's own messages for a
+    foreign file run over several lines and suggest unsafe loading.
+    """
     import torch
 
     if not Path(path).is_file():
         raise UserError(f"weights file {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"cannot read weights {path}: {type(err).__name__}: {err}") from err
-    if isinstance(state, dict) and not any(hasattr(v, "shape") for v in state.values()):
-        for key in ("state_dict", "model"):
-            if isinstance(state.get(key), dict):
-                state = state[key]
-                break
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about the pickle protocol of files it did not write
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged or foreign file
+        raise UserError(f"weights file {path} cannot be read as a state_dict ({_load_failure(err)}); "
+                        f"{SAVE_HINT}") from err
+    state = _state_dict_in(loaded)
+    if state is None:
+        held = "a dict with no tensors" if isinstance(loaded, dict) else f"a {type(loaded).__name__}"
+        raise UserError(f"weights file {path} holds {held}, not a state_dict; {SAVE_HINT}")
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError) as err:
         first = str(err).strip().splitlines()[0]
         raise UserError(f"weights {path} do not fit the model: {first}") from err
+
+
+def _state_dict_in(loaded: Any) -> Optional[Dict[str, Any]]:
+    """``loaded`` if it is a dict of tensors, else a dict of tensors under its 'state_dict' or 'model' key."""
+    candidates = [loaded]
+    if isinstance(loaded, dict):
+        candidates += [loaded.get("state_dict"), loaded.get("model")]
+    for candidate in candidates:
+        if isinstance(candidate, dict) and any(hasattr(v, "shape") for v in candidate.values()):
+            return candidate
+    return None
+
+
+def _load_failure(err: Exception) -> str:
+    """One line for why ``torch.load(weights_only=True)`` failed."""
+    if isinstance(err, pickle.UnpicklingError):
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        return f"it pickles {found.group(1)}" if found else "it pickles Python objects, not only tensors"
+    return f"not a file written by torch.save: {type(err).__name__}"

@@ -86,3 +86,22 @@ def test_export_of_a_block_over_the_merge_memory_limit_writes_nothing(workdir, m
     assert "block (0, 3)" in line and "5x5 kernel" in line and "DPCOMPRESS_MAX_MERGE_BYTES" in line
     assert not list(workdir.glob("x.*"))
 
+
+@pytest.mark.parametrize("kind, message", [
+    ("text", "not a file written by torch.save"),
+    ("list", "holds a list, not a state_dict"),
+    ("module", "it pickles torch.nn.modules.conv.Conv2d"),
+    ("no tensors", "holds a dict with no tensors"),
+])
+def test_weights_that_are_not_a_state_dict_one_line(workdir, kind, message):
+    import torch
+
+    path = workdir / "weights.pt"
+    if kind == "text":
+        path.write_text("these are not weights\n")
+    else:
+        torch.save({"list": [1, 2, 3], "module": torch.nn.Conv2d(3, 8, 3), "no tensors": {"epoch": 3}}[kind], path)
+    result = run_cli("trace", "--model", "nets.py:small", "--input-shape", "1,3,16,16", "--weights", "weights.pt",
+                     cwd=workdir)
+    line = error_line(result)
+    assert message in line and "state_dict()" in line
