@@ -244,7 +244,7 @@ def _print_progress(p: Any) -> None:
 @click.option("--timing", type=click.Choice(["in-network", "standalone"]), default=None,
               help="in-network: blocks timed inside whole networks by the runtime's node profiler (what the "
                    "network pays); standalone: each block as its own model.  [default: in-network where the "
-                   "backend can (onnxruntime), else standalone]")
+                   "backend can (onnxruntime, openvino), else standalone]")
 def profile(model_spec: str, weights: Optional[str], input_shape: str, backend_name: Optional[str], gpu: bool,
             device: str, precision: str, threads: Optional[int], cuda_graphs: bool, channels_last: bool,
             warmup: int, batch_size: Optional[int], iters: int, out: str, overwrite: bool, prune_margin: float,

@@ -30,8 +30,8 @@ overhead subtracted; predictions from such tables run ahead of measurements for 
 merges (benchmarks/RESULTS.md).
 
 Dominated blocks are not timed (``timed`` = 0, ``std_ms`` = nan). Merging a long
-stretch gives huge kernels (mobilenet_v2 has merged convs of 299x299) that take
-seconds to build and to run, and that the DP can never choose: stage 1 always has
+stretch gives huge kernels (mobilenet_v2 composes kernels up to 491x491 before they are
+cropped to the taps that meet the input) that take seconds to build and to run, and that the DP can never choose: stage 1 always has
 the split into single convs, so a block slower than the sum of its single convs
 never wins. Single convs are timed first, then blocks by growing FLOPs; a block
 whose FLOPs at ``prune_margin`` times the fastest rate (FLOP/ms) seen so far would
