@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test tables clean
+.PHONY: install demo test tables tables-openvino clean
 
 install: $(STAMP)
 
@@ -26,12 +26,18 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# Rebuild the shipped CPU latency tables (ONNX Runtime, 224x224, batch 1); a few minutes each.
+# Rebuild the shipped CPU latency tables (ONNX Runtime and OpenVINO, 224x224, batch 1, timed in-network);
+# about a minute each (vgg19_bn several). Make them on a quiet machine.
 tables: install
 	$(BIN)/dpcompress profile --model torchvision:mobilenet_v2 --backend onnxruntime --overwrite --out latency_tables/cpu_onnxruntime/mobilenet_v2.csv
 	$(BIN)/dpcompress profile --model 'torchvision:mobilenet_v2?width_mult=1.4' --backend onnxruntime --overwrite --out latency_tables/cpu_onnxruntime/mobilenet_v2_w1.4.csv
 	$(BIN)/dpcompress profile --model torchvision:vgg19_bn --backend onnxruntime --overwrite --out latency_tables/cpu_onnxruntime/vgg19_bn.csv
 	$(BIN)/dpcompress profile --model torchvision:resnet18 --backend onnxruntime --overwrite --out latency_tables/cpu_onnxruntime/resnet18.csv
+	$(MAKE) tables-openvino
+
+tables-openvino: install
+	$(BIN)/dpcompress profile --model torchvision:mobilenet_v2 --backend openvino --overwrite --out latency_tables/cpu_openvino/mobilenet_v2.csv
+	$(BIN)/dpcompress profile --model 'torchvision:mobilenet_v2?width_mult=1.4' --backend openvino --overwrite --out latency_tables/cpu_openvino/mobilenet_v2_w1.4.csv
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -23,10 +23,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from dpcompress.backends import Backend
     from dpcompress.trace import TracedModel
 
-# A candidate is within the budget when measured at most this much above it: the noise of
-# one bench on a shared CPU (benchmarks/RESULTS.md).
-NOISE_ALLOWANCE = 0.02
-# Plans predicted up to this much above the budget are candidates too.
+# Plans predicted up to this much above the budget are candidates too (the table can be
+# pessimistic); like every candidate they must be measured within the budget itself.
 PREDICTED_OVER = 0.05
 
 
@@ -64,7 +62,7 @@ class LoopResult:
 
     def to_json(self) -> Dict[str, Any]:
         return {"kept_original": self.kept_original, "budget_ratio": self.budget_ratio,
-                "noise_allowance": NOISE_ALLOWANCE, "reason": self.reason,
+                "reason": self.reason,
                 "candidates": [c.to_json() for c in self.candidates]}
 
 
@@ -113,7 +111,8 @@ def measure_candidates(backend: "Backend", traced: "TracedModel", frontier: Sequ
         candidate.measured_ms = bench.compressed.median_ms
         candidate.measured_original_ms = bench.original.median_ms
         candidate.budget_ms = ratio * bench.original.median_ms
-        candidate.within_budget = candidate.measured_ms <= candidate.budget_ms * (1 + NOISE_ALLOWANCE)
+        # No allowance for noise here: a candidate that only just passes would fail the next bench as often.
+        candidate.within_budget = candidate.measured_ms <= candidate.budget_ms
         candidate.faster = candidate.measured_ms < candidate.measured_original_ms
         candidates.append(candidate)
         say(f"  candidate {index}/{len(plans)}: {len(plan.activations)} activations, {len(plan.blocks)} blocks, "
@@ -130,6 +129,8 @@ def measure_candidates(backend: "Backend", traced: "TracedModel", frontier: Sequ
                   f"the most important candidate measured within the budget; {candidates.index(best)} more "
                   "important one(s) measured over it or no faster than the original")
         return LoopResult(replace(best.plan, budget_ms=budget_ms), False, ratio, candidates, reason)
-    reason = ("no candidate was measured within the budget and faster than the original; "
-              "kept the original network")
+    fastest = min(candidates, key=lambda c: c.measured_ms / c.measured_original_ms)
+    reason = ("no candidate was measured within the budget and faster than the original; kept the original "
+              f"network (the fastest candidate measured {fastest.measured_ms / fastest.measured_original_ms:.3f} "
+              f"of the original, {fastest.measured_speedup:.2f}x: a budget ratio above that can be met)")
     return LoopResult(original_plan(traced, plans[0], budget_ms), True, ratio, candidates, reason)

@@ -211,7 +211,7 @@ def report_markdown(report: Dict[str, Any]) -> str:
     loop = report.get("closed_loop")
     if loop:
         lines += ["", f"Closed loop: the budget is {loop['budget_ratio']:.1%} of the original's measured latency "
-                  f"({100 * loop['noise_allowance']:.0f}% allowance for noise); {loop['reason']}.", "",
+                  f"in the same bench; {loop['reason']}.", "",
                   "| candidate | kept activations | blocks | importance | predicted ms | measured ms | "
                   "measured budget ms | measured speed-up | verdict |", "|---|---|---|---|---|---|---|---|---|"]
         for index, c in enumerate(loop["candidates"], start=1):

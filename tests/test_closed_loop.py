@@ -13,7 +13,7 @@ from torch import nn
 
 from dpcompress import zoo
 from dpcompress.backends import Backend, Runner
-from dpcompress.closed_loop import NOISE_ALLOWANCE, candidate_plans, measure_candidates
+from dpcompress.closed_loop import candidate_plans, measure_candidates
 from dpcompress.geometry import block_geometry
 from dpcompress.network_timing import geometry_conv
 from dpcompress.rewrite import merged_model
@@ -114,7 +114,7 @@ def test_loop_keeps_the_most_important_plan_measured_within_the_budget(exact_tab
     # The cost backend measures exactly what the table predicts: the solver's plan is the answer.
     assert result.plan.activations == plan.activations and result.plan.boundaries == plan.boundaries
     assert chosen[0].measured_ms == pytest.approx(conv_cost(merged_model(traced, result.plan), SHAPE, lambda c: 1.0))
-    assert chosen[0].measured_ms <= chosen[0].budget_ms * (1 + NOISE_ALLOWANCE)
+    assert chosen[0].measured_ms <= chosen[0].budget_ms
     for candidate in result.candidates:
         assert candidate.measured_ms == pytest.approx(candidate.predicted_ms, rel=1e-6)
         record = candidate.to_json()
@@ -144,7 +144,7 @@ def test_loop_keeps_the_original_when_no_plan_is_measured_within_the_budget(exac
     # Every merged conv (dense, kernel > 1) is measured 50x slower than the table says.
     backend = CostBackend(lambda conv: 50.0 if conv.groups == 1 and conv.kernel_size[0] > 1 else 1.0)
     result = measure_candidates(backend, traced, frontier, budget, input_shape=SHAPE, count=3)
-    assert result.kept_original and "kept the original" in result.reason
+    assert result.kept_original and "kept the original" in result.reason and "can be met" in result.reason
     assert not any(c.chosen for c in result.candidates) and len(result.candidates) == 3
     L = traced.chain.num_positions
     assert result.plan.boundaries == list(range(L + 1))
