@@ -79,7 +79,8 @@ class OnnxRuntimeBackend(Backend):
         options.log_severity_level = 3  # errors only
         return options
 
-    def prepare(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str = "fp32") -> Runner:
+    def _exported(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str) -> Tuple[bytes, dict]:
+        """``module`` as ONNX bytes at ``precision``, and a random input feed for it."""
         import numpy as np
         import torch
 
@@ -88,9 +89,11 @@ class OnnxRuntimeBackend(Backend):
         example = torch.randn(*input_shape)
         if precision == "fp16":
             module, example = module.half(), example.half()
-        model_bytes = export_onnx_bytes(module, example)
+        return export_onnx_bytes(module, example), {"x": np.ascontiguousarray(example.numpy())}
+
+    def prepare(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str = "fp32") -> Runner:
+        model_bytes, feed = self._exported(module, input_shape, precision)
         session = self._ort.InferenceSession(model_bytes, self.session_options(), providers=self._providers)
-        feed = {"x": np.ascontiguousarray(example.numpy())}
         return _OnnxRuntimeRunner(session, feed)
 
     @property
@@ -99,23 +102,16 @@ class OnnxRuntimeBackend(Backend):
 
     def prepare_network_profile(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str,
                                 parts: Sequence[str]) -> NetworkProfile:
-        import numpy as np
         import onnx
-        import torch
 
-        check_precision(precision, self.device)
-        module = module.eval()
-        example = torch.randn(*input_shape)
-        if precision == "fp16":
-            module, example = module.half(), example.half()
-        model_bytes = export_onnx_bytes(module, example)
+        model_bytes, feed = self._exported(module, input_shape, precision)
         owners = part_owners(onnx.load_from_string(model_bytes).graph, parts)
         folder = tempfile.mkdtemp(prefix="dpcompress_ort_profile_")
         options = self.session_options()
         options.enable_profiling = True
         options.profile_file_prefix = os.path.join(folder, "profile")
         session = self._ort.InferenceSession(model_bytes, options, providers=self._providers)
-        return _OnnxRuntimeNetworkProfile(session, {"x": np.ascontiguousarray(example.numpy())}, owners, folder)
+        return _OnnxRuntimeNetworkProfile(session, feed, owners, folder)
 
     def call_overhead_ms(self, input_shape: Sequence[int], precision: str, warmup: int, iters: int) -> float:
         """Median of ``session.run`` on a graph that only passes its input through, at ``input_shape``.
