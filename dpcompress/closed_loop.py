@@ -14,7 +14,7 @@ original network is kept (the plan that merges nothing) and the result says so.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Sequence
 
 from dpcompress.errors import UserError
 from dpcompress.plan import Plan
