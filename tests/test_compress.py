@@ -13,8 +13,10 @@ from tests.digits_helpers import INPUT_SHAPE, TINY_SPEC, trained_tiny
 def test_compress_with_data_produces_verified_export_and_report(tmp_path):
     weights = tmp_path / "tiny.pt"
     torch.save(trained_tiny().state_dict(), weights)
-    settings = CompressSettings(budget_ratio=0.8, importance="proxy", warmup=2, iters=5, epochs=1, threads=1,
-                                tables_dir=str(tmp_path / "no_tables"))
+    # The closed loop is off here (its choice depends on timing noise; tests/test_closed_loop.py covers it),
+    # and the budget is one the tiny model's in-network table can always meet (its smallest is ~0.8).
+    settings = CompressSettings(budget_ratio=0.9, importance="proxy", warmup=2, iters=5, epochs=1, threads=1,
+                                tables_dir=str(tmp_path / "no_tables"), measure=False)
     report = compress(TINY_SPEC, str(weights), INPUT_SHAPE, str(tmp_path / "out"), settings, data_spec="digits",
                       say=lambda line: None)
     out = tmp_path / "out"
@@ -22,13 +24,8 @@ def test_compress_with_data_produces_verified_export_and_report(tmp_path):
                  "frontier.png", "finetuned.pt", "compressed.onnx", "report.json", "report.md"]:
         assert (out / name).is_file(), name
     assert report["export"]["verification"]["passed"]
-    assert report["predicted_latency_ms"] <= report["budget_ms"] or report["kept_original"]
-    # The closed loop benched its candidates and says which one it kept and why.
-    loop = report["closed_loop"]
-    assert loop["candidates"] and sum(c["chosen"] for c in loop["candidates"]) == (0 if report["kept_original"] else 1)
-    assert report["plan"]["boundaries"] == next(
-        (c["boundaries"] for c in loop["candidates"] if c["chosen"]), list(range(report["plan"]["num_positions"] + 1)))
-    assert "Closed loop" in (out / "report.md").read_text()
+    assert report["predicted_latency_ms"] <= report["budget_ms"]
+    assert report["closed_loop"] is None and "Closed loop: off" in (out / "report.md").read_text()
     assert {"test_before", "test_merged", "test_after"} <= set(report["accuracy"])
     # The merged export is the fine-tuned network: its accuracy is the fine-tuned one.
     assert abs(report["accuracy"]["test_merged"] - report["accuracy"]["test_after"]) < 0.01
@@ -51,12 +48,18 @@ def test_compress_cli_without_data_says_accuracy_not_measured(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "dpcompress.cli", "compress", "--model", TINY_SPEC, "--input-shape", "1,3,16,16",
          "--importance", "uniform", "--threads", "1", "--out-dir", str(tmp_path / "out"),
-         "--tables-dir", str(tmp_path), "--no-measure"],
+         "--tables-dir", str(tmp_path), "--budget-ratio", "1.0"],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "accuracy: not measured" in result.stdout and "measured speed-up:" in result.stdout
     assert "not measured" in (tmp_path / "out" / "report.md").read_text()
-    assert "Closed loop: off" in (tmp_path / "out" / "report.md").read_text()
+    # The closed loop benched its candidates and says which one it kept (or that it kept the original) and why.
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    loop = report["closed_loop"]
+    assert loop["candidates"] and sum(c["chosen"] for c in loop["candidates"]) == (0 if report["kept_original"] else 1)
+    assert report["plan"]["boundaries"] == next(
+        (c["boundaries"] for c in loop["candidates"] if c["chosen"]), list(range(report["plan"]["num_positions"] + 1)))
+    assert loop["reason"] in (tmp_path / "out" / "report.md").read_text()
     assert json.loads((tmp_path / "out" / "latency.meta.json").read_text())["threads"] == 1
 
 
