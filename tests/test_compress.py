@@ -6,21 +6,34 @@ import sys
 
 import torch
 
+from dpcompress.backends import get_backend
 from dpcompress.compress import CompressSettings, compress, find_table
+from dpcompress.profile import profile_table
+from dpcompress.solver import frontier
+from dpcompress.tables import read_latency_table
+from dpcompress.trace import trace_model
 from tests.digits_helpers import INPUT_SHAPE, TINY_SPEC, trained_tiny
 
 
 def test_compress_with_data_produces_verified_export_and_report(tmp_path):
     weights = tmp_path / "tiny.pt"
     torch.save(trained_tiny().state_dict(), weights)
-    # The closed loop is off here (its choice depends on timing noise; tests/test_closed_loop.py covers it),
-    # and the budget is one the tiny model's in-network table can always meet (its smallest is ~0.8).
-    settings = CompressSettings(budget_ratio=0.9, importance="proxy", warmup=2, iters=5, epochs=1, threads=1,
-                                tables_dir=str(tmp_path / "no_tables"), measure=False)
+    # The table is made first, so that the budget can lie between its smallest latency and the original's
+    # whatever the timings; compress finds and reuses it. The closed loop is off here (its choice depends on
+    # timing noise; tests/test_closed_loop.py covers it).
+    tables = tmp_path / "tables"
+    traced = trace_model(trained_tiny(), INPUT_SHAPE, spec=TINY_SPEC)
+    profile_table(traced.chain, get_backend("onnxruntime", threads=1), tables / "latency.csv", model_spec=TINY_SPEC,
+                  traced=traced, warmup=2, iters=5)
+    table = read_latency_table(tables / "latency.csv")
+    budget = (frontier(table, None, traced.chain.activation_positions)[0][0] + table.original_latency_ms()) / 2
+    settings = CompressSettings(budget_ms=budget, budget_ratio=None, importance="proxy", warmup=2, iters=5, epochs=1,
+                                threads=1, tables_dir=str(tables), measure=False)
     report = compress(TINY_SPEC, str(weights), INPUT_SHAPE, str(tmp_path / "out"), settings, data_spec="digits",
                       say=lambda line: None)
     out = tmp_path / "out"
-    for name in ["latency.csv", "latency.meta.json", "importance.csv", "plan.json", "frontier.csv",
+    assert report["latency_table"] == str(tables / "latency.csv")
+    for name in ["importance.csv", "plan.json", "frontier.csv",
                  "frontier.png", "finetuned.pt", "compressed.onnx", "report.json", "report.md"]:
         assert (out / name).is_file(), name
     assert report["export"]["verification"]["passed"]
@@ -32,7 +45,8 @@ def test_compress_with_data_produces_verified_export_and_report(tmp_path):
     assert json.loads((out / "report.json").read_text())["measured_speedup"] > 0
     assert "accuracy: " in (out / "report.md").read_text()
 
-    # The table just made is found again for the same chain, backend, precision and batch size.
+    # The table is found again for the same chain, backend, precision and batch size.
+    out = tables
     assert find_table(out, report["plan"]["chain_fingerprint"], "onnxruntime", "fp32", 1) == out / "latency.csv"
     assert find_table(out, report["plan"]["chain_fingerprint"], "onnxruntime", "fp16", 1) is None
     # ... and, where threads are asked for, only with the threads it was made with.
