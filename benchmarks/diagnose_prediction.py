@@ -26,7 +26,6 @@ import csv
 import json
 import os
 import statistics
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -41,6 +40,7 @@ from dpcompress.profile import block_input_shape, block_module
 from dpcompress.rewrite import merged_model
 from dpcompress.solver import resolve_budget, solve_for_model
 from dpcompress.tables import meta_path_for, read_latency_table
+from dpcompress.timing import time_runner
 from dpcompress.trace import trace_model
 
 CONV_OPS = {"Conv", "FusedConv"}
@@ -79,29 +79,11 @@ def profiled_session(backend, module: torch.nn.Module, input_shape: Sequence[int
     return session, {"x": example.numpy()}
 
 
-def wall_ms(session, feed, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        session.run(None, feed)
-    samples = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        session.run(None, feed)
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
-
-
-def round_robin_ms(sessions, feeds, warmup: int, iters: int) -> float:
+def round_robin_ms(runners, warmup: int, iters: int) -> float:
     """Median latency of one run when runs cycle through the copies (each finds the others' data in cache)."""
-    for _ in range(warmup):
-        for s, f in zip(sessions, feeds):
-            s.run(None, f)
-    samples = []
-    for i in range(iters * len(sessions)):
-        s, f = sessions[i % len(sessions)], feeds[i % len(sessions)]
-        t0 = time.perf_counter()
-        s.run(None, f)
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+    for runner in runners:
+        runner.time(warmup, 0)
+    return statistics.median(runners[i % len(runners)].time(0, 1)[0] for i in range(iters * len(runners)))
 
 
 def main() -> None:
@@ -145,8 +127,6 @@ def main() -> None:
                                  "this script maps them in order and needs a model whose only convs are trunk convs")
             for block, (_, t) in zip(blocks, convs):
                 in_network[block].append(t)
-            plain = profiled_session(backend, net, shape)  # a second session, not profiled, for wall time
-            plain[0].end_profiling()
             other = defaultdict(float)
             for _, op, t in nodes:
                 if op not in CONV_OPS:
@@ -154,7 +134,7 @@ def main() -> None:
             summary["networks"][name] = {
                 "blocks": len(blocks), "table_sum_ms": predicted,
                 "conv_nodes_ms": sum(t for _, t in convs), "other_nodes_ms": dict(other),
-                "wall_ms": wall_ms(*plain, 10, args.runs),
+                "wall_ms": time_runner(backend.prepare(net, shape), 10, args.runs).median_ms,
             }
             print(f"{name}: {len(blocks)} blocks, table {predicted:.3f} ms, in-network convs "
                   f"{summary['networks'][name]['conv_nodes_ms']:.3f} ms, other nodes {sum(other.values()):.3f} ms "
@@ -170,16 +150,12 @@ def main() -> None:
             nodes = node_times(session, feed, args.runs)
             alone_conv = sum(t for _, op, t in nodes if op in CONV_OPS)
             alone_other = sum(t for _, op, t in nodes if op not in CONV_OPS)
-            hot, hot_feed = profiled_session(backend, module, shape_in)
-            hot.end_profiling()
-            hot_ms = wall_ms(hot, hot_feed, 10, args.runs)
+            hot_ms = time_runner(backend.prepare(module, shape_in), 10, args.runs).median_ms
             weight_bytes = sum(p.numel() * 4 for p in module.parameters())
             io_bytes = 4 * (np.prod(shape_in) + np.prod(g.out_shape) // g.out_shape[0] * shape[0])
             copies = int(min(64, max(2, np.ceil(2 * args.llc_mib * 2**20 / (weight_bytes + io_bytes)))))
-            cold = [profiled_session(backend, block_module(g), shape_in) for _ in range(copies)]
-            for s, _ in cold:
-                s.end_profiling()
-            cold_ms = round_robin_ms([s for s, _ in cold], [f for _, f in cold], 2, max(10, args.runs // copies))
+            cold = [backend.prepare(block_module(g), shape_in) for _ in range(copies)]
+            cold_ms = round_robin_ms(cold, 2, max(10, args.runs // copies))
             overhead = overheads.get("x".join(map(str, shape_in)), 0.0)
             row = {
                 "start": block[0], "end": block[1], "kernel": g.kernel[0], "stride": g.stride[0],

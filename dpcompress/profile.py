@@ -31,9 +31,9 @@ merges (benchmarks/RESULTS.md).
 
 Dominated blocks are not timed (``timed`` = 0, ``std_ms`` = nan). Merging a long
 stretch gives huge kernels (mobilenet_v2 composes kernels up to 491x491 before they are
-cropped to the taps that meet the input) that take seconds to build and to run, and that the DP can never choose: stage 1 always has
-the split into single convs, so a block slower than the sum of its single convs
-never wins. Single convs are timed first, then blocks by growing FLOPs; a block
+cropped to the taps that meet the input) that take seconds to build and to run, and
+that the DP can never choose: stage 1 always has the split into single convs, so a
+block slower than the sum of its single convs never wins. Single convs are timed first, then blocks by growing FLOPs; a block
 whose FLOPs at ``prune_margin`` times the fastest rate (FLOP/ms) seen so far would
 still take longer than its single convs is written with that bound as its latency:
 a lower bound of its true latency that is already too slow to matter, so the DP
@@ -465,9 +465,9 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                 flush(sink)
                 if not pending:
                     break
-                singles = [shape for shape in pending if any(e - s == 1 for s, e in groups[shape])]
-                if singles or rest_ms is None:
-                    # The network of single convs: every single conv, and the rest of the network.
+                # The network of single convs comes first: every single conv, and the rest of the network.
+                singles_network = rest_ms is None or any(e - s == 1 for shape in pending for s, e in groups[shape])
+                if singles_network:
                     networks: List[List[Block]] = [[]]
                 else:
                     budget = NETWORK_BYTES_PER_ROUND // max(1, _parameter_bytes(traced))
@@ -477,7 +477,7 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                 results = time_networks(backend, traced, plans, geometries, network_input, precision, warmup,
                                         iters, overhead)
                 timed_now = set()
-                for plan, result in zip(plans, results):
+                for result in results:
                     for block, (latency, std) in result.blocks.items():
                         shape = block_shape(geometries[block])
                         if shape in timed_now or not any(b not in rows for b in groups[shape]):
@@ -486,10 +486,10 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                         timed_now.add(shape)
                         if latency > 0:
                             best_rate = max(best_rate, flops[shape] / latency)
-                    if not networks[0] and plan is plans[0]:
-                        rest_ms = result.wall_ms - sum(latency for latency, _ in result.blocks.values())
-                        meta["rest_ms"] = rest_ms
-                        write_json_atomic(partial_meta, meta)
+                if singles_network:
+                    rest_ms = results[0].wall_ms - sum(latency for latency, _ in results[0].blocks.values())
+                    meta["rest_ms"] = rest_ms
+                    write_json_atomic(partial_meta, meta)
                 timed += len(timed_now)
                 handled += len(timed_now & set(pending))
                 pending = [shape for shape in pending if shape not in timed_now]
