@@ -1,6 +1,6 @@
 """`compress` with the closed loop, per model and budget: is the budget met as measured?
 
-For each model and budget ratio, runs :func:`dpcompress.compress.compress` (no data: uniform
+For each model and budget ratio, runs :func:`dpcompress.pipeline.compress_from_spec` (no data: uniform
 importance, no fine-tuning; ONNX Runtime CPU) with the closed loop on, reusing an in-network
 latency table found under ``--tables-dirs`` (else profiling one into the run's folder). Records
 per run: the candidates benched, which one was kept (or the original), and the final bench's
@@ -20,7 +20,7 @@ import os
 import time
 from pathlib import Path
 
-from dpcompress.compress import CompressSettings, compress
+from dpcompress.pipeline import CompressSettings, compress_from_spec as compress
 
 ALLOWANCE = 0.02
 
@@ -37,10 +37,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from dpcompress.backends import get_backend
-    from dpcompress.compress import find_table
+    from dpcompress.pipeline import find_table
     from dpcompress.models import build_model
-    from dpcompress.profile import default_timing
-    from dpcompress.trace import trace_model
+    from dpcompress.latency.profile import default_timing
+    from dpcompress.graph.trace import trace_model
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

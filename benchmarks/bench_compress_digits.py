@@ -1,7 +1,7 @@
 """End-to-end `compress` on the digits MobileNetV2: accuracy and measured CPU speed-up per budget.
 
 Trains ``dpcompress.zoo:digits_mobilenet_v2`` on ``--data digits`` (seeded), then runs the
-library's :func:`dpcompress.compress.compress` for every importance method x budget ratio
+library's :func:`dpcompress.pipeline.compress_from_spec` for every importance method x budget ratio
 (table latency, ONNX Runtime CPU, batch 1), closed loop on. Each result is then benched
 ``--repeats`` times (alternating with the original) and the median speed-up recorded. One latency table is profiled by the first run
 and reused by the others (``tables_dir``); each method's importance table is measured once and
@@ -27,9 +27,9 @@ from typing import Any, Dict, List
 
 from digits_model import SPEC, trained_digits_model
 
-from dpcompress.compress import CompressSettings, compress
-from dpcompress.data import load_data
-from dpcompress.train import evaluate
+from dpcompress.pipeline import CompressSettings, compress_from_spec as compress
+from dpcompress.training.data import load_data
+from dpcompress.training.train import evaluate
 INPUT_SHAPE = (1, 3, 32, 32)
 TARGET_SPEEDUP = 1.3
 TARGET_DROP_POINTS = 1.0
@@ -51,12 +51,12 @@ def extra_batch_speedup(run_dir: Path, weights: Path, batch: int, threads: int, 
     """Measured ONNX Runtime speed-up of the run's fine-tuned, merged model at batch ``batch``: the median
     of ``repeats`` alternating benches, and each of them."""
     from dpcompress.backends import choose_backend
-    from dpcompress.bench import bench_modules
-    from dpcompress.finetune import load_finetuned
+    from dpcompress.latency.bench import bench_modules
+    from dpcompress.training.finetune import load_finetuned
     from dpcompress.models import build_model
-    from dpcompress.plan import load_plan
-    from dpcompress.rewrite import merge_reference
-    from dpcompress.trace import trace_model
+    from dpcompress.search.plan import load_plan
+    from dpcompress.graph.rewrite import merge_reference
+    from dpcompress.graph.trace import trace_model
 
     model = build_model(SPEC, str(weights)).eval()
     traced = trace_model(model, INPUT_SHAPE, spec=SPEC)

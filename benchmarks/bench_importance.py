@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 from digits_model import SPEC, trained_digits_model
 
-from dpcompress.data import load_data
-from dpcompress.importance import ImportanceSettings, allowed_segments, base_segments, compute_importance
-from dpcompress.trace import trace_model
-from dpcompress.train import evaluate
+from dpcompress.training.data import load_data
+from dpcompress.search.importance import ImportanceSettings, allowed_segments, base_segments, compute_importance
+from dpcompress.graph.trace import trace_model
+from dpcompress.training.train import evaluate
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

@@ -3,7 +3,7 @@
 For each model: a latency table (a given one, else profiled into ``--out-dir`` with the default
 timing, resumable), plans solved with uniform importance at each budget ratio and at the smallest
 feasible latency, and each plan's merged network benched against the original with
-``dpcompress.bench.bench_modules`` (alternating rounds in one process), ``--repeats`` times.
+``dpcompress.latency.bench.bench_modules`` (alternating rounds in one process), ``--repeats`` times.
 Prints one markdown row per plan: predicted, the measured speed-ups, their median and the
 prediction error of the median; writes the rows as JSON too.
 
@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 
 from dpcompress.backends import get_backend
-from dpcompress.bench import bench_modules
-from dpcompress.compress import find_table
+from dpcompress.latency.bench import bench_modules
+from dpcompress.pipeline import find_table
 from dpcompress.models import build_model
-from dpcompress.profile import default_timing, profile_table
-from dpcompress.rewrite import merged_model
-from dpcompress.solver import frontier, resolve_budget, solve_for_model
+from dpcompress.latency.profile import default_timing, profile_table
+from dpcompress.graph.rewrite import merged_model
+from dpcompress.search.solver import frontier, resolve_budget, solve_for_model
 from dpcompress.tables import read_latency_table
-from dpcompress.trace import trace_model
+from dpcompress.graph.trace import trace_model
 
 
 def main() -> None:

@@ -14,8 +14,8 @@ import tempfile
 import time
 
 from dpcompress.backends import get_backend
-from dpcompress.profile import profile_table
-from dpcompress.trace import chain_for_spec
+from dpcompress.latency.profile import profile_table
+from dpcompress.graph.trace import chain_for_spec
 
 
 def main() -> None:

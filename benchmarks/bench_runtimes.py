@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 
 from dpcompress.backends import get_backend
-from dpcompress.bench import bench_modules
-from dpcompress.compress import find_table
+from dpcompress.latency.bench import bench_modules
+from dpcompress.pipeline import find_table
 from dpcompress.models import build_model
-from dpcompress.profile import profile_table
-from dpcompress.rewrite import merged_model
-from dpcompress.solver import resolve_budget, solve_for_model
+from dpcompress.latency.profile import profile_table
+from dpcompress.graph.rewrite import merged_model
+from dpcompress.search.solver import resolve_budget, solve_for_model
 from dpcompress.tables import read_latency_table
-from dpcompress.trace import trace_model
+from dpcompress.graph.trace import trace_model
 
 RUNTIMES = ("onnxruntime", "openvino")
 

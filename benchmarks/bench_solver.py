@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpcompress.solver import (  # noqa: E402
+from dpcompress.search.solver import (  # noqa: E402
     build_segments,
     run_stage1,
     solve,

@@ -34,14 +34,14 @@ import numpy as np
 import torch
 
 from dpcompress.backends import export_onnx_bytes, get_backend
-from dpcompress.geometry import block_geometry
+from dpcompress.graph.geometry import block_geometry
 from dpcompress.models import build_model
-from dpcompress.profile import block_input_shape, block_module
-from dpcompress.rewrite import merged_model
-from dpcompress.solver import resolve_budget, solve_for_model
+from dpcompress.latency.profile import block_input_shape, block_module
+from dpcompress.graph.rewrite import merged_model
+from dpcompress.search.solver import resolve_budget, solve_for_model
 from dpcompress.tables import meta_path_for, read_latency_table
-from dpcompress.timing import time_runner
-from dpcompress.trace import trace_model
+from dpcompress.latency.timing import time_runner
+from dpcompress.graph.trace import trace_model
 
 CONV_OPS = {"Conv", "FusedConv"}
 LAST_LEVEL_CACHE_BYTES = 32 << 20  # the dev machine's L3; --llc-mib to change

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dpcompress import zoo
-from dpcompress.train import train
+from dpcompress.training.train import train
 
 SPEC = "dpcompress.zoo:digits_mobilenet_v2"
 

@@ -60,7 +60,7 @@ def model_options(func: Any) -> Any:
 def trace(model_spec: str, weights: Optional[str], input_shape: str, as_json: bool) -> None:
     """Show the model's mergeable trunk: positions, barriers, residuals, valid blocks."""
     from dpcompress.report import chain_table
-    from dpcompress.trace import chain_for_spec, parse_input_shape
+    from dpcompress.graph.trace import chain_for_spec, parse_input_shape
 
     chain = chain_for_spec(model_spec, parse_input_shape(input_shape), weights)
     if as_json:
@@ -129,8 +129,8 @@ def solve(latency_table_path: str, importance_source: str, budget_ms: Optional[f
           chain_path: Optional[str], model_spec: Optional[str], weights: Optional[str], input_shape: str,
           measure: bool, candidates: int, backend_name: Optional[str], threads: Optional[int]) -> None:
     """Choose the activations to keep and the convs to merge within a latency budget (no torch needed)."""
-    from dpcompress.plan import save_plan
-    from dpcompress.solver import load_chain, resolve_budget, solve_for_model, write_frontier_csv
+    from dpcompress.search.plan import save_plan
+    from dpcompress.search.solver import load_chain, resolve_budget, solve_for_model, write_frontier_csv
     from dpcompress.tables import read_importance_table, read_latency_table
 
     if chain_path and model_spec:
@@ -148,7 +148,7 @@ def solve(latency_table_path: str, importance_source: str, budget_ms: Optional[f
     plan, frontier = solve_for_model(table, importance, budget, chain,
                                      with_frontier=bool(frontier_path or plot_path or measure))
     if measure:
-        from dpcompress.closed_loop import measure_candidates
+        from dpcompress.search.closed_loop import measure_candidates
 
         backend = _backend(backend_name, False, "cpu", threads, False, False)
         batch = table.meta.get("batch_size") or chain.input_shape[0]
@@ -160,7 +160,7 @@ def solve(latency_table_path: str, importance_source: str, budget_ms: Optional[f
     if frontier_path:
         write_frontier_csv(frontier_path, frontier)
     if plot_path:
-        from dpcompress.frontier_plot import plot_frontier
+        from dpcompress.search.frontier_plot import plot_frontier
 
         plot_frontier(plot_path, frontier, plan, budget, plan.original_latency_ms)
     click.echo(plan_summary(plan, chain.activation_positions if chain else None))
@@ -250,7 +250,7 @@ def profile(model_spec: str, weights: Optional[str], input_shape: str, backend_n
             warmup: int, batch_size: Optional[int], iters: int, out: str, overwrite: bool, prune_margin: float,
             time_all: bool, timing: Optional[str]) -> None:
     """Time every valid block as its merged convolution and write the latency table (resumable)."""
-    from dpcompress.profile import profile_table
+    from dpcompress.latency.profile import profile_table
 
     backend = _backend(backend_name, gpu, device, threads, cuda_graphs, channels_last)
     traced = _traced_model(model_spec, weights, input_shape)
@@ -282,8 +282,8 @@ def bench(model_spec: str, weights: Optional[str], input_shape: str, backend_nam
           warmup: int, plan_path: Optional[str], rounds: int, iters: int, repeat: bool, ci: float,
           max_rounds: int, as_json: bool) -> None:
     """Time the original model (and the plan's merged model, alternating) end to end."""
-    from dpcompress.bench import bench_spec
-    from dpcompress.trace import parse_input_shape
+    from dpcompress.latency.bench import bench_spec
+    from dpcompress.graph.trace import parse_input_shape
 
     if rounds < 1 or iters < 1 or max_rounds < rounds:
         raise UserError("--rounds and --iters must be at least 1, and --max-rounds at least --rounds")
@@ -305,7 +305,7 @@ def bench(model_spec: str, weights: Optional[str], input_shape: str, backend_nam
 
 def _traced_model(model_spec: str, weights: Optional[str], input_shape: str) -> Any:
     from dpcompress.models import build_model
-    from dpcompress.trace import parse_input_shape, trace_model
+    from dpcompress.graph.trace import parse_input_shape, trace_model
 
     return trace_model(build_model(model_spec, weights), parse_input_shape(input_shape), spec=model_spec)
 
@@ -330,10 +330,10 @@ def _progress(line: str) -> None:
 def importance(model_spec: str, weights: Optional[str], input_shape: str, method: str, data_spec: Optional[str],
                out: str, steps: int, lr: float, batch_size: int, alpha: float, seed: int) -> None:
     """Measure the importance of every allowed segment (resumable; shards across torchrun processes)."""
-    from dpcompress import distributed
-    from dpcompress.data import load_data, parse_input_size
-    from dpcompress.importance import ImportanceSettings, compute_importance
-    from dpcompress.trace import parse_input_shape
+    from dpcompress.training import distributed
+    from dpcompress.training.data import load_data, parse_input_size
+    from dpcompress.search.importance import ImportanceSettings, compute_importance
+    from dpcompress.graph.trace import parse_input_shape
 
     settings = ImportanceSettings(method=method, steps=steps, lr=lr, batch_size=batch_size, alpha=alpha, seed=seed)
     data = load_data(data_spec, parse_input_size(parse_input_shape(input_shape))) if data_spec else None
@@ -357,12 +357,12 @@ def importance(model_spec: str, weights: Optional[str], input_shape: str, method
 def finetune(model_spec: str, weights: Optional[str], input_shape: str, plan_path: str, data_spec: str, out: str,
              epochs: int, lr: float, batch_size: int, distill: float, seed: int) -> None:
     """Train the plan's network (activations removed, padding reordered); resumable, DDP under torchrun."""
-    from dpcompress import distributed
-    from dpcompress.data import load_data, parse_input_size
-    from dpcompress.finetune import FinetuneSettings
-    from dpcompress.finetune import finetune as run_finetune
-    from dpcompress.plan import load_plan
-    from dpcompress.trace import parse_input_shape
+    from dpcompress.training import distributed
+    from dpcompress.training.data import load_data, parse_input_size
+    from dpcompress.training.finetune import FinetuneSettings
+    from dpcompress.training.finetune import finetune as run_finetune
+    from dpcompress.search.plan import load_plan
+    from dpcompress.graph.trace import parse_input_shape
 
     settings = FinetuneSettings(epochs=epochs, lr=lr, batch_size=batch_size, distill=distill, seed=seed)
     plan = load_plan(plan_path)
@@ -408,8 +408,8 @@ def compress(model_spec: str, weights: Optional[str], input_shape: str, out_dir:
              threads: Optional[int], epochs: int, distill: float, tables_dir: Optional[str], measure: bool,
              candidates: int) -> None:
     """Everything in one go: trace, table, importance, solve, fine-tune, export --verify, bench, report."""
-    from dpcompress.compress import CompressSettings, compress as run_compress
-    from dpcompress.trace import parse_input_shape
+    from dpcompress.pipeline import CompressSettings, compress_from_spec as run_compress
+    from dpcompress.graph.trace import parse_input_shape
 
     if budget_ms is not None and budget_ratio is not None:
         raise UserError("give either --budget-ms or --budget-ratio, not both")

@@ -1,14 +1,235 @@
-"""Stage compositions shared by the CLI commands: spec in, files out."""
+"""Stage compositions shared by the CLI and the Python API: the whole job, and export from files."""
 
 from __future__ import annotations
 
-from typing import Optional
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence
 
+from dpcompress.errors import UserError
 from dpcompress.export import ExportReport, export_plan
+from dpcompress.fileio import write_json_atomic, write_text_atomic
+from dpcompress.graph.rewrite import merge_reference, reference_model
+from dpcompress.graph.trace import parse_input_shape, trace_model
 from dpcompress.models import build_model
-from dpcompress.plan import check_plan_against_chain, load_plan
-from dpcompress.rewrite import merge_reference, reference_model
-from dpcompress.trace import parse_input_shape, trace_model
+from dpcompress.search.plan import check_plan_against_chain, load_plan
+
+DEFAULT_TABLES = Path(__file__).resolve().parent.parent / "latency_tables"
+
+
+@dataclass(frozen=True)
+class CompressSettings:
+    budget_ms: Optional[float] = None
+    budget_ratio: Optional[float] = 0.7
+    importance: Optional[str] = None  # uniform | proxy | finetune; default finetune with data, else uniform
+    importance_steps: int = 100
+    backend: Optional[str] = None
+    gpu: bool = False
+    batch_size: Optional[int] = None
+    precision: str = "fp32"
+    threads: Optional[int] = None  # CPU threads of the backend; None: all cores
+    warmup: int = 10
+    iters: int = 50
+    epochs: int = 10
+    distill: float = 0.0
+    tolerance: float = 1e-3
+    tables_dir: Optional[str] = None  # where to look for a matching table before profiling
+    measure: bool = True  # the closed loop: bench the best candidates, keep one measured within the budget
+    candidates: int = 3
+
+
+def _shown(path: Path) -> str:
+    """The path relative to the working directory where it lies under it (shorter to read)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def find_table(tables_dir: Path, fingerprint: str, backend: str, precision: str, batch_size: int,
+               threads: Optional[int] = None, timing: Optional[str] = None) -> Optional[Path]:
+    """A latency table under ``tables_dir`` made for this chain, backend, precision and batch size
+    (and with ``threads`` CPU threads and rows timed the way ``timing`` says, where given; a table
+    from before timings were recorded counts as ``standalone``)."""
+    for meta_path in sorted(tables_dir.rglob("*.meta.json")):
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(meta, dict):
+            continue
+        table = meta_path.with_name(meta_path.name[: -len(".meta.json")] + ".csv")
+        if (meta.get("chain_fingerprint") == fingerprint and meta.get("backend") == backend
+                and meta.get("precision") == precision and meta.get("batch_size") == batch_size
+                and (threads is None or meta.get("threads") == threads)
+                and (timing is None or meta.get("timing", "standalone") == timing) and table.is_file()):
+            return table
+    return None
+
+
+def compress_from_spec(model_spec: str, weights: Optional[str], input_shape: Sequence[int], out_dir: str,
+             settings: CompressSettings = CompressSettings(), data_spec: Optional[str] = None,
+             say: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Run every stage for ``model_spec``; write all files and report.{json,md} into ``out_dir``."""
+    from dpcompress.backends import choose_backend
+    from dpcompress.latency.bench import bench_modules
+    from dpcompress.search.frontier_plot import plot_frontier
+    from dpcompress.search.importance import ImportanceSettings, compute_importance
+    from dpcompress.search.plan import save_plan
+    from dpcompress.latency.profile import default_timing, profile_table
+    from dpcompress.search.solver import resolve_budget, solve_for_model, write_frontier_csv
+    from dpcompress.tables import read_importance_table, read_latency_table
+
+    data = None
+    if data_spec is not None:
+        from dpcompress.training.data import load_data, parse_input_size
+
+        data = load_data(data_spec, parse_input_size(input_shape))
+    method = settings.importance or ("finetune" if data is not None else "uniform")
+    if method == "finetune" and data is None:
+        raise UserError("--importance finetune needs --data; without data use uniform or proxy")
+    say(f"[1/7] trace {model_spec}")
+    model = build_model(model_spec, weights)
+    traced = trace_model(model, input_shape, spec=model_spec)
+    chain = traced.chain
+
+    backend, picked = choose_backend(settings.backend, gpu=settings.gpu, threads=settings.threads)
+    if picked:
+        say(picked)
+    out = Path(out_dir)  # made only once the model and backend are known to work: a bad input writes nothing
+    out.mkdir(parents=True, exist_ok=True)
+    batch_size = settings.batch_size or int(input_shape[0])
+    tables_dir = Path(settings.tables_dir) if settings.tables_dir else DEFAULT_TABLES
+    timing = default_timing(backend, traced)
+    table_path = find_table(tables_dir, chain.fingerprint(), backend.name, settings.precision, batch_size,
+                            settings.threads, timing) if tables_dir.is_dir() else None
+    if table_path is not None:
+        say(f"[2/7] latency table: reusing {_shown(table_path)}")
+    else:
+        table_path = out / "latency.csv"
+        say(f"[2/7] latency table: profiling {len(chain.valid_blocks())} blocks on {backend.name} -> {table_path}")
+        profile_table(chain, backend, table_path, model_spec=model_spec, input_shape=input_shape,
+                      batch_size=batch_size, precision=settings.precision, warmup=settings.warmup,
+                      iters=settings.iters, traced=traced, timing=timing)
+    table = read_latency_table(table_path)
+
+    say(f"[3/7] importance: {method}")
+    importance_table = None
+    if method != "uniform":
+        importance_path = out / "importance.csv"
+        compute_importance(traced, ImportanceSettings(method=method, steps=settings.importance_steps),
+                           importance_path, data=data, model_spec=model_spec)
+        importance_table = read_importance_table(importance_path)
+
+    budget = resolve_budget(table, settings.budget_ms, settings.budget_ratio)
+    say(f"[4/7] solve at budget {budget:.4g} ms")
+    solved, frontier = solve_for_model(table, importance_table, budget, chain=chain, with_frontier=True)
+    bench_shape = (batch_size, *input_shape[1:])
+    loop = None
+    plan = solved
+    if settings.measure:
+        from dpcompress.search.closed_loop import measure_candidates
+
+        say(f"      measuring the best {settings.candidates} candidates on {backend.name}")
+        loop = measure_candidates(backend, traced, frontier, budget, input_shape=bench_shape,
+                                  precision=settings.precision, count=settings.candidates, warmup=settings.warmup,
+                                  say=say)
+        plan = loop.plan
+        say(f"      {loop.reason}")
+    save_plan(out / "plan.json", plan)
+    write_frontier_csv(out / "frontier.csv", frontier)
+    plot_frontier(out / "frontier.png", frontier, chosen=plan, budget_ms=budget,
+                  original_latency_ms=plan.original_latency_ms)
+
+    accuracy: Dict[str, float] = {}
+    if data is not None and loop is not None and loop.kept_original:
+        say("[5/7] fine-tune: skipped (the original network was kept)")
+        reference = reference_model(traced, plan)
+    elif data is not None:
+        from dpcompress.training.finetune import FinetuneSettings, finetune
+
+        say(f"[5/7] fine-tune {settings.epochs} epochs on {data_spec}")
+        result = finetune(traced, plan, data, out / "finetuned.pt",
+                          FinetuneSettings(epochs=settings.epochs, distill=settings.distill), model_spec=model_spec)
+        reference = result.network
+        accuracy = dict(result.accuracy)
+    else:
+        say("[5/7] fine-tune: skipped (no --data)")
+        reference = reference_model(traced, plan)
+    reference.eval()
+    merged = merge_reference(reference)
+
+    say("[6/7] export + verify")
+    exported = export_plan(model, reference, merged, "onnx", out / "compressed.onnx", input_shape,
+                           verify=True, tolerance=settings.tolerance)
+    if data is not None:
+        from dpcompress.training.train import evaluate
+
+        accuracy["test_before"] = evaluate(model, data.test)
+        accuracy["test_merged"] = evaluate(merged, data.test)
+
+    say(f"[7/7] bench on {backend.name}")
+    bench = bench_modules(backend, model, merged, input_shape=bench_shape, precision=settings.precision,
+                          warmup=settings.warmup, plan=plan)
+    report = {
+        "model": model_spec, "weights": weights, "input_shape": list(input_shape), "data": data_spec,
+        "importance_method": method, "latency_table": str(table_path), "budget_ms": budget,
+        "plan": plan.to_json(), "predicted_latency_ms": plan.latency_ms,
+        "predicted_speedup": bench.predicted_speedup, "measured_speedup": bench.measured_speedup,
+        "measured_original_ms": bench.original.median_ms,
+        "measured_compressed_ms": bench.compressed.median_ms if bench.compressed else None,
+        "accuracy": accuracy or None, "export": exported.to_json(), "bench": bench.to_json(),
+        "solved_plan": solved.to_json(), "closed_loop": loop.to_json() if loop is not None else None,
+        "kept_original": bool(loop is not None and loop.kept_original),
+    }
+    write_json_atomic(out / "report.json", report)
+    write_text_atomic(out / "report.md", report_markdown(report))
+    return report
+
+
+def report_markdown(report: Dict[str, Any]) -> str:
+    e = report["export"]
+    v = e["verification"]
+    lines = [
+        f"# dpcompress report: {report['model']}", "",
+        f"- input shape: {'x'.join(map(str, report['input_shape']))}; latency table: `{_shown(Path(report['latency_table']))}`",
+        f"- importance: {report['importance_method']}; budget: {report['budget_ms']:.4g} ms",
+        f"- kept activations: {len(report['plan']['activations'])}; blocks: {len(report['plan']['boundaries']) - 1}",
+        "", "| | before | after |", "|---|---|---|",
+        f"| predicted latency (ms) | {report['plan']['original_latency_ms']:.4g} | "
+        f"{report['predicted_latency_ms']:.4g} |",
+        f"| measured latency (ms, median) | {report['measured_original_ms']:.4g} | "
+        f"{report['measured_compressed_ms']:.4g} |",
+        f"| conv layers | {e['before']['conv_layers']} | {e['after']['conv_layers']} |",
+        f"| parameters | {e['before']['parameters']:,} | {e['after']['parameters']:,} |",
+        f"| FLOPs | {e['before']['flops'] / 1e6:.1f}M | {e['after']['flops'] / 1e6:.1f}M |",
+        "",
+        f"- predicted speed-up: {report['predicted_speedup']:.2f}x; "
+        f"measured speed-up: {report['measured_speedup']:.2f}x",
+        f"- verification: max relative error {v['max_rel_error']:.3g} ({'OK' if v['passed'] else 'FAILED'})",
+    ]
+    loop = report.get("closed_loop")
+    if loop:
+        lines += ["", f"Closed loop: the budget is {loop['budget_ratio']:.1%} of the original's measured latency "
+                  f"in the same bench; {loop['reason']}.", "",
+                  "| candidate | kept activations | blocks | importance | predicted ms | measured ms | "
+                  "measured budget ms | measured speed-up | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+        for index, c in enumerate(loop["candidates"], start=1):
+            verdict = ("chosen" if c["chosen"] else "within" if c["within_budget"] and c["faster"] else
+                       "over the budget" if not c["within_budget"] else "no faster than the original")
+            lines.append(f"| {index} | {len(c['activations'])} | {len(c['boundaries']) - 1} | {c['importance']:.4g} | "
+                         f"{c['predicted_ms']:.4g} | {c['measured_ms']:.4g} | {c['measured_budget_ms']:.4g} | "
+                         f"{c['measured_speedup']:.2f}x | {verdict} |")
+    else:
+        lines += ["", "Closed loop: off (--no-measure); the plan is the solver's, unmeasured before export."]
+    accuracy = report["accuracy"]
+    if accuracy:
+        lines.append("- accuracy: " + ", ".join(f"{k} {100 * val:.2f}%" for k, val in sorted(accuracy.items())))
+    else:
+        lines.append("- accuracy: not measured (no --data given)")
+    lines += ["", "![frontier](frontier.png)", ""]
+    return "\n".join(lines)
 
 
 def export_from_spec(model_spec: str, weights: Optional[str], input_shape: str, plan_path: str, fmt: str,
@@ -21,7 +242,7 @@ def export_from_spec(model_spec: str, weights: Optional[str], input_shape: str, 
     traced = trace_model(model, shape, spec=model_spec)
     check_plan_against_chain(plan, traced.chain, source=plan_path)
     if checkpoint is not None:
-        from dpcompress.finetune import load_finetuned
+        from dpcompress.training.finetune import load_finetuned
 
         reference = load_finetuned(checkpoint, traced, plan)
     else:

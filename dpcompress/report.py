@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import List
 
-from dpcompress.chain import Chain
+from dpcompress.graph.chain import Chain
 from dpcompress.export import ExportReport
 
 

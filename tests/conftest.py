@@ -5,9 +5,9 @@ import pytest
 
 @functools.lru_cache(maxsize=None)
 def _torchvision_traced(spec: str, size: int):
-    from dpcompress.calibrate import calibrate_batchnorm, randomize_batchnorm_affine
+    from tests.bn_calibration import calibrate_batchnorm, randomize_batchnorm_affine
     from dpcompress.models import build_model
-    from dpcompress.trace import trace_model
+    from dpcompress.graph.trace import trace_model
 
     model = build_model(f"torchvision:{spec}")
     randomize_batchnorm_affine(model)

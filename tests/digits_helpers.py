@@ -13,7 +13,7 @@ from typing import Any, Dict
 import torch
 
 from dpcompress import zoo
-from dpcompress.data import DataBundle, load_data
+from dpcompress.training.data import DataBundle, load_data
 
 TINY_SPEC = "dpcompress.zoo:tiny_mobilenet_v2"
 SIZE = 16
@@ -28,7 +28,7 @@ def digits16() -> DataBundle:
 
 @functools.lru_cache(maxsize=None)
 def _trained_state() -> Dict[str, Any]:
-    from dpcompress.train import train
+    from dpcompress.training.train import train
 
     torch.manual_seed(0)
     model = zoo.tiny_mobilenet_v2()

@@ -11,7 +11,7 @@ from torch import nn
 from dpcompress.backends import choose_backend, cuda_available, export_onnx_bytes, get_backend
 from dpcompress.cli import main
 from dpcompress.errors import UserError
-from dpcompress.timing import time_runner
+from dpcompress.latency.timing import time_runner
 
 CHEAP = (nn.Conv2d(16, 16, 1), (1, 16, 32, 32))
 EXPENSIVE = (nn.Sequential(nn.Conv2d(16, 16, 7, padding=3), nn.ReLU()), (1, 16, 32, 32))  # ~49x the FLOPs

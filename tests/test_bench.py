@@ -12,10 +12,10 @@ from click.testing import CliRunner
 from torch import nn
 
 from dpcompress.backends import get_backend
-from dpcompress.bench import bench_modules, predicted_speedup
+from dpcompress.latency.bench import bench_modules, predicted_speedup
 from dpcompress.cli import main
-from dpcompress.plan import Plan
-from dpcompress.timing import alternate, summarize
+from dpcompress.search.plan import Plan
+from dpcompress.latency.timing import alternate, summarize
 
 
 class LoggingRunner:

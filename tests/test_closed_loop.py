@@ -13,13 +13,13 @@ from torch import nn
 
 from dpcompress import zoo
 from dpcompress.backends import Backend, Runner
-from dpcompress.closed_loop import candidate_plans, measure_candidates
-from dpcompress.geometry import block_geometry
-from dpcompress.network_timing import geometry_conv
-from dpcompress.rewrite import merged_model
-from dpcompress.solver import solve_for_model
+from dpcompress.search.closed_loop import candidate_plans, measure_candidates
+from dpcompress.graph.geometry import block_geometry
+from dpcompress.latency.network_timing import geometry_conv
+from dpcompress.graph.rewrite import merged_model
+from dpcompress.search.solver import solve_for_model
 from dpcompress.tables import LatencyTable
-from dpcompress.trace import trace_model
+from dpcompress.graph.trace import trace_model
 
 SHAPE = (1, 3, 16, 16)
 PER_CONV_MS = 0.05  # a fixed cost per conv, so that merging pays off in this cost model

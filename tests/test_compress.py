@@ -7,11 +7,11 @@ import sys
 import torch
 
 from dpcompress.backends import get_backend
-from dpcompress.compress import CompressSettings, compress, find_table
-from dpcompress.profile import profile_table
-from dpcompress.solver import frontier
+from dpcompress.pipeline import CompressSettings, compress_from_spec as compress, find_table
+from dpcompress.latency.profile import profile_table
+from dpcompress.search.solver import frontier
 from dpcompress.tables import read_latency_table
-from dpcompress.trace import trace_model
+from dpcompress.graph.trace import trace_model
 from tests.digits_helpers import INPUT_SHAPE, TINY_SPEC, trained_tiny
 
 

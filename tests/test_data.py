@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpcompress.data import _split_indices, load_data
+from dpcompress.training.data import _split_indices, load_data
 from dpcompress.errors import UserError
 
 from tests.digits_helpers import digits16

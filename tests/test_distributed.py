@@ -7,15 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dpcompress import distributed
+from dpcompress.training import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 
 WORKER = r'''
 import hashlib, json, sys
 import torch
-from dpcompress import distributed, zoo
-from dpcompress.train import train
+from dpcompress import zoo
+from dpcompress.training import distributed
+from dpcompress.training.train import train
 from tests.digits_helpers import digits16
 
 distributed.init()

@@ -10,11 +10,11 @@ from click.testing import CliRunner
 
 from dpcompress.cli import main
 from dpcompress.errors import UserError
-from dpcompress.finetune import FINETUNE_FORMAT, FinetuneSettings, finetune, load_finetuned, state_path_for
-from dpcompress.plan import Plan
-from dpcompress.rewrite import merge_reference, reference_model
-from dpcompress.trace import trace_model
-from dpcompress.train import mean_loss
+from dpcompress.training.finetune import FINETUNE_FORMAT, FinetuneSettings, finetune, load_finetuned, state_path_for
+from dpcompress.search.plan import Plan
+from dpcompress.graph.rewrite import merge_reference, reference_model
+from dpcompress.graph.trace import trace_model
+from dpcompress.training.train import mean_loss
 from tests.digits_helpers import INPUT_SHAPE, INPUT_SHAPE_ARG, TINY_SPEC, digits16, save_trained_tiny, trained_tiny
 
 

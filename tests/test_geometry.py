@@ -8,7 +8,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from dpcompress.geometry import crop_taps
+from dpcompress.graph.geometry import crop_taps
 
 
 def outputs(kernel: int, stride: int, padding: int, size: int) -> int:

@@ -17,10 +17,10 @@ from click.testing import CliRunner
 
 from dpcompress.cli import main
 from dpcompress.errors import UserError
-from dpcompress.importance import (ImportanceSettings, allowed_segments, base_segments, check_importance_table,
+from dpcompress.search.importance import (ImportanceSettings, allowed_segments, base_segments, check_importance_table,
                                    compute_importance, segment_plan)
-from dpcompress.rewrite import reference_model
-from dpcompress.trace import trace_model
+from dpcompress.graph.rewrite import reference_model
+from dpcompress.graph.trace import trace_model
 from tests.digits_helpers import INPUT_SHAPE, INPUT_SHAPE_ARG, TINY_SPEC, digits16, save_trained_tiny, trained_tiny
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dpcompress import merge
-from dpcompress.chain import Chain, ConvUnit, Residual
-from dpcompress.geometry import (block_geometry, compose_connectivity, connectivity, crop_taps,
+from dpcompress.graph import merge
+from dpcompress.graph.chain import Chain, ConvUnit, Residual
+from dpcompress.graph.geometry import (block_geometry, compose_connectivity, connectivity, crop_taps,
                                  largest_exact_groups)
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

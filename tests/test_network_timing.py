@@ -13,12 +13,12 @@ from torch import nn
 from dpcompress import zoo
 from dpcompress.backends import export_onnx_bytes, get_backend
 from dpcompress.backends.onnxruntime_backend import _owner_of, part_owners
-from dpcompress.network_timing import pack, packed_network, packed_plan
-from dpcompress.geometry import block_geometry
-from dpcompress.profile import profile_table
-from dpcompress.solver import frontier, solve_for_model
+from dpcompress.latency.network_timing import pack, packed_network, packed_plan
+from dpcompress.graph.geometry import block_geometry
+from dpcompress.latency.profile import profile_table
+from dpcompress.search.solver import frontier, solve_for_model
 from dpcompress.tables import read_latency_table
-from dpcompress.trace import trace_model
+from dpcompress.graph.trace import trace_model
 
 
 class ThreeParts(nn.Module):
@@ -135,7 +135,7 @@ def test_in_network_timing_needs_the_model_and_a_backend_that_profiles_nodes(tin
 
 def test_an_interrupted_in_network_profile_resumes_without_retiming(tiny_traced, tmp_path):
     from dpcompress.backends.onnxruntime_backend import OnnxRuntimeBackend
-    from dpcompress.profile import partial_paths
+    from dpcompress.latency.profile import partial_paths
 
     class CountingBackend(OnnxRuntimeBackend):
         def __init__(self, fail_at=None):

@@ -16,11 +16,11 @@ from dpcompress.backends.onnxruntime_backend import part_owners
 from dpcompress.backends.openvino_backend import owner_of_node
 from dpcompress.cli import main
 from dpcompress.errors import UserError
-from dpcompress.network_timing import pack, packed_network, packed_plan
-from dpcompress.geometry import block_geometry
-from dpcompress.profile import profile_table
+from dpcompress.latency.network_timing import pack, packed_network, packed_plan
+from dpcompress.graph.geometry import block_geometry
+from dpcompress.latency.profile import profile_table
 from dpcompress.tables import read_latency_table
-from dpcompress.timing import time_runner
+from dpcompress.latency.timing import time_runner
 from tests.test_backends import EXPENSIVE, slower_of_two
 from tests.test_export_cli import run_cli, workdir  # noqa: F401 (a fixture)
 from tests.test_network_timing import ThreeParts, tiny_traced  # noqa: F401 (a fixture)

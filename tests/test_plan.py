@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 
-from dpcompress.chain import Chain, ConvUnit, Residual
+from dpcompress.graph.chain import Chain, ConvUnit, Residual
 from dpcompress.errors import UserError
-from dpcompress.plan import PLAN_FORMAT, Plan, check_plan_against_chain, load_plan, save_plan
+from dpcompress.search.plan import PLAN_FORMAT, Plan, check_plan_against_chain, load_plan, save_plan
 
 
 def unit(position, linked=True, activation="ReLU"):

@@ -9,9 +9,9 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import pytest
 
 from dpcompress.backends import Backend, Runner
-from dpcompress.chain import Chain, ConvUnit, Residual
+from dpcompress.graph.chain import Chain, ConvUnit, Residual
 from dpcompress.errors import UserError
-from dpcompress.profile import (TABLE_COLUMNS, format_pair, partial_paths, profile_table)
+from dpcompress.latency.profile import (TABLE_COLUMNS, format_pair, partial_paths, profile_table)
 from dpcompress.tables import meta_path_for, read_latency_table
 
 

@@ -7,12 +7,12 @@ import torch
 import torch.nn as nn
 
 from dpcompress.errors import UserError
-from dpcompress.geometry import block_geometry, greedy_boundaries
-from dpcompress.plan import Plan
-from dpcompress.rewrite import ReorderedBlock, max_merge_bytes, merge_reference, merged_model, reference_model
+from dpcompress.graph.geometry import block_geometry, greedy_boundaries
+from dpcompress.search.plan import Plan
+from dpcompress.graph.rewrite import ReorderedBlock, max_merge_bytes, merge_reference, merged_model, reference_model
 from tests.test_trace import MODELS, TinyResidual
-from dpcompress.calibrate import calibrate_batchnorm, randomize_batchnorm_affine
-from dpcompress.trace import trace_model
+from tests.bn_calibration import calibrate_batchnorm, randomize_batchnorm_affine
+from dpcompress.graph.trace import trace_model
 
 # Weights per composed (uncropped) block in these tests: keeps them fast; merging itself is
 # limited only by DPCOMPRESS_MAX_MERGE_BYTES. VGG11's smallest mergeable pair (128->256->256,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from dpcompress.chain import Chain, ConvUnit
+from dpcompress.graph.chain import Chain, ConvUnit
 from dpcompress.cli import main
 from dpcompress.tables import meta_path_for
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from dpcompress.errors import UserError
-from dpcompress.solver import (
+from dpcompress.search.solver import (
     frontier,
     run_stage1,
     solve,

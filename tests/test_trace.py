@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dpcompress.chain import Chain
-from dpcompress.trace import trace_model
+from dpcompress.graph.chain import Chain
+from dpcompress.graph.trace import trace_model
 
 
 def brute_force_valid(chain: Chain, start: int, end: int) -> bool:

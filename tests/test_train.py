@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from dpcompress import zoo
 from dpcompress.errors import UserError
-from dpcompress.train import distillation_loss, evaluate, mean_loss, train
+from dpcompress.training.train import distillation_loss, evaluate, mean_loss, train
 
 from tests.digits_helpers import digits16, trained_tiny
 

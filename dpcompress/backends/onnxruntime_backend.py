@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 from dpcompress.backends import (Backend, NetworkProfile, Runner, check_precision, cpu_name, default_threads,
                                  export_onnx_bytes)
 from dpcompress.errors import UserError
-from dpcompress.timing import time_runner
+from dpcompress.latency.timing import time_runner
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn

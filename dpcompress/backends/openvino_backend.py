@@ -26,7 +26,7 @@ from dpcompress.backends import (Backend, NetworkProfile, Runner, check_precisio
                                  export_onnx_bytes)
 from dpcompress.backends.onnxruntime_backend import part_owners, scope_owner
 from dpcompress.errors import UserError
-from dpcompress.timing import time_runner
+from dpcompress.latency.timing import time_runner
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn

@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
-from dpcompress import distributed
+from dpcompress.training import distributed
 from dpcompress.errors import UserError
 from dpcompress.fileio import PathLike, atomic_path
-from dpcompress.plan import Plan, check_plan_against_chain, plan_from_json
+from dpcompress.search.plan import Plan, check_plan_against_chain, plan_from_json
 
 FINETUNE_FORMAT = "dpcompress-finetune/1"
 
@@ -63,8 +63,8 @@ def finetune(traced: Any, plan: Plan, data: Any, out: PathLike, settings: Finetu
 
     Under torchrun every rank must call this; rank 0 writes the files.
     """
-    from dpcompress.rewrite import reference_model
-    from dpcompress.train import evaluate, train
+    from dpcompress.graph.rewrite import reference_model
+    from dpcompress.training.train import evaluate, train
 
     distributed.init()
     chain = traced.chain
@@ -121,7 +121,7 @@ def read_checkpoint(path: PathLike) -> Dict[str, Any]:
 
 def load_finetuned(path: PathLike, traced: Any, plan: Plan) -> Any:
     """The fine-tuned reference network of ``plan``; UserError unless the checkpoint fits model and plan."""
-    from dpcompress.rewrite import reference_model
+    from dpcompress.graph.rewrite import reference_model
 
     checkpoint = read_checkpoint(path)
     chain = traced.chain

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Sequence
 
 from dpcompress.errors import UserError
-from dpcompress.plan import Plan
+from dpcompress.search.plan import Plan
 
 if TYPE_CHECKING:  # pragma: no cover
     from dpcompress.backends import Backend
-    from dpcompress.trace import TracedModel
+    from dpcompress.graph.trace import TracedModel
 
 # Plans predicted up to this much above the budget are candidates too (the table can be
 # pessimistic); like every candidate they must be measured within the budget itself.
@@ -91,8 +91,8 @@ def measure_candidates(backend: "Backend", traced: "TracedModel", frontier: Sequ
                        rounds: int = 10, iters_per_round: int = 10,
                        say: Callable[[str], None] = lambda line: None) -> LoopResult:
     """Bench the best candidates of ``frontier`` for ``budget_ms`` and choose (module doc)."""
-    from dpcompress.bench import bench_modules
-    from dpcompress.rewrite import merged_model
+    from dpcompress.latency.bench import bench_modules
+    from dpcompress.graph.rewrite import merged_model
 
     plans = candidate_plans(frontier, budget_ms, count)
     if not plans:

@@ -11,13 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
-from dpcompress.timing import TimingStats, alternate, narrow_enough, summarize
+from dpcompress.latency.timing import TimingStats, alternate, narrow_enough, summarize
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn
 
     from dpcompress.backends import Backend
-    from dpcompress.plan import Plan
+    from dpcompress.search.plan import Plan
 
 
 @dataclass(frozen=True)
@@ -149,9 +149,9 @@ def bench_spec(backend: "Backend", model_spec: str, *, weights: Optional[str] = 
     model = build_model(model_spec, weights).eval()
     compressed = plan = None
     if plan_path is not None:
-        from dpcompress.plan import load_plan
-        from dpcompress.rewrite import merged_model
-        from dpcompress.trace import trace_model
+        from dpcompress.search.plan import load_plan
+        from dpcompress.graph.rewrite import merged_model
+        from dpcompress.graph.trace import trace_model
 
         plan = load_plan(plan_path)
         compressed = merged_model(trace_model(model, input_shape, spec=model_spec), plan)  # checks the plan

@@ -27,9 +27,9 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from dpcompress.chain import Chain
+from dpcompress.graph.chain import Chain
 from dpcompress.errors import UserError
-from dpcompress.plan import Plan
+from dpcompress.search.plan import Plan
 from dpcompress.fileio import PathLike
 from dpcompress.tables import Block, ImportanceTable, LatencyTable, check_table_against_chain, write_csv_table
 

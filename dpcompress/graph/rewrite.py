@@ -23,11 +23,11 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dpcompress import merge
-from dpcompress.chain import Chain
+from dpcompress.graph import merge
+from dpcompress.graph.chain import Chain
 from dpcompress.errors import UserError
-from dpcompress.plan import Plan, check_plan_against_chain
-from dpcompress.trace import TracedModel
+from dpcompress.search.plan import Plan, check_plan_against_chain
+from dpcompress.graph.trace import TracedModel
 
 BLOCK_PREFIX = "dpc_block_"
 MAX_MERGE_BYTES_ENV = "DPCOMPRESS_MAX_MERGE_BYTES"

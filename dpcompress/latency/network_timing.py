@@ -23,15 +23,15 @@ import statistics
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Sequence, Tuple
 
-from dpcompress.chain import Chain
-from dpcompress.geometry import BlockGeometry
-from dpcompress.plan import Plan
+from dpcompress.graph.chain import Chain
+from dpcompress.graph.geometry import BlockGeometry
+from dpcompress.search.plan import Plan
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn
 
     from dpcompress.backends import Backend
-    from dpcompress.trace import TracedModel
+    from dpcompress.graph.trace import TracedModel
 
 Block = Tuple[int, int]
 # Recorded runs of a network stop after about this many seconds (at least MIN_ROUNDS rounds).
@@ -65,7 +65,7 @@ def packed_network(traced: "TracedModel", plan: Plan,
                    geometries: Dict[Block, BlockGeometry]) -> Tuple["torch.nn.Module", Dict[str, Block]]:
     """The model with each block of ``plan`` one random conv of its geometry; and the block of each
     submodule name."""
-    from dpcompress.rewrite import BLOCK_PREFIX, rewrite_blocks
+    from dpcompress.graph.rewrite import BLOCK_PREFIX, rewrite_blocks
 
     holder = copy.copy(traced.gm)
     holder._modules = dict(traced.gm._modules)  # new blocks go here, not into the traced model
@@ -106,7 +106,7 @@ def time_networks(backend: "Backend", traced: "TracedModel", plans: Sequence[Pla
     """Time the blocks of each plan inside its network; the networks take turns, round by round."""
     import torch
 
-    from dpcompress.timing import summarize
+    from dpcompress.latency.timing import summarize
 
     prepared = []
     with torch.no_grad():

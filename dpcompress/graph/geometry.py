@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from dpcompress.chain import Chain
+from dpcompress.graph.chain import Chain
 
 
 def connectivity(in_channels: int, out_channels: int, groups: int) -> np.ndarray:

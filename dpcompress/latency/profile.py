@@ -22,7 +22,7 @@ estimate is itself a noisy measurement. The values go in the meta
 How rows are timed is the meta's ``timing``. ``in-network`` (the default where the backend
 profiles nodes, ONNX Runtime): blocks are timed inside whole networks, several disjoint
 blocks per network, each block's time read from the runtime's per-node profiler and
-scaled to the network's plain latency (``dpcompress/network_timing.py``); the network of
+scaled to the network's plain latency (``dpcompress/latency/network_timing.py``); the network of
 single convs gives the table's ``rest_ms`` (head, pooling, layout conversions, the call),
 which the solver adds to every plan's latency, so that a plan's predicted latency is the
 whole network's. ``standalone``: each block is its own model, timed cache-hot, the call
@@ -53,18 +53,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from dpcompress import __version__
-from dpcompress.chain import Chain
+from dpcompress.graph.chain import Chain
 from dpcompress.errors import UserError
 from dpcompress.fileio import write_json_atomic, write_text_atomic
-from dpcompress.geometry import BlockGeometry, block_geometry
+from dpcompress.graph.geometry import BlockGeometry, block_geometry
 from dpcompress.tables import meta_path_for
-from dpcompress.timing import time_runner
+from dpcompress.latency.timing import time_runner
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn
 
     from dpcompress.backends import Backend
-    from dpcompress.trace import TracedModel
+    from dpcompress.graph.trace import TracedModel
 
 TABLE_FORMAT = "dpcompress-latency-table/1"
 TABLE_COLUMNS = ("start", "end", "latency_ms", "std_ms", "in_channels", "out_channels",
@@ -454,7 +454,7 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                 handled += 1
                 flush(sink)
         else:
-            from dpcompress.network_timing import pack, packed_plan, time_networks
+            from dpcompress.latency.network_timing import pack, packed_plan, time_networks
 
             assert traced is not None
             overhead = overhead_by_shape[_shape_key(network_input)] if to_time else 0.0

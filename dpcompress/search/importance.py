@@ -33,11 +33,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from dpcompress import distributed
-from dpcompress.chain import Chain
+from dpcompress.training import distributed
+from dpcompress.graph.chain import Chain
 from dpcompress.errors import UserError
 from dpcompress.fileio import PathLike, write_json_atomic
-from dpcompress.plan import Plan
+from dpcompress.search.plan import Plan
 from dpcompress.tables import ImportanceTable, meta_path_for, read_importance_table, write_importance_table
 
 IMPORTANCE_FORMAT = "dpcompress-importance/1"
@@ -116,8 +116,8 @@ def measure_segment(traced: Any, segment: Segment, settings: ImportanceSettings,
     """Raw measurements for one segment (see RAW_COLUMNS); ``context`` holds what all segments share."""
     import torch
 
-    from dpcompress.rewrite import reference_model
-    from dpcompress.train import evaluate, train
+    from dpcompress.graph.rewrite import reference_model
+    from dpcompress.training.train import evaluate, train
 
     row: Row = {"start": segment[0], "end": segment[1]}
     if settings.method == "uniform":
@@ -167,7 +167,7 @@ def compute_importance(traced: Any, settings: ImportanceSettings, out: PathLike,
     """
     import torch
 
-    from dpcompress.train import evaluate
+    from dpcompress.training.train import evaluate
 
     distributed.init()
     out = Path(out)

@@ -6,7 +6,7 @@ nonlinearity in between is then exact: conv1 (kernel k1, stride s1, padding p1)
 followed by conv2 (k2, s2, p2) equals one conv with kernel ``k1 + s1*(k2-1)``, stride
 ``s1*s2`` and padding ``p1 + s1*p2`` (per axis). That is how the padding-reordered
 network runs a block: the block's total padding goes in front, the inner convs pad
-nothing. Groups follow the structural channel connectivity (``dpcompress.geometry``),
+nothing. Groups follow the structural channel connectivity (``dpcompress.graph.geometry``),
 so a merged conv has exactly the grouping ``geometry.block_geometry`` predicts.
 Once composed, ``crop_to_input`` drops the taps that only ever meet zero padding at
 the block's input size (``geometry.crop_taps``), again as ``block_geometry`` predicts.
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dpcompress.geometry import crop_taps, largest_exact_groups
+from dpcompress.graph.geometry import crop_taps, largest_exact_groups
 
 IntPair = Union[int, Sequence[int]]
 

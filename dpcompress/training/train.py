@@ -1,7 +1,7 @@
 """Training and evaluation: SGD with cosine decay, optional knowledge distillation, resumable.
 
 Used for the digits model itself, for the brief fine-tuning of each importance measurement,
-and for fine-tuning a plan's network. Under ``torchrun`` (when :mod:`dpcompress.distributed`
+and for fine-tuning a plan's network. Under ``torchrun`` (when :mod:`dpcompress.training.distributed`
 has joined a process group) the model trains data-parallel with DistributedDataParallel.
 """
 
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from dpcompress import distributed
+from dpcompress.training import distributed
 from dpcompress.errors import UserError
 from dpcompress.fileio import atomic_path
 

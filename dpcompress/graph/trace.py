@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
-from dpcompress.chain import Chain, ConvUnit, Residual
+from dpcompress.graph.chain import Chain, ConvUnit, Residual
 from dpcompress.errors import UserError
 
 ACTIVATION_MODULES: Tuple[type, ...] = (

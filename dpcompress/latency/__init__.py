@@ -1,0 +1,1 @@
+"""Latency: profiling blocks on a backend into tables, timing statistics, and benches."""

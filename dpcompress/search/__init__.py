@@ -1,0 +1,1 @@
+"""Search: importance of segments, the two-stage DP solver, plans, and the measured closed loop."""

@@ -1,0 +1,1 @@
+"""Training: data, fine-tuning with the plan applied, and the distributed helpers."""
