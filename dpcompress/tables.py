@@ -8,6 +8,13 @@ latency (what the network spends outside its trunk convs).
 
 Importance table: one row per allowed segment between two kept activations,
 ``start,end,importance`` required; extra columns (raw measurements) are ignored.
+
+Both tables may carry the optional ``pruned`` column (LayerMerge's search space): the
+space-separated positions of the convs inside the row's block or segment that are replaced by
+identity; empty or absent means none. A latency row with ``pruned`` is one pruning option of its
+block; an importance row with ``pruned`` is the segment with exactly those convs pruned. Rows
+without pruning are kept apart from the others (``latency_ms`` / ``importance``, keyed by
+(start, end) as before), so a table without the column reads exactly as it always did.
 """
 
 from __future__ import annotations
@@ -23,11 +30,15 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from dpcompress.graph.chain import Chain
 from dpcompress.errors import UserError
 from dpcompress.fileio import PathLike, write_json_atomic, write_text_atomic
+from dpcompress.search.plan import reducible_positions
 
 Block = Tuple[int, int]
+Pruned = Tuple[int, ...]  # positions of pruned convs, ascending; () for none
+PrunedBlock = Tuple[int, int, Pruned]  # (start, end, pruned), pruned not empty
 
 LATENCY_COLUMNS = ("start", "end", "latency_ms")
 IMPORTANCE_COLUMNS = ("start", "end", "importance")
+PRUNED_COLUMN = "pruned"
 
 
 @dataclass
@@ -35,9 +46,16 @@ class LatencyTable:
     """Measured latency (ms) of every allowed block (i, j) of a chain with ``num_positions`` convs."""
 
     num_positions: int
-    latency_ms: Dict[Block, float]
+    latency_ms: Dict[Block, float]  # blocks with nothing pruned
     meta: Dict[str, Any] = field(default_factory=dict)  # contents of <name>.meta.json, if any
     source: str = "<memory>"
+    pruned_latency_ms: Dict[PrunedBlock, float] = field(default_factory=dict)  # the pruning options
+
+    def block_latency(self, start: int, end: int, pruned: Pruned = ()) -> Optional[float]:
+        """Latency of block (start, end) with the convs at ``pruned`` replaced by identity; None: no row."""
+        if pruned:
+            return self.pruned_latency_ms.get((start, end, pruned))
+        return self.latency_ms.get((start, end))
 
     @property
     def rest_ms(self) -> float:
@@ -62,8 +80,9 @@ class LatencyTable:
 class ImportanceTable:
     """Importance of every allowed segment (i, j) between two kept activations."""
 
-    importance: Dict[Block, float]
+    importance: Dict[Block, float]  # segments with nothing pruned
     source: str = "<memory>"
+    pruned_importance: Dict[PrunedBlock, float] = field(default_factory=dict)  # segments with pruned convs
 
 
 def check_table_against_chain(table: LatencyTable, chain: Chain) -> None:
@@ -75,9 +94,16 @@ def check_table_against_chain(table: LatencyTable, chain: Chain) -> None:
     if table.num_positions > chain.num_positions:
         raise UserError(f"{table.source} has blocks up to position {table.num_positions} but the model has "
                         f"only {chain.num_positions} convs; profile this model")
-    for start, end in sorted(table.latency_ms):
+    for start, end in sorted({*table.latency_ms, *((s, e) for s, e, _ in table.pruned_latency_ms)}):
         if not chain.is_valid_block(start, end):
             raise UserError(f"{table.source}: block ({start}, {end}) is not a valid block of the model; "
+                            "the table is for another model")
+    reducible = set(reducible_positions(chain))
+    for start, end, pruned in sorted(table.pruned_latency_ms):
+        irreducible = [p for p in pruned if p not in reducible]
+        if irreducible:
+            raise UserError(f"{table.source}: block ({start}, {end}) prunes conv {irreducible[0]}, which this model "
+                            "cannot replace by identity (its input and output shapes differ); "
                             "the table is for another model")
 
 
@@ -90,8 +116,8 @@ def meta_path_for(table_path: PathLike) -> Path:
 def read_latency_table(path: PathLike) -> LatencyTable:
     """Read and validate a latency table (and its meta file when present)."""
     rows = _read_rows(path, LATENCY_COLUMNS)
-    latency = _parse_values(path, rows, "latency_ms", allow_negative=False)
-    num_positions = max(end for _, end in latency)
+    latency, pruned_latency = _parse_values(path, rows, "latency_ms", allow_negative=False)
+    num_positions = max(end for _, end, *_ in [*latency, *pruned_latency])
     meta_file = meta_path_for(path)
     meta: Dict[str, Any] = {}
     if meta_file.exists():
@@ -102,14 +128,15 @@ def read_latency_table(path: PathLike) -> LatencyTable:
         if not isinstance(loaded, dict):
             raise UserError(f"{meta_file}: expected a JSON object; fix or delete it")
         meta = loaded
-    return LatencyTable(num_positions=num_positions, latency_ms=latency, meta=meta, source=str(path))
+    return LatencyTable(num_positions=num_positions, latency_ms=latency, meta=meta, source=str(path),
+                        pruned_latency_ms=pruned_latency)
 
 
 def read_importance_table(path: PathLike) -> ImportanceTable:
     """Read and validate an importance table (importances may be negative)."""
     rows = _read_rows(path, IMPORTANCE_COLUMNS)
-    return ImportanceTable(importance=_parse_values(path, rows, "importance", allow_negative=True),
-                           source=str(path))
+    importance, pruned_importance = _parse_values(path, rows, "importance", allow_negative=True)
+    return ImportanceTable(importance=importance, source=str(path), pruned_importance=pruned_importance)
 
 
 def write_csv_table(path: PathLike, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
@@ -136,6 +163,11 @@ def write_importance_table(path: PathLike, rows: Iterable[Mapping[str, Any]],
     write_csv_table(path, [*IMPORTANCE_COLUMNS, *extra_columns], rows)
 
 
+def format_pruned(pruned: Iterable[int]) -> str:
+    """The ``pruned`` cell of a table row: positions space-separated ('' for none)."""
+    return " ".join(str(p) for p in sorted(pruned))
+
+
 def _format_cell(value: Any) -> Any:
     # repr keeps every digit of a float, so a table read back gives the same numbers.
     return repr(value) if isinstance(value, float) else value
@@ -160,8 +192,10 @@ def _read_rows(path: PathLike, required: Sequence[str]) -> List[Dict[str, str]]:
 
 
 def _parse_values(path: PathLike, rows: List[Dict[str, str]], column: str,
-                  allow_negative: bool) -> Dict[Block, float]:
+                  allow_negative: bool) -> Tuple[Dict[Block, float], Dict[PrunedBlock, float]]:
+    """The rows' values: those with nothing pruned by (start, end), the others by (start, end, pruned)."""
     values: Dict[Block, float] = {}
+    pruned_values: Dict[PrunedBlock, float] = {}
     for line, row in enumerate(rows, start=2):  # line 1 is the header
         where = f"{path}, line {line}"
         start = _parse_int(row.get("start"), "start", where)
@@ -177,10 +211,34 @@ def _parse_values(path: PathLike, rows: List[Dict[str, str]], column: str,
             raise UserError(f"{where}: {column} {raw!r} is not a finite number")
         if value < 0 and not allow_negative:
             raise UserError(f"{where}: {column} {raw!r} is negative; latencies must be >= 0")
-        if (start, end) in values:
-            raise UserError(f"{where}: duplicate row for ({start}, {end}); keep one row per pair")
-        values[(start, end)] = value
-    return values
+        pruned = _parse_pruned(row.get(PRUNED_COLUMN), start, end, where)
+        if not pruned:
+            if (start, end) in values:
+                raise UserError(f"{where}: duplicate row for ({start}, {end}); keep one row per pair")
+            values[(start, end)] = value
+            continue
+        if (start, end, pruned) in pruned_values:
+            raise UserError(f"{where}: duplicate row for ({start}, {end}) pruned {format_pruned(pruned)!r}; "
+                            "keep one row per pair and pruned set")
+        pruned_values[(start, end, pruned)] = value
+    return values, pruned_values
+
+
+def _parse_pruned(raw: Optional[str], start: int, end: int, where: str) -> Pruned:
+    """The ``pruned`` cell: distinct positions of convs start+1..end, in any order."""
+    positions = []
+    for token in (raw or "").split():
+        try:
+            positions.append(int(token))
+        except ValueError:
+            raise UserError(f"{where}: pruned {raw!r} is not a list of space-separated integer positions") from None
+    outside = [p for p in positions if not start < p <= end]
+    if outside:
+        raise UserError(f"{where}: pruned position {outside[0]} is not a conv of ({start}, {end}); "
+                        f"it must lie in {start + 1}..{end}")
+    if len(set(positions)) != len(positions):
+        raise UserError(f"{where}: pruned {raw!r} names a position twice")
+    return tuple(sorted(positions))
 
 
 def _parse_int(raw: Optional[str], name: str, where: str) -> int:

@@ -2,7 +2,10 @@
 
 JSON format ``dpcompress-plan/1`` (DESIGN.md). A plan written by hand with only
 ``activations`` and ``boundaries`` is valid; ``num_positions`` then defaults to the
-last boundary and the other fields to None (``solve_seconds`` to 0).
+last boundary, ``pruned`` to none and the other fields to None (``solve_seconds`` to 0).
+
+``pruned`` (LayerMerge's search space) lists the convs replaced by identity, with their
+BatchNorms; each lies in exactly one block, which merges the convs of the block that remain.
 """
 
 from __future__ import annotations
@@ -11,9 +14,9 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-from dpcompress.graph.chain import Chain
+from dpcompress.graph.chain import Chain, ConvUnit
 from dpcompress.errors import UserError
 from dpcompress.fileio import PathLike, write_json_atomic
 
@@ -32,6 +35,7 @@ class Plan:
     importance: Optional[float] = None  # sum of the importance of the segments
     original_latency_ms: Optional[float] = None
     solve_seconds: float = 0.0
+    pruned: List[int] = field(default_factory=list)  # convs replaced by identity, sorted
     format: str = field(default=PLAN_FORMAT)
 
     @property
@@ -45,6 +49,10 @@ class Plan:
         ends = [0, *self.activations, self.num_positions]
         return list(zip(ends[:-1], ends[1:]))
 
+    def pruned_in(self, start: int, end: int) -> Tuple[int, ...]:
+        """The pruned convs of block or segment (start, end): positions start+1..end, ascending."""
+        return tuple(p for p in self.pruned if start < p <= end)
+
     def to_json(self) -> Dict[str, Any]:
         return {
             "format": self.format,
@@ -53,6 +61,7 @@ class Plan:
             "num_positions": self.num_positions,
             "activations": list(self.activations),
             "boundaries": list(self.boundaries),
+            "pruned": list(self.pruned),
             "budget_ms": self.budget_ms,
             "latency_ms": self.latency_ms,
             "importance": self.importance,
@@ -73,6 +82,7 @@ def plan_from_json(data: Any, source: str = "plan") -> Plan:
             raise UserError(f"{source}: missing key '{key}'; a plan needs at least 'activations' and 'boundaries'")
     activations = _int_list(data["activations"], "activations", source)
     boundaries = _int_list(data["boundaries"], "boundaries", source)
+    pruned = _int_list(data.get("pruned", []), "pruned", source)
     if not boundaries:
         raise UserError(f"{source}: 'boundaries' is empty; it must run from 0 to the number of convs")
     num_positions = data.get("num_positions")
@@ -91,6 +101,7 @@ def plan_from_json(data: Any, source: str = "plan") -> Plan:
         importance=_optional_number(data, "importance", source),
         original_latency_ms=_optional_number(data, "original_latency_ms", source),
         solve_seconds=_optional_number(data, "solve_seconds", source) or 0.0,
+        pruned=pruned,
     )
     check_plan_structure(plan, source)
     return plan
@@ -113,7 +124,8 @@ def save_plan(path: PathLike, plan: Plan) -> None:
 
 
 def check_plan_structure(plan: Plan, source: str = "plan") -> None:
-    """Checks that need no model: sorted boundaries from 0 to L, activations among them."""
+    """Checks that need no model: sorted boundaries from 0 to L, activations among them, pruned
+    convs sorted and inside the chain (every position 1..L lies in exactly one block)."""
     b, L = plan.boundaries, plan.num_positions
     if not b or b[0] != 0 or b[-1] != L:
         raise UserError(f"{source}: boundaries must start at 0 and end at num_positions={L}, got {b}")
@@ -129,6 +141,13 @@ def check_plan_structure(plan: Plan, source: str = "plan") -> None:
     if not_boundary:
         raise UserError(f"{source}: kept activation {not_boundary[0]} is not a block boundary; "
                         "add it to 'boundaries'")
+    pruned = plan.pruned
+    if any(x >= y for x, y in zip(pruned, pruned[1:])):
+        raise UserError(f"{source}: pruned positions must be strictly increasing, got {pruned}")
+    outside = [p for p in pruned if not 0 < p <= L]
+    if outside:
+        raise UserError(f"{source}: pruned position {outside[0]} lies in no block; "
+                        f"the convs are at positions 1..{L}")
 
 
 def check_plan_against_chain(plan: Plan, chain: Chain, source: str = "plan") -> None:
@@ -149,6 +168,31 @@ def check_plan_against_chain(plan: Plan, chain: Chain, source: str = "plan") -> 
     for p in plan.activations:
         if p not in eligible:
             raise UserError(f"{source}: position {p} holds no removable activation in this model")
+    reducible = set(reducible_positions(chain))
+    for p in plan.pruned:
+        if p not in reducible:
+            unit = chain.unit(p)
+            raise UserError(f"{source}: conv {p} ({unit.name}) cannot be pruned: replacing it by identity "
+                            f"needs stride 1 and equal input and output shapes, it has stride "
+                            f"{unit.stride[0]}x{unit.stride[1]}, input {_shape(unit.in_shape)}, "
+                            f"output {_shape(unit.out_shape)}")
+
+
+def is_reducible(unit: ConvUnit) -> bool:
+    """Whether a conv (with its BatchNorm) may be replaced by identity: stride 1 and its output the
+    shape of its input (channels, height, width). Kernel, padding, dilation and groups do not matter:
+    the identity takes the conv's place in the reference network, and its block merges the convs
+    that remain exactly as any block does."""
+    return unit.stride == (1, 1) and tuple(unit.in_shape[1:]) == tuple(unit.out_shape[1:])
+
+
+def reducible_positions(chain: Chain) -> List[int]:
+    """The positions whose conv a plan may prune, ascending."""
+    return [u.position for u in chain.units if is_reducible(u)]
+
+
+def _shape(shape: Tuple[int, ...]) -> str:
+    return "x".join(map(str, shape[1:]))
 
 
 def _is_int(value: Any) -> bool:
