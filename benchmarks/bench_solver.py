@@ -83,14 +83,14 @@ def measure(func: Callable[[], object], repeats: int) -> Tuple[float, float]:
 def bench_instance(name: str, table: LatencyTable, importance: Optional[ImportanceTable], repeats: int) -> None:
     budget = 0.7 * table.original_latency_ms()
     s1 = run_stage1(table)
-    segments = build_segments(s1, importance)
-    frontier_size = len(stage2_frontier(s1, segments))
+    segments = build_segments(s1, importance, table)
+    frontier_size = len(stage2_frontier(segments))
     t_budget, mem_budget = measure(lambda: solve(table, importance, budget), repeats)
     t_stage1, _ = measure(lambda: run_stage1(table), repeats)
 
     def whole_frontier() -> object:
         first = run_stage1(table)
-        return stage2_frontier(first, build_segments(first, importance))
+        return stage2_frontier(build_segments(first, importance, table))
 
     t_frontier, mem_frontier = measure(whole_frontier, repeats)
     print(f"| {name} | {table.num_positions} | {len(table.latency_ms)} | {segments.count()} | "

@@ -13,11 +13,25 @@ point under that budget: exactly optimal, never over budget, and among equally
 important plans the fastest. With a budget, partial plans that cannot reach L within it
 are pruned early (using the exact cheapest completion), which keeps the frontiers small.
 
+Pruning options (LayerMerge's search space): a latency row may prune convs of its block
+(replace them by identity), and an importance row gives the value of a segment with exactly
+the set P of its convs pruned; P is the union of the options its blocks take. A segment with
+P pruned is allowed only where the importance table has its row: a missing row is not worth
+the unpruned segment's importance, because then pruning would cost nothing and the DP would
+prune every conv that saves time, whatever the damage. Without an importance table (uniform
+importance) nothing prices pruning either, so no segment is pruned. For each allowed (segment,
+P), stage 1 finds the cheapest split in which every block b takes the option pruning exactly
+P ∩ b (blocks are disjoint, so these are all the splits whose union is P), and stage 2 chooses
+among the (segment, P) as it chooses among segments. The work grows with the importance rows,
+never with the number of pruned sets a segment could reach; with no pruning anywhere, every
+step is the two-stage DP's.
+
 numpy only: no torch, no model; it works on tables alone.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import time
@@ -31,7 +45,16 @@ from dpcompress.graph.chain import Chain
 from dpcompress.errors import UserError
 from dpcompress.search.plan import Plan
 from dpcompress.fileio import PathLike
-from dpcompress.tables import Block, ImportanceTable, LatencyTable, check_table_against_chain, write_csv_table
+from dpcompress.tables import (
+    Block,
+    ImportanceTable,
+    LatencyTable,
+    Pruned,
+    PrunedBlock,
+    check_table_against_chain,
+    format_pruned,
+    write_csv_table,
+)
 
 # Partial plans whose cheapest completion exceeds the budget by more than this
 # relative slack are pruned; the slack only guards against float summation order,
@@ -99,44 +122,124 @@ def stage1(latency: Mapping[Block, float], num_positions: int) -> Stage1Result:
 
 @dataclass
 class Segments:
-    """Allowed segments grouped by end position: starts and importance of each."""
+    """Allowed segments grouped by end position. Entry k at ``end`` is the segment
+    (``starts_by_end[end][k]``, end) with the convs ``pruned_by_end[end][k]`` pruned (() for none),
+    worth ``importance_by_end[end][k]``, whose cheapest split costs ``latency_by_end[end][k]``."""
 
     num_positions: int
     starts_by_end: Dict[int, np.ndarray]
     importance_by_end: Dict[int, np.ndarray]
+    latency_by_end: Dict[int, np.ndarray]
+    pruned_by_end: Dict[int, List[Pruned]]
+    # Inner block boundaries of the cheapest split of each pruned segment (the unpruned ones are stage 1's).
+    pruned_split_points: Dict[PrunedBlock, Tuple[int, ...]] = field(default_factory=dict)
 
     def count(self) -> int:
         return sum(len(s) for s in self.starts_by_end.values())
 
-    def importance_of(self, start: int, end: int) -> float:
-        starts = self.starts_by_end[end]  # ascending
-        return float(self.importance_by_end[end][np.searchsorted(starts, start)])
+    def split_points(self, s1: Stage1Result, start: int, end: int, pruned: Pruned) -> List[int]:
+        """The inner block boundaries of the cheapest split of segment (start, end) with ``pruned`` pruned."""
+        if not pruned:
+            return s1.split_points(start, end)
+        return list(self.pruned_split_points[(start, end, pruned)])
 
 
-def segments_from_table(importance: Mapping[Block, float], s1: Stage1Result,
-                        allowed_positions: Optional[Iterable[int]] = None,
-                        source: str = "importance table") -> Segments:
+def _grouped_segments(L: int, rows: Iterable[Tuple[int, int, Pruned, float, float]],
+                      pruned_split_points: Dict[PrunedBlock, Tuple[int, ...]]) -> Segments:
+    """Segments from (start, end, pruned, importance, latency) rows, in the order given at each end."""
+    grouped: Dict[int, List[Tuple[int, Pruned, float, float]]] = {}
+    for start, end, pruned, value, latency in rows:
+        grouped.setdefault(end, []).append((start, pruned, value, latency))
+    return Segments(
+        num_positions=L,
+        starts_by_end={e: np.array([r[0] for r in rs], dtype=np.int64) for e, rs in grouped.items()},
+        importance_by_end={e: np.array([r[2] for r in rs], dtype=np.float64) for e, rs in grouped.items()},
+        latency_by_end={e: np.array([r[3] for r in rs], dtype=np.float64) for e, rs in grouped.items()},
+        pruned_by_end={e: [r[1] for r in rs] for e, rs in grouped.items()},
+        pruned_split_points=pruned_split_points,
+    )
+
+
+def pruned_stage1(table: LatencyTable, segments: Iterable[PrunedBlock]
+                  ) -> Dict[PrunedBlock, Tuple[float, Tuple[int, ...]]]:
+    """Cheapest split of each segment (start, end) with the convs ``pruned`` pruned, and its inner block
+    boundaries; segments that no split covers are left out.
+
+    Every block b of a split takes the option that prunes exactly ``pruned`` ∩ b (its unpruned row
+    where that is empty): the blocks are disjoint, so these are exactly the splits whose options
+    together prune ``pruned``. Segments sharing a start and a pruned set share one forward pass.
+    """
+    starts_ending_at: Dict[int, List[int]] = {}
+    for start, end, *_ in [*table.latency_ms, *table.pruned_latency_ms]:
+        starts_ending_at.setdefault(end, []).append(start)
+    for starts in starts_ending_at.values():
+        starts.sort()
+    ends_by_pass: Dict[Tuple[int, Pruned], List[int]] = {}
+    for start, end, pruned in segments:
+        ends_by_pass.setdefault((start, pruned), []).append(end)
+    result: Dict[PrunedBlock, Tuple[float, Tuple[int, ...]]] = {}
+    for (start, pruned), ends in ends_by_pass.items():
+        cost = {start: 0.0}  # cheapest split of (start, position), over the positions reached
+        last_block_start: Dict[int, int] = {}
+        for end in range(start + 1, max(ends) + 1):
+            starts = starts_ending_at.get(end, [])
+            for block_start in starts[bisect.bisect_left(starts, start):]:
+                if block_start not in cost:
+                    continue
+                latency = table.block_latency(block_start, end, tuple(p for p in pruned if block_start < p <= end))
+                if latency is not None and cost[block_start] + latency < cost.get(end, math.inf):
+                    cost[end] = cost[block_start] + latency
+                    last_block_start[end] = block_start
+        for end in ends:
+            if end not in cost:
+                continue
+            points = []
+            position = last_block_start[end]
+            while position != start:
+                points.append(position)
+                position = last_block_start[position]
+            result[(start, end, pruned)] = (cost[end], tuple(points[::-1]))
+    return result
+
+
+def segments_from_table(importance_table: ImportanceTable, s1: Stage1Result, latency_table: LatencyTable,
+                        allowed_positions: Optional[Iterable[int]] = None) -> Segments:
     """The importance table's rows as segments, checked against stage 1 and the allowed ends."""
     L = s1.num_positions
+    source = importance_table.source
     allowed = None if allowed_positions is None else set(allowed_positions) | {0, L}
-    grouped: Dict[int, List[Tuple[int, float]]] = {}
-    for (start, end), value in sorted(importance.items()):
+    # Unpruned first at each end, in today's order, so that with no pruning the DP meets its
+    # candidates, and breaks ties among them, exactly as the two-stage DP did.
+    rows: List[Tuple[int, int, Pruned, float]] = sorted(
+        [*((start, end, (), value) for (start, end), value in importance_table.importance.items()),
+         *((start, end, pruned, value) for (start, end, pruned), value in importance_table.pruned_importance.items())],
+        key=lambda row: (row[1], len(row[2]) > 0, row[0], row[2]))
+    for start, end, pruned, _ in rows:
+        what = f"segment ({start}, {end})" + (f" pruned {format_pruned(pruned)!r}" if pruned else "")
         if end > L:
-            raise UserError(f"{source}: segment ({start}, {end}) ends past the latency table's last "
+            raise UserError(f"{source}: {what} ends past the latency table's last "
                             f"position {L}; the tables are for different models")
         if allowed is not None and not (start in allowed and end in allowed):
             bad = start if start not in allowed else end
-            raise UserError(f"{source}: segment ({start}, {end}) ends at position {bad}, "
+            raise UserError(f"{source}: {what} ends at position {bad}, "
                             "which holds no removable activation in the model")
-        if not math.isfinite(s1.topt[start, end]):
+    pruned_splits = pruned_stage1(latency_table, [(s, e, p) for s, e, p, _ in rows if p])
+    latencies = []
+    for start, end, pruned, _ in rows:
+        if not pruned:
+            latency = float(s1.topt[start, end])
+        elif (start, end, pruned) in pruned_splits:
+            latency = pruned_splits[(start, end, pruned)][0]
+        else:
+            raise UserError(f"{source}: segment ({start}, {end}) pruned {format_pruned(pruned)!r} cannot be split "
+                            "into blocks of the latency table with those convs pruned; profile the blocks' "
+                            "pruning options or drop the row")
+        if not math.isfinite(latency):
             raise UserError(f"{source}: segment ({start}, {end}) cannot be split into blocks of the "
                             "latency table; profile its blocks or drop the row")
-        grouped.setdefault(end, []).append((start, value))
-    return Segments(
-        num_positions=L,
-        starts_by_end={e: np.array([s for s, _ in rows], dtype=np.int64) for e, rows in grouped.items()},
-        importance_by_end={e: np.array([v for _, v in rows], dtype=np.float64) for e, rows in grouped.items()},
-    )
+        latencies.append(latency)
+    return _grouped_segments(L, ((s, e, p, v, t) for (s, e, p, v), t in zip(rows, latencies)),
+                             {key: points for key, (_, points) in pruned_splits.items()})
 
 
 def uniform_segments(s1: Stage1Result, allowed_positions: Optional[Iterable[int]] = None) -> Segments:
@@ -151,6 +254,8 @@ def uniform_segments(s1: Stage1Result, allowed_positions: Optional[Iterable[int]
         ends = np.array(sorted(set(allowed_positions) | {0, L}), dtype=np.int64)
     starts_by_end: Dict[int, np.ndarray] = {}
     importance_by_end: Dict[int, np.ndarray] = {}
+    latency_by_end: Dict[int, np.ndarray] = {}
+    pruned_by_end: Dict[int, List[Pruned]] = {}
     for index in range(1, len(ends)):
         end = int(ends[index])
         starts = ends[:index]
@@ -158,10 +263,13 @@ def uniform_segments(s1: Stage1Result, allowed_positions: Optional[Iterable[int]
         if starts.size:
             starts_by_end[end] = starts
             importance_by_end[end] = np.ones(starts.size)
-    return Segments(num_positions=L, starts_by_end=starts_by_end, importance_by_end=importance_by_end)
+            latency_by_end[end] = s1.topt[starts, end]
+            pruned_by_end[end] = [()] * starts.size
+    return Segments(num_positions=L, starts_by_end=starts_by_end, importance_by_end=importance_by_end,
+                    latency_by_end=latency_by_end, pruned_by_end=pruned_by_end)
 
 
-def cheapest_completion(s1: Stage1Result, segments: Segments) -> np.ndarray:
+def cheapest_completion(segments: Segments) -> np.ndarray:
     """For every position p, the least latency from p to L through allowed segments (inf: none)."""
     L = segments.num_positions
     to_end = np.full(L + 1, np.inf)
@@ -170,8 +278,7 @@ def cheapest_completion(s1: Stage1Result, segments: Segments) -> np.ndarray:
     for end in sorted(segments.starts_by_end, reverse=True):
         if not math.isfinite(to_end[end]):
             continue
-        starts = segments.starts_by_end[end]
-        np.minimum.at(to_end, starts, s1.topt[starts, end] + to_end[end])
+        np.minimum.at(to_end, segments.starts_by_end[end], segments.latency_by_end[end] + to_end[end])
     return to_end
 
 
@@ -187,35 +294,43 @@ class FrontierPoint:
     @property
     def activations(self) -> Tuple[int, ...]:
         """The kept activations (without 0 and L), read back along the DP's parent links."""
-        return _activations(self._store, self._index)
+        return tuple(end for end, _ in self.segments[:-1])
+
+    @property
+    def segments(self) -> List[Tuple[int, int]]:
+        """The plan's segments in order, each as (end position, its entry among the segments ending there)."""
+        return _segment_path(self._store, self._index)
 
 
 class _Store:
-    """Flat growable arrays of partial plans: latency, importance, parent index, end position."""
+    """Flat growable arrays of partial plans: latency, importance, parent index, end position, and
+    which of the segments ending there reached it."""
 
     def __init__(self, capacity: int = 1024) -> None:
         self.latency = np.empty(capacity)
         self.importance = np.empty(capacity)
         self.parent = np.empty(capacity, dtype=np.int64)
         self.position = np.empty(capacity, dtype=np.int64)
+        self.segment = np.empty(capacity, dtype=np.int64)
         self.size = 0
 
-    def append(self, latency: np.ndarray, importance: np.ndarray, parent: np.ndarray, position: int) -> None:
+    def append(self, latency: np.ndarray, importance: np.ndarray, parent: np.ndarray, position: int,
+               segment: np.ndarray) -> None:
         needed = self.size + latency.size
         if needed > self.latency.size:
             capacity = max(needed, 2 * self.latency.size)
-            for name in ("latency", "importance", "parent", "position"):
+            for name in ("latency", "importance", "parent", "position", "segment"):
                 old = getattr(self, name)
                 grown = np.empty(capacity, dtype=old.dtype)
                 grown[: self.size] = old[: self.size]
                 setattr(self, name, grown)
         sl = slice(self.size, needed)
         self.latency[sl], self.importance[sl], self.parent[sl], self.position[sl] = latency, importance, parent, position
+        self.segment[sl] = segment
         self.size = needed
 
 
-def stage2_frontier(s1: Stage1Result, segments: Segments,
-                    budget_ms: Optional[float] = None) -> List[FrontierPoint]:
+def stage2_frontier(segments: Segments, budget_ms: Optional[float] = None) -> List[FrontierPoint]:
     """Pareto frontier of (latency, importance) over all plans, sorted by latency.
 
     Latencies strictly increase along the frontier and so do importances; of plans with
@@ -223,12 +338,12 @@ def stage2_frontier(s1: Stage1Result, segments: Segments,
     the budget are computed (the frontier's part under the budget is the same).
     """
     L = segments.num_positions
-    to_end = cheapest_completion(s1, segments)
+    to_end = cheapest_completion(segments)
     limit = math.inf if budget_ms is None else budget_ms + _PRUNE_SLACK * max(1.0, abs(budget_ms))
     store = _Store()
     first = np.zeros(L + 1, dtype=np.int64)  # frontier of position p: store[first[p]:stop[p]]
     stop = np.zeros(L + 1, dtype=np.int64)
-    store.append(np.zeros(1), np.zeros(1), np.full(1, -1), 0)
+    store.append(np.zeros(1), np.zeros(1), np.full(1, -1), 0, np.full(1, -1))
     stop[0] = 1 if to_end[0] <= limit else 0
     for end in sorted(segments.starts_by_end):
         if not to_end[end] <= limit:  # cannot be completed (within the budget)
@@ -241,16 +356,16 @@ def stage2_frontier(s1: Stage1Result, segments: Segments,
         segment_of = np.repeat(np.arange(starts.size), lengths)
         offsets = np.cumsum(lengths) - lengths
         parent = first[starts][segment_of] + (np.arange(total) - offsets[segment_of])
-        latency = store.latency[parent] + s1.topt[starts, end][segment_of]
+        latency = store.latency[parent] + segments.latency_by_end[end][segment_of]
         importance = store.importance[parent] + segments.importance_by_end[end][segment_of]
         if budget_ms is not None:
             fits = latency + to_end[end] <= limit
-            latency, importance, parent = latency[fits], importance[fits], parent[fits]
+            latency, importance, parent, segment_of = latency[fits], importance[fits], parent[fits], segment_of[fits]
             if latency.size == 0:
                 continue
         keep = _pareto_indices(latency, importance)
         first[end] = store.size
-        store.append(latency[keep], importance[keep], parent[keep], end)
+        store.append(latency[keep], importance[keep], parent[keep], end, segment_of[keep])
         stop[end] = store.size
     points = []
     for index in range(int(first[L]), int(stop[L])):
@@ -278,13 +393,12 @@ def _pareto_indices(latency: np.ndarray, importance: np.ndarray) -> np.ndarray:
     return order[first_max[group_max > best_before]]
 
 
-def _activations(store: _Store, index: int) -> Tuple[int, ...]:
-    positions = []
-    index = int(store.parent[index])
+def _segment_path(store: _Store, index: int) -> List[Tuple[int, int]]:
+    path = []
     while index > 0:  # index 0 is the root at position 0
-        positions.append(int(store.position[index]))
+        path.append((int(store.position[index]), int(store.segment[index])))
         index = int(store.parent[index])
-    return tuple(positions[::-1])
+    return path[::-1]
 
 
 # ---- the library entry points used by the CLI and the other stages ----
@@ -305,39 +419,42 @@ def run_stage1(table: LatencyTable) -> Stage1Result:
     return s1
 
 
-def build_segments(s1: Stage1Result, importance_table: Optional[ImportanceTable],
+def build_segments(s1: Stage1Result, importance_table: Optional[ImportanceTable], latency_table: LatencyTable,
                    allowed_positions: Optional[Iterable[int]] = None) -> Segments:
     if importance_table is None:
         return uniform_segments(s1, allowed_positions)
-    return segments_from_table(importance_table.importance, s1, allowed_positions, importance_table.source)
+    return segments_from_table(importance_table, s1, latency_table, allowed_positions)
 
 
 def plan_for_point(point: FrontierPoint, s1: Stage1Result, segments: Segments, table: LatencyTable,
                    budget_ms: Optional[float] = None, solve_seconds: float = 0.0) -> Plan:
     """The full plan of a frontier point: boundaries from stage 1's splits, and its latency
     and importance summed exactly (``math.fsum``) from the tables, as anyone checking it would."""
-    L = s1.num_positions
-    ends = [0, *point.activations, L]
-    boundaries = [0]
-    for start, end in zip(ends[:-1], ends[1:]):
-        boundaries.extend(s1.split_points(start, end))
+    boundaries, pruned, importances = [0], [], []
+    start = 0
+    for end, entry in point.segments:
+        segment_pruned = segments.pruned_by_end[end][entry]
+        boundaries.extend(segments.split_points(s1, start, end, segment_pruned))
         boundaries.append(end)
-    latency = math.fsum([*(table.latency_ms[block] for block in zip(boundaries[:-1], boundaries[1:])),
-                         table.rest_ms])
-    importance = math.fsum(segments.importance_of(start, end) for start, end in zip(ends[:-1], ends[1:]))
+        pruned.extend(segment_pruned)
+        importances.append(segments.importance_by_end[end][entry])
+        start = end
     try:
         original: Optional[float] = table.original_latency_ms()
     except UserError:
         original = None
-    return Plan(activations=list(point.activations), boundaries=boundaries, num_positions=L,
+    plan = Plan(activations=list(point.activations), boundaries=boundaries, num_positions=s1.num_positions,
                 model=table.meta.get("model"), chain_fingerprint=table.meta.get("chain_fingerprint"),
-                budget_ms=budget_ms, latency_ms=latency, importance=importance,
-                original_latency_ms=original, solve_seconds=solve_seconds)
+                budget_ms=budget_ms, importance=math.fsum(importances), original_latency_ms=original,
+                solve_seconds=solve_seconds, pruned=pruned)
+    plan.latency_ms = math.fsum([*(table.block_latency(b, e, plan.pruned_in(b, e)) for b, e in plan.blocks),
+                                 table.rest_ms])
+    return plan
 
 
 def _check_connected(segments: Segments, s1: Stage1Result, importance_table: Optional[ImportanceTable]) -> float:
     """The smallest achievable latency; a UserError when no allowed segments connect 0 to L."""
-    smallest = float(cheapest_completion(s1, segments)[0])
+    smallest = float(cheapest_completion(segments)[0])
     if not math.isfinite(smallest):
         what = importance_table.source if importance_table is not None else "the allowed positions"
         raise UserError(f"{what}: no sequence of allowed segments runs from position 0 to "
@@ -349,9 +466,9 @@ def frontier(latency_table: LatencyTable, importance_table: Optional[ImportanceT
              allowed_positions: Optional[Iterable[int]] = None) -> List[Tuple[float, float, Plan]]:
     """Every Pareto-optimal (latency, importance, plan) of the tables, by increasing latency."""
     s1 = run_stage1(latency_table)
-    segments = build_segments(s1, importance_table, allowed_positions)
+    segments = build_segments(s1, importance_table, latency_table, allowed_positions)
     _check_connected(segments, s1, importance_table)
-    plans = _exact_frontier([plan_for_point(p, s1, segments, latency_table) for p in stage2_frontier(s1, segments)])
+    plans = _exact_frontier([plan_for_point(p, s1, segments, latency_table) for p in stage2_frontier(segments)])
     return [(plan.latency_ms, plan.importance, plan) for plan in plans]  # type: ignore[misc]
 
 
@@ -383,10 +500,10 @@ def _solve(latency_table: LatencyTable, importance_table: Optional[ImportanceTab
            ) -> Tuple[Plan, List[FrontierPoint], Stage1Result, Segments]:
     began = time.perf_counter()
     s1 = run_stage1(latency_table)
-    segments = build_segments(s1, importance_table, allowed_positions)
+    segments = build_segments(s1, importance_table, latency_table, allowed_positions)
     rest = latency_table.rest_ms  # paid by every plan: the DP works on the blocks' share of the budget
     smallest = _check_connected(segments, s1, importance_table) + rest
-    points = stage2_frontier(s1, segments, None if full_frontier else budget_ms - rest)
+    points = stage2_frontier(segments, None if full_frontier else budget_ms - rest)
     # The DP's sums may differ from the exact sums in the last bits, so the final check against
     # the budget uses each candidate's exact latency, best importance first, and forgives a
     # difference of summation order (a budget typed back from the smallest latency printed
@@ -455,12 +572,13 @@ def load_chain(path: PathLike) -> Chain:
     return Chain.from_json(data)
 
 
-FRONTIER_COLUMNS = ("latency_ms", "importance", "num_activations", "activations", "boundaries")
+FRONTIER_COLUMNS = ("latency_ms", "importance", "num_activations", "activations", "boundaries", "pruned")
 
 
 def write_frontier_csv(path: PathLike, plans: Sequence[Plan]) -> None:
     """The frontier, one plan per row; positions space-separated."""
     write_csv_table(path, FRONTIER_COLUMNS, (
         {"latency_ms": p.latency_ms, "importance": p.importance, "num_activations": len(p.activations),
-         "activations": " ".join(map(str, p.activations)), "boundaries": " ".join(map(str, p.boundaries))}
+         "activations": " ".join(map(str, p.activations)), "boundaries": " ".join(map(str, p.boundaries)),
+         "pruned": format_pruned(p.pruned)}
         for p in plans))
