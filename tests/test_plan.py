@@ -9,7 +9,14 @@ import pytest
 
 from dpcompress.graph.chain import Chain, ConvUnit, Residual
 from dpcompress.errors import UserError
-from dpcompress.search.plan import PLAN_FORMAT, Plan, check_plan_against_chain, load_plan, save_plan
+from dpcompress.search.plan import (
+    PLAN_FORMAT,
+    Plan,
+    check_plan_against_chain,
+    load_plan,
+    reducible_positions,
+    save_plan,
+)
 
 
 def unit(position, linked=True, activation="ReLU"):
@@ -101,3 +108,48 @@ def test_activation_that_the_chain_does_not_have():
     plan = Plan(activations=[2], boundaries=[0, 2, 3], num_positions=3)
     with pytest.raises(UserError, match="position 2 holds no removable activation"):
         check_plan_against_chain(plan, chain)
+
+
+def test_pruned_round_trip_and_default(tmp_path):
+    plan = Plan(activations=[1], boundaries=[0, 1, 3, 5], num_positions=5, pruned=[2, 3])
+    path = tmp_path / "plan.json"
+    save_plan(path, plan)
+    data = json.loads(path.read_text())
+    assert data["pruned"] == [2, 3] and list(data)[:6] == ["format", "model", "chain_fingerprint", "num_positions",
+                                                           "activations", "boundaries"]
+    assert load_plan(path) == plan
+    assert plan.pruned_in(1, 3) == (2, 3) and plan.pruned_in(0, 1) == () and plan.pruned_in(3, 5) == ()
+    path.write_text(json.dumps({"activations": [], "boundaries": [0, 5]}))
+    assert load_plan(path).pruned == []
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"activations": [], "boundaries": [0, 5], "pruned": [3, 2]}', "pruned positions must be strictly increasing"),
+    ('{"activations": [], "boundaries": [0, 5], "pruned": [2, 2]}', "pruned positions must be strictly increasing"),
+    ('{"activations": [], "boundaries": [0, 5], "pruned": [0]}', "pruned position 0 lies in no block; the convs are "
+                                                                 r"at positions 1..5"),
+    ('{"activations": [], "boundaries": [0, 5], "pruned": [6]}', "pruned position 6 lies in no block"),
+    ('{"activations": [], "boundaries": [0, 5], "pruned": "2"}', "'pruned' must be a list of integer positions"),
+])
+def test_malformed_pruned(tmp_path, content, message):
+    path = tmp_path / "plan.json"
+    path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        load_plan(path)
+
+
+def test_pruned_convs_must_be_reducible():
+    # conv 1 widens 3 -> 4 channels, conv 2 keeps its shape, conv 3 has stride 2, conv 4 (no padding)
+    # shrinks the map, conv 5 is depthwise and keeps its shape.
+    units = [replace(unit(1), in_channels=3, in_shape=(1, 3, 8, 8)), unit(2),
+             replace(unit(3), stride=(2, 2), out_shape=(1, 4, 4, 4)),
+             replace(unit(4), padding=(0, 0), in_shape=(1, 4, 4, 4), out_shape=(1, 4, 2, 2)),
+             replace(unit(5), groups=4, in_shape=(1, 4, 2, 2), out_shape=(1, 4, 2, 2))]
+    chain = Chain(model=None, input_shape=(1, 3, 8, 8), units=units)
+    assert reducible_positions(chain) == [2, 5]
+    plan = Plan(activations=[], boundaries=[0, 5], num_positions=5, pruned=[2, 5])
+    check_plan_against_chain(plan, chain)
+    for position, why in [(1, r"stride 1x1, input 3x8x8, output 4x8x8"), (3, r"stride 2x2, input 4x8x8, output 4x4x4"),
+                          (4, r"stride 1x1, input 4x4x4, output 4x2x2")]:
+        with pytest.raises(UserError, match=rf"conv {position} \(c{position}\) cannot be pruned: .*{why}$"):
+            check_plan_against_chain(replace(plan, pruned=[position]), chain)
