@@ -37,7 +37,7 @@ import math
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -200,6 +200,26 @@ def pruned_stage1(table: LatencyTable, segments: Iterable[PrunedBlock]
                 position = last_block_start[position]
             result[(start, end, pruned)] = (cost[end], tuple(points[::-1]))
     return result
+
+
+def pruned_sets(table: LatencyTable, start: int, end: int) -> List[Pruned]:
+    """Every set of convs that some split of segment (start, end) into the table's blocks and their
+    options prunes (() included where the unpruned blocks cover it), ascending: the (segment, pruned)
+    pairs an importance table may give. Their number can grow exponentially with the segment."""
+    options: Dict[Block, List[Pruned]] = {}
+    for block in table.latency_ms:
+        options.setdefault(block, []).append(())
+    for block_start, block_end, pruned in table.pruned_latency_ms:
+        options.setdefault((block_start, block_end), []).append(pruned)
+    reached: Dict[int, Set[Pruned]] = {start: {()}}
+    for position in range(start + 1, end + 1):
+        sets = {tuple(sorted(before + option))
+                for block_start in range(start, position) if block_start in reached
+                for option in options.get((block_start, position), ())
+                for before in reached[block_start]}
+        if sets:
+            reached[position] = sets
+    return sorted(reached.get(end, ()), key=lambda pruned: (len(pruned), pruned))
 
 
 def segments_from_table(importance_table: ImportanceTable, s1: Stage1Result, latency_table: LatencyTable,
