@@ -241,6 +241,8 @@ def _print_progress(p: Any) -> None:
 @click.option("--prune-margin", type=float, default=2.0, show_default=True,
               help="Bound, not time, blocks slower than their single convs even at this x the fastest FLOP rate.")
 @click.option("--time-all", is_flag=True, help="Time every block, dominated ones too (slow: huge merged kernels).")
+@click.option("--max-block-seconds", type=float, default=60.0, show_default=True,
+              help="Bound, not time, a merged block whose timing would take longer (in-network: its network's).")
 @click.option("--timing", type=click.Choice(["in-network", "standalone"]), default=None,
               help="in-network: blocks timed inside whole networks by the runtime's node profiler (what the "
                    "network pays); standalone: each block as its own model.  [default: in-network where the "
@@ -248,7 +250,7 @@ def _print_progress(p: Any) -> None:
 def profile(model_spec: str, weights: Optional[str], input_shape: str, backend_name: Optional[str], gpu: bool,
             device: str, precision: str, threads: Optional[int], cuda_graphs: bool, channels_last: bool,
             warmup: int, batch_size: Optional[int], iters: int, out: str, overwrite: bool, prune_margin: float,
-            time_all: bool, timing: Optional[str]) -> None:
+            time_all: bool, max_block_seconds: float, timing: Optional[str]) -> None:
     """Time every valid block as its merged convolution and write the latency table (resumable)."""
     from dpcompress.latency.profile import profile_table
 
@@ -257,7 +259,8 @@ def profile(model_spec: str, weights: Optional[str], input_shape: str, backend_n
     result = profile_table(traced.chain, backend, out, model_spec=model_spec, input_shape=traced.chain.input_shape,
                            batch_size=batch_size, precision=precision, warmup=warmup, iters=iters,
                            overwrite=overwrite, prune_margin=None if time_all else prune_margin,
-                           progress=_print_progress, traced=traced, timing=timing)
+                           progress=_print_progress, traced=traced, timing=timing,
+                           max_block_seconds=max_block_seconds)
     click.echo(f"wrote {result.table_path} ({len(result.rows)} blocks, {result.timed_shapes} shapes timed now, "
                f"{result.meta['bounded_blocks']} bounded as dominated, {result.resumed_blocks} rows resumed) "
                f"and {result.meta_path}")

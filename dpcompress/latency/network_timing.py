@@ -20,8 +20,9 @@ from __future__ import annotations
 import copy
 import math
 import statistics
+import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from dpcompress.graph.chain import Chain
 from dpcompress.graph.geometry import BlockGeometry
@@ -92,6 +93,12 @@ def pack(blocks: Sequence[Block], max_networks: int) -> Tuple[List[List[Block]],
     return networks, left
 
 
+def minimum_runs(warmup: int) -> int:
+    """The fewest runs :func:`time_networks` makes of a network: warm-up and one first run of the plain
+    network, warm-up of the profiled one, and MIN_ROUNDS rounds of one untimed and one timed run of each."""
+    return 2 * max(1, warmup) + 1 + 4 * MIN_ROUNDS
+
+
 @dataclass(frozen=True)
 class NetworkTiming:
     blocks: Dict[Block, Tuple[float, float]]  # block -> (median ms, std ms), scaled
@@ -102,30 +109,43 @@ class NetworkTiming:
 
 def time_networks(backend: "Backend", traced: "TracedModel", plans: Sequence[Plan],
                   geometries: Dict[Block, BlockGeometry], input_shape: Sequence[int], precision: str,
-                  warmup: int, iters: int, call_overhead_ms: float) -> List[NetworkTiming]:
-    """Time the blocks of each plan inside its network; the networks take turns, round by round."""
+                  warmup: int, iters: int, call_overhead_ms: float,
+                  max_seconds: Optional[float] = None) -> List[Optional[NetworkTiming]]:
+    """Time the blocks of each plan inside its network; the networks take turns, round by round.
+
+    With ``max_seconds``, a network whose building and first run show that timing it would take
+    longer is dropped after that run: its entry is None.
+    """
     import torch
 
     from dpcompress.latency.timing import summarize
 
     prepared = []
+    kept: List[bool] = []
     with torch.no_grad():
         for plan in plans:
+            began = time.perf_counter()
             network, names = packed_network(traced, plan, geometries)
             profiled = backend.prepare_network_profile(network, input_shape, precision, list(names))
             plain = backend.prepare(network, input_shape, precision)
+            if max_seconds is not None:
+                first = plain.time(0, 1)[0]  # cold: over what the others will take, which errs towards the cap
+                if time.perf_counter() - began + minimum_runs(warmup) * first / 1e3 > max_seconds:
+                    kept.append(False)
+                    continue
             profiled.run(0, warmup=max(1, warmup))
             first = plain.time(max(1, warmup), 1)[0]
             per_round = max(1, min(MAX_ITERS_PER_ROUND, int(0.25 / max(first / 1e3, 1e-6))))
             rounds = max(MIN_ROUNDS, min(math.ceil(iters / per_round),
                                          math.ceil(SECONDS_PER_NETWORK / (per_round * max(first / 1e3, 1e-6)))))
             prepared.append((names, profiled, plain, per_round, rounds, []))
-    for round_index in range(max(p[4] for p in prepared)):
+            kept.append(True)
+    for round_index in range(max((p[4] for p in prepared), default=0)):
         for names, profiled, plain, per_round, rounds, walls in prepared:
             if round_index < rounds:
                 profiled.run(per_round, warmup=1)
                 walls.extend(plain.time(1, per_round))
-    timings = []
+    timings: List[Optional[NetworkTiming]] = []
     for names, profiled, plain, per_round, rounds, walls in prepared:
         parts, totals = profiled.part_times()
         wall = summarize(walls).median_ms
@@ -136,4 +156,5 @@ def time_networks(backend: "Backend", traced: "TracedModel", plans: Sequence[Pla
             stats = summarize(parts.get(name) or [0.0])
             blocks[block] = (scale * stats.median_ms, scale * stats.std_ms)
         timings.append(NetworkTiming(blocks, wall, scale, len(walls)))
-    return timings
+    finished = iter(timings)
+    return [next(finished) if ok else None for ok in kept]

@@ -32,12 +32,25 @@ merges (benchmarks/RESULTS.md).
 Dominated blocks are not timed (``timed`` = 0, ``std_ms`` = nan). Merging a long
 stretch gives huge kernels (mobilenet_v2 composes kernels up to 491x491 before they are
 cropped to the taps that meet the input) that take seconds to build and to run, and
-that the DP can never choose: stage 1 always has the split into single convs, so a
-block slower than the sum of its single convs never wins. Single convs are timed first, then blocks by growing FLOPs; a block
-whose FLOPs at ``prune_margin`` times the fastest rate (FLOP/ms) seen so far would
-still take longer than its single convs is written with that bound as its latency:
-a lower bound of its true latency that is already too slow to matter, so the DP
-gives the same plans as with the true value.
+that the DP can never choose: stage 1 always has the splits of a block into smaller
+timed blocks, so a block slower than one of them never wins. Single convs are timed
+first, then blocks by growing FLOPs; a block whose FLOPs at ``prune_margin`` times the
+fastest rate (FLOP/ms) measured so far would still take longer than its cheapest split
+into timed blocks is written with that bound as its latency: a lower bound of its true
+latency that is already too slow to matter, so the DP gives the same plans as with the
+true value.
+
+``max_block_seconds`` caps the time spent timing one block (single convs excepted: every
+plan is built on them). A block that would take longer is written with the same lower
+bound, ``timed`` = 0, and listed in the meta's ``capped_blocks``; the profile moves on.
+Standalone, the time is the block's own: building it, warm-up and timed runs. In-network,
+it is the time of the network that holds the block (built, warmed up, at least
+``network_timing.MIN_ROUNDS`` rounds), every run of which runs the whole model, so the
+cap must exceed a few dozen runs of the model itself. Either way a block is capped before
+it is built where even its lower bound shows the runs alone over the cap, and otherwise
+after one run, where that run shows it (in-network: its network shared with other blocks
+is first re-timed alone). A capped block's bound need not exceed its splits, so the DP
+may choose it: its row is optimistic, the plan's measured latency says by how much.
 """
 
 from __future__ import annotations
@@ -74,6 +87,8 @@ RESUME_KEYS = ("format", "timing", "model", "input_shape", "batch_size", "backen
                "device", "device_name", "threads", "precision", "warmup", "iters", "prune_margin", "call_overhead",
                "chain_fingerprint", "dpcompress_version")
 MIN_KEPT_FRACTION = 0.1
+DEFAULT_PRUNE_MARGIN = 2.0
+DEFAULT_MAX_BLOCK_SECONDS = 60.0
 TIMINGS = ("in-network", "standalone")
 # Networks profiled at once in in-network timing (they take turns, so drift hits them alike),
 # and the weight bytes they may hold together.
@@ -229,7 +244,8 @@ TIMING_TEXT = {
 
 def profile_meta(chain: Chain, backend: "Backend", *, model_spec: Optional[str], input_shape: Sequence[int],
                  batch_size: int, precision: str, warmup: int, iters: int,
-                 prune_margin: Optional[float] = 2.0, timing: str = "standalone") -> Dict[str, Any]:
+                 prune_margin: Optional[float] = DEFAULT_PRUNE_MARGIN, timing: str = "standalone",
+                 max_block_seconds: Optional[float] = None) -> Dict[str, Any]:
     """The meta of a table profiled with these settings (``date`` is set when the table is finished)."""
     return {
         "format": TABLE_FORMAT,
@@ -254,9 +270,14 @@ def profile_meta(chain: Chain, backend: "Backend", *, model_spec: Optional[str],
                          ("part of rest_ms: paid once per network, measured as the cost of an empty call at the "
                           "model's input shape (call_overhead_ms)"),
         "prune_margin": prune_margin,
-        "pruning": ("rows with timed=0 were not timed: their latency is a lower bound (FLOPs / (prune_margin x "
-                    "the fastest FLOP/ms measured)) that already exceeds the sum of their single convs, "
-                    "so the DP never picks them") if prune_margin else "off: every block was timed",
+        "max_block_seconds": max_block_seconds,
+        "pruning": ("rows with timed=0 were not timed: their latency is a lower bound, FLOPs / (m x the fastest "
+                    "FLOP/ms measured in rows not floored by the call overhead), m = prune_margin "
+                    f"(or {DEFAULT_PRUNE_MARGIN:g} where pruning is off). Either the bound exceeds the cheapest "
+                    "split of the block into timed blocks, so the DP never picks it (bounded_blocks), or timing "
+                    "the block would have taken more than max_block_seconds (the blocks in capped_blocks; "
+                    "the DP may pick these, with an optimistic latency)")
+                   if prune_margin or max_block_seconds is not None else "off: every block was timed",
         "chain_fingerprint": chain.fingerprint(),
         "num_positions": chain.num_positions,
         "dpcompress_version": __version__,
@@ -286,21 +307,27 @@ def _shape_key(shape: Sequence[int]) -> str:
     return "x".join(map(str, shape))
 
 
-def _existing_rows(table_path: Path, meta: Dict[str, Any], overwrite: bool
-                   ) -> Tuple[Dict[Block, Row], Dict[str, Any], Optional[float]]:
+def _existing_rows(table_path: Path, meta: Dict[str, Any], overwrite: bool) -> Tuple[Dict[Block, Row], Dict[str, Any]]:
     """Rows already measured with the same settings (from an interrupted run, else from the finished
-    table), the call overheads that were subtracted from them, and the rest (in-network timing)."""
+    table) and the meta they were written with (the call overheads subtracted from them, the rest of
+    in-network timing, the capped blocks)."""
     partial_table, partial_meta = partial_paths(table_path)
     if overwrite:
         for path in (partial_table, partial_meta):
             path.unlink(missing_ok=True)
-        return {}, {}, None
+        return {}, {}
     for rows_path, found_path in ((partial_table, partial_meta), (table_path, meta_path_for(table_path))):
         if rows_path.exists():
             found = _read_meta(found_path, table_path)
             _check_resumable(found_path, found, meta, table_path)
-            return read_rows(rows_path), dict(found.get("call_overhead_ms") or {}), found.get("rest_ms")
-    return {}, {}, None
+            return read_rows(rows_path), found
+    return {}, {}
+
+
+def _floored(latency_ms: float, overhead_ms: float) -> bool:
+    """Whether a standalone row holds the floor ``MIN_KEPT_FRACTION`` x its raw median rather than the median
+    less the call overhead: ``max(m - o, f m)`` is the floor exactly when it is below ``o f / (1 - f)``."""
+    return latency_ms < overhead_ms * MIN_KEPT_FRACTION / (1 - MIN_KEPT_FRACTION)
 
 
 def default_timing(backend: "Backend", traced: Optional["TracedModel"]) -> str:
@@ -311,9 +338,10 @@ def default_timing(backend: "Backend", traced: Optional["TracedModel"]) -> str:
 def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str", *,
                   model_spec: Optional[str] = None, input_shape: Optional[Sequence[int]] = None,
                   batch_size: Optional[int] = None, precision: str = "fp32", warmup: int = 10, iters: int = 50,
-                  overwrite: bool = False, prune_margin: Optional[float] = 2.0,
+                  overwrite: bool = False, prune_margin: Optional[float] = DEFAULT_PRUNE_MARGIN,
                   progress: Optional[Callable[[ProfileProgress], None]] = None,
-                  traced: Optional["TracedModel"] = None, timing: Optional[str] = None) -> ProfileResult:
+                  traced: Optional["TracedModel"] = None, timing: Optional[str] = None,
+                  max_block_seconds: Optional[float] = DEFAULT_MAX_BLOCK_SECONDS) -> ProfileResult:
     """Time every valid block of ``chain`` on ``backend`` and write the latency table ``out`` (+ meta).
 
     ``batch_size`` replaces N of the chain's input shape for timing (default: that N).
@@ -322,13 +350,17 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
     None times every block; otherwise dominated blocks are bounded, not timed (module doc).
     ``timing`` is ``in-network`` (needs ``traced``, the model ``chain`` was traced from, and a
     backend that profiles nodes) or ``standalone``; default: :func:`default_timing`.
+    ``max_block_seconds`` bounds, instead of timing, a block that would take longer (module doc; None: no cap).
     """
     from dpcompress.backends import check_precision
+    from dpcompress.latency.network_timing import minimum_runs
 
     if warmup < 0 or iters < 1:
         raise UserError("--warmup must be >= 0 and --iters >= 1")
     if prune_margin is not None and prune_margin < 1:
         raise UserError(f"--prune-margin must be at least 1 (got {prune_margin}); use --time-all to time every block")
+    if max_block_seconds is not None and not max_block_seconds > 0:
+        raise UserError(f"--max-block-seconds must be positive (got {max_block_seconds})")
     timing = timing or default_timing(backend, traced)
     if timing not in TIMINGS:
         raise UserError(f"unknown timing {timing!r}; use one of {', '.join(TIMINGS)}")
@@ -343,11 +375,15 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
         raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
     table_path = Path(out)
     meta = profile_meta(chain, backend, model_spec=model_spec, input_shape=input_shape, batch_size=batch_size,
-                        precision=precision, warmup=warmup, iters=iters, prune_margin=prune_margin, timing=timing)
+                        precision=precision, warmup=warmup, iters=iters, prune_margin=prune_margin, timing=timing,
+                        max_block_seconds=max_block_seconds)
     blocks = chain.valid_blocks()
     valid = set(blocks)
-    existing, overhead_by_shape, rest_ms = _existing_rows(table_path, meta, overwrite)
+    existing, found = _existing_rows(table_path, meta, overwrite)
+    overhead_by_shape: Dict[str, float] = dict(found.get("call_overhead_ms") or {})
+    rest_ms: Optional[float] = found.get("rest_ms")
     rows = {b: r for b, r in existing.items() if b in valid}
+    capped = {(int(s), int(e)) for s, e in found.get("capped_blocks") or []} & set(rows)
     resumed = len(rows)
     geometries = {block: block_geometry(chain, *block) for block in blocks}  # computed once: not cheap
     groups = group_by_shape(geometries)
@@ -358,9 +394,31 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
     flops = {shape: block_flops(geometries[members[0]], batch_size) for shape, members in groups.items()}
     # Single convs first (every bound is checked against them), then by growing cost.
     order = sorted(groups, key=lambda shape: (all(e - s > 1 for s, e in groups[shape]), flops[shape]))
-    rates = [block_flops(geometries[b], batch_size) / r["latency_ms"]
-             for b, r in rows.items() if r["timed"] and r["latency_ms"] > 0]
-    best_rate = max(rates, default=0.0)  # fastest FLOP/ms measured so far
+    starts_of: Dict[int, List[int]] = {}  # end position -> starts of the valid blocks ending there
+    for start, end in blocks:
+        starts_of.setdefault(end, []).append(start)
+    bound_margin = prune_margin or DEFAULT_PRUNE_MARGIN
+    # Every plan is built on the single convs, so they are always timed, whatever the cap.
+    has_single = {shape: any(e - s == 1 for s, e in members) for shape, members in groups.items()}
+
+    def overhead_of(block: Block) -> float:
+        return overhead_by_shape.get(_shape_key(block_input_shape(geometries[block], batch_size)), 0.0)
+
+    def measured(block: Block, row: Row) -> bool:
+        """Whether a row's latency is a measurement of its conv (timed and, standalone, not floored)."""
+        if not row["timed"] or row["latency_ms"] <= 0:
+            return False
+        return timing != "standalone" or not _floored(row["latency_ms"], overhead_of(block))
+
+    # The bounds divide FLOPs by the fastest rate measured, so that rate must come from measurements
+    # only. A floored row holds MIN_KEPT_FRACTION x its raw median, not its conv's time: a tiny conv
+    # whose time is mostly the call overhead would look up to 1 / MIN_KEPT_FRACTION times faster than
+    # it is, which pulls every bound down: dominated blocks would be timed, capped ones look cheap.
+    best_rate = max((flops[block_shape(geometries[b])] / r["latency_ms"] for b, r in rows.items() if measured(b, r)),
+                    default=0.0)
+
+    def lower_bound(shape: BlockShape) -> Optional[float]:
+        return flops[shape] / (bound_margin * best_rate) if best_rate > 0 else None
 
     def singles_ms(block: Block) -> Optional[float]:
         singles = [rows.get((p - 1, p)) for p in range(block[0] + 1, block[1] + 1)]
@@ -368,16 +426,40 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
             return None
         return sum(r["latency_ms"] for r in singles)  # type: ignore[index]
 
+    def cheapest_split_ms(block: Block) -> Optional[float]:
+        """The cheapest cover of ``block`` by two or more timed blocks (stage 1 over the rows so far);
+        bounded rows do not count: their latency is no upper bound."""
+        start, end = block
+        best = {start: 0.0}
+        for k in range(start + 1, end + 1):
+            costs = [best[m] + rows[(m, k)]["latency_ms"] for m in starts_of.get(k, ())
+                     if m in best and (m, k) != block and (m, k) in rows and rows[(m, k)]["timed"]]
+            if costs:
+                best[k] = min(costs)
+        return best.get(end)
+
     def dominated(shape: BlockShape, blocks: List[Block]) -> Optional[float]:
-        """The lower bound to write for ``blocks``, if it shows each of them slower than its single convs."""
-        if not prune_margin or best_rate <= 0:
+        """The lower bound to write for ``blocks``, if it shows each of them slower than a split of it."""
+        bound = lower_bound(shape) if prune_margin else None
+        if bound is None:
             return None
-        bound = flops[shape] / (prune_margin * best_rate)
         for block in blocks:
-            singles = singles_ms(block)
-            if block[1] - block[0] == 1 or singles is None or bound <= singles:
+            if block[1] - block[0] == 1:
+                return None
+            singles = singles_ms(block)  # one split, and usually enough
+            if singles is not None and bound > singles:
+                continue
+            split = cheapest_split_ms(block)
+            if split is None or bound <= split:
                 return None
         return bound
+
+    def over_cap(shape: BlockShape, runs: int) -> Optional[float]:
+        """The lower bound to write for a shape whose ``runs`` runs would take longer than the cap even at it."""
+        bound = lower_bound(shape)
+        if max_block_seconds is None or has_single[shape] or bound is None:
+            return None
+        return bound if runs * bound / 1e3 > max_block_seconds else None
 
     # Keyed NxCxHxW as in the meta; an interrupted run's values are kept, so that every row of a
     # table has the same overhead taken off for its input shape.
@@ -387,7 +469,7 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
     for shape_in in sorted(overhead_shapes):
         if _shape_key(shape_in) not in overhead_by_shape:
             overhead_by_shape[_shape_key(shape_in)] = backend.call_overhead_ms(shape_in, precision, warmup, iters)
-    meta = dict(meta, call_overhead_ms=overhead_by_shape)
+    meta = dict(meta, call_overhead_ms=overhead_by_shape, capped_blocks=sorted(capped))
     if rest_ms is not None:
         meta["rest_ms"] = rest_ms
 
@@ -396,6 +478,7 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
     write_text_atomic(partial_table, table_text(rows.values()))  # drops a line cut short last time
     started = time.perf_counter()
     timed = handled = 0
+    runs_per_block = warmup + iters if timing == "standalone" else minimum_runs(warmup)
 
     def report() -> None:
         if progress is None:
@@ -404,16 +487,27 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
         eta = elapsed / handled * (len(to_time) - handled) if handled else None
         progress(ProfileProgress(len(rows), len(blocks), handled, len(to_time), elapsed, eta))
 
-    def write(sink: Any, shape: BlockShape, latency: float, std: float, measured: bool) -> None:
+    def write(sink: Any, shape: BlockShape, latency: float, std: float, was_timed: bool) -> List[Block]:
+        written = []
         for block in groups[shape]:
             if block not in rows:
-                row = table_row(geometries[block], latency, std, measured)
+                row = table_row(geometries[block], latency, std, was_timed)
                 rows[block] = row
                 sink.write(_csv_line(row))
+                written.append(block)
+        return written
+
+    def cap(sink: Any, shape: BlockShape, bound: float) -> None:
+        """Write ``shape``'s rows as bounds over the cap; the partial meta lists them, for a resumed run."""
+        nonlocal handled
+        capped.update(write(sink, shape, bound, float("nan"), False))
+        meta["capped_blocks"] = sorted(capped)
+        write_json_atomic(partial_meta, meta)
+        handled += 1
 
     def settle(sink: Any, shape: BlockShape) -> bool:
         """Write ``shape``'s rows without timing it where that is possible: an earlier row of the same
-        shape, or a bound that shows it dominated. True when done so."""
+        shape, a bound that shows it dominated, or one that shows its runs over the cap. True when done so."""
         nonlocal handled
         members = groups[shape]
         missing = [b for b in members if b not in rows]
@@ -427,6 +521,10 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
         if bound is not None:
             write(sink, shape, bound, float("nan"), False)
             handled += 1
+            return True
+        bound = over_cap(shape, runs_per_block)
+        if bound is not None:
+            cap(sink, shape, bound)
             return True
         return False
 
@@ -444,10 +542,18 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                     continue
                 geometry = geometries[groups[shape][0]]
                 shape_in = block_input_shape(geometry, batch_size)
-                stats = time_runner(backend.prepare(block_module(geometry), shape_in, precision), warmup, iters)
-                latency = max(stats.median_ms - overhead_by_shape[_shape_key(shape_in)],
-                              MIN_KEPT_FRACTION * stats.median_ms)
-                if latency > 0:
+                overhead = overhead_by_shape[_shape_key(shape_in)]
+                began = time.perf_counter()
+                runner = backend.prepare(block_module(geometry), shape_in, precision)
+                if max_block_seconds is not None and not has_single[shape]:
+                    first_ms = runner.time(0, 1)[0]  # one run shows what the others will cost
+                    if time.perf_counter() - began + runs_per_block * first_ms / 1e3 > max_block_seconds:
+                        cap(sink, shape, lower_bound(shape) or _kept_latency(first_ms, overhead))
+                        flush(sink)
+                        continue
+                stats = time_runner(runner, warmup, iters)
+                latency = _kept_latency(stats.median_ms, overhead)
+                if latency > 0 and not _floored(latency, overhead):
                     best_rate = max(best_rate, flops[shape] / latency)
                 write(sink, shape, latency, stats.std_ms, True)
                 timed += 1
@@ -459,6 +565,7 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
             assert traced is not None
             overhead = overhead_by_shape[_shape_key(network_input)] if to_time else 0.0
             pending = list(order)
+            alone: set = set()  # shapes whose shared network went over the cap: next, each in its own
             while pending:
                 # Shapes settled without timing go; the rest, cheapest first, fill a round of networks.
                 pending = [shape for shape in pending if not settle(sink, shape)]
@@ -467,17 +574,28 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                     break
                 # The network of single convs comes first: every single conv, and the rest of the network.
                 singles_network = rest_ms is None or any(e - s == 1 for shape in pending for s, e in groups[shape])
+                lone = [shape for shape in pending if shape in alone][:NETWORKS_PER_ROUND]
                 if singles_network:
                     networks: List[List[Block]] = [[]]
+                elif lone:
+                    networks = [[_member_for(groups[shape], rows)] for shape in lone]
                 else:
                     budget = NETWORK_BYTES_PER_ROUND // max(1, _parameter_bytes(traced))
                     networks, _ = pack([_member_for(groups[shape], rows) for shape in pending],
                                        max(1, min(NETWORKS_PER_ROUND, budget)))
                 plans = [packed_plan(chain, members) for members in networks]
+                # The cap needs a bound to write: none before a rate was measured (the singles' network).
+                limit = None if singles_network or best_rate <= 0 else max_block_seconds
                 results = time_networks(backend, traced, plans, geometries, network_input, precision, warmup,
-                                        iters, overhead)
+                                        iters, overhead, max_seconds=limit)
                 timed_now = set()
-                for result in results:
+                for members, result in zip(networks, results):
+                    if result is None:  # over the cap
+                        shapes = [block_shape(geometries[block]) for block in members]
+                        if len(members) == 1:
+                            cap(sink, shapes[0], lower_bound(shapes[0]))  # type: ignore[arg-type]
+                        alone.update(shapes)
+                        continue
                     for block, (latency, std) in result.blocks.items():
                         shape = block_shape(geometries[block])
                         if shape in timed_now or not any(b not in rows for b in groups[shape]):
@@ -487,6 +605,7 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                         if latency > 0:
                             best_rate = max(best_rate, flops[shape] / latency)
                 if singles_network:
+                    assert results[0] is not None
                     rest_ms = results[0].wall_ms - sum(latency for latency, _ in results[0].blocks.values())
                     meta["rest_ms"] = rest_ms
                     write_json_atomic(partial_meta, meta)
@@ -496,7 +615,8 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                 flush(sink)
 
     meta = dict(meta, num_blocks=len(blocks), unique_shapes=len(groups),
-                bounded_blocks=sum(1 for r in rows.values() if not r["timed"]),
+                bounded_blocks=sum(1 for b, r in rows.items() if not r["timed"] and b not in capped),
+                capped_blocks=sorted(capped),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     write_json_atomic(meta_path_for(table_path), meta)
     write_text_atomic(table_path, table_text(rows.values()))
@@ -504,6 +624,11 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
     partial_meta.unlink()
     return ProfileResult(table_path, meta_path_for(table_path), meta,
                          sorted(rows.values(), key=lambda r: (r["start"], r["end"])), timed, resumed)
+
+
+def _kept_latency(median_ms: float, overhead_ms: float) -> float:
+    """A standalone row's latency: the median less the call overhead, floored (module doc)."""
+    return max(median_ms - overhead_ms, MIN_KEPT_FRACTION * median_ms)
 
 
 def _member_for(members: List[Block], rows: Dict[Block, Row]) -> Block:
