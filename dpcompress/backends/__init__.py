@@ -192,6 +192,9 @@ def export_onnx_bytes(module: "torch.nn.Module", example: "torch.Tensor") -> byt
 
     The TorchScript exporter (``dynamo=False``) is used: it is several times faster
     than the dynamo exporter for the small convolutions a latency table is made of.
+    Where it cannot export an op (alexnet's adaptive pooling to 6x6 from a 1x1 map at a
+    small input), the dynamo exporter is used, its nodes named by module scope as the
+    TorchScript exporter names them (``/<submodule>/...``), which in-network timing reads.
     """
     import io
     import warnings
@@ -199,11 +202,41 @@ def export_onnx_bytes(module: "torch.nn.Module", example: "torch.Tensor") -> byt
     import torch
 
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(module, (example,), buffer, input_names=["x"], output_names=["y"],
-                          opset_version=17, dynamo=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            torch.onnx.export(module, (example,), buffer, input_names=["x"], output_names=["y"],
+                              opset_version=17, dynamo=False)
+    except torch.onnx.OnnxExporterError:
+        return _dynamo_onnx_bytes(module, example)
     return buffer.getvalue()
+
+
+def _dynamo_onnx_bytes(module: "torch.nn.Module", example: "torch.Tensor") -> bytes:
+    import contextlib
+    import io
+    import tempfile
+    import warnings
+    from pathlib import Path
+
+    import onnx
+    import torch
+
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = Path(folder) / "model.onnx"
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
+            torch.onnx.export(module, (example,), str(path), input_names=["x"], output_names=["y"], dynamo=True,
+                              external_data=False)
+        model = onnx.load(str(path))
+    for node in model.graph.node:
+        # namespace ": pkg.Net/dpc_block_0: torch.nn.modules.conv.Conv2d/conv2d: aten.conv2d.default": the root,
+        # then one "name: class" per submodule, then the op.
+        namespace = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
+        scopes = [segment.split(":")[0].strip() for segment in namespace.split("/")[1:-1]]
+        if scopes:
+            node.name = "/" + "/".join(scopes) + "/" + node.name
+    return model.SerializeToString()
 
 
 def choose_backend(name: Optional[str], *, gpu: bool = False, device: str = "cpu", threads: Optional[int] = None,

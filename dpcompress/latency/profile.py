@@ -469,7 +469,7 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
     for shape_in in sorted(overhead_shapes):
         if _shape_key(shape_in) not in overhead_by_shape:
             overhead_by_shape[_shape_key(shape_in)] = backend.call_overhead_ms(shape_in, precision, warmup, iters)
-    meta = dict(meta, call_overhead_ms=overhead_by_shape, capped_blocks=sorted(capped))
+    meta = dict(meta, call_overhead_ms=overhead_by_shape, capped_blocks=[list(b) for b in sorted(capped)])
     if rest_ms is not None:
         meta["rest_ms"] = rest_ms
 
@@ -501,7 +501,7 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
         """Write ``shape``'s rows as bounds over the cap; the partial meta lists them, for a resumed run."""
         nonlocal handled
         capped.update(write(sink, shape, bound, float("nan"), False))
-        meta["capped_blocks"] = sorted(capped)
+        meta["capped_blocks"] = [list(b) for b in sorted(capped)]
         write_json_atomic(partial_meta, meta)
         handled += 1
 
@@ -616,7 +616,7 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
 
     meta = dict(meta, num_blocks=len(blocks), unique_shapes=len(groups),
                 bounded_blocks=sum(1 for b, r in rows.items() if not r["timed"] and b not in capped),
-                capped_blocks=sorted(capped),
+                capped_blocks=[list(b) for b in sorted(capped)],
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     write_json_atomic(meta_path_for(table_path), meta)
     write_text_atomic(table_path, table_text(rows.values()))
