@@ -12,7 +12,7 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0 torchvision==0.28.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[torch,plot,test,openvino]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[torch,plot,test,openvino,timm]'
 	touch $(STAMP)
 
 MODEL ?= torchvision:mobilenet_v2

@@ -47,8 +47,15 @@ def model_options(func: Any) -> Any:
     func = click.option("--weights", type=click.Path(dir_okay=False), default=None,
                         help="state_dict file (.pt) to load into the model.")(func)
     func = click.option("--model", "model_spec", required=True,
-                        help="torchvision:NAME[?k=v&...], path/to/file.py:factory or package.module:factory.")(func)
+                        help="torchvision:NAME[?k=v&...], timm:NAME[?k=v&...], path/to/file.py:factory or "
+                             "package.module:factory.")(func)
     return func
+
+
+def submodule_option(func: Any) -> Any:
+    return click.option("--submodule", default=None,
+                        help="Compress only this submodule (qualified name, e.g. backbone.body), in place, at the "
+                             "input it receives inside the model.")(func)
 
 
 # ---- trace / export (model structure) ----
@@ -56,13 +63,15 @@ def model_options(func: Any) -> Any:
 
 @main.command()
 @model_options
+@submodule_option
 @click.option("--json", "as_json", is_flag=True, help="Print the Chain JSON instead of a table.")
-def trace(model_spec: str, weights: Optional[str], input_shape: str, as_json: bool) -> None:
+def trace(model_spec: str, weights: Optional[str], input_shape: str, submodule: Optional[str], as_json: bool) -> None:
     """Show the model's mergeable trunk: positions, barriers, residuals, valid blocks."""
+    from dpcompress.graph.trace import parse_input_shape
+    from dpcompress.pipeline import traced_from_spec
     from dpcompress.report import chain_table
-    from dpcompress.graph.trace import chain_for_spec, parse_input_shape
 
-    chain = chain_for_spec(model_spec, parse_input_shape(input_shape), weights)
+    chain = traced_from_spec(model_spec, weights, parse_input_shape(input_shape), submodule)[1].chain
     if as_json:
         click.echo(json.dumps(chain.to_json(), indent=2))
     else:
@@ -71,6 +80,7 @@ def trace(model_spec: str, weights: Optional[str], input_shape: str, as_json: bo
 
 @main.command()
 @model_options
+@submodule_option
 @click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False),
               help="plan.json from `dpcompress solve`, or hand-written with activations and boundaries.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
@@ -84,15 +94,18 @@ def trace(model_spec: str, weights: Optional[str], input_shape: str, as_json: bo
 @click.option("--dynamic-batch", is_flag=True, help="ONNX: leave the batch dimension dynamic.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="TensorRT engine precision.")
-def export(model_spec: str, weights: Optional[str], input_shape: str, plan_path: str, checkpoint: Optional[str],
-           fmt: str, out: str, verify: bool, tolerance: float, dynamic_batch: bool, precision: str) -> None:
+def export(model_spec: str, weights: Optional[str], input_shape: str, submodule: Optional[str], plan_path: str,
+           checkpoint: Optional[str], fmt: str, out: str, verify: bool, tolerance: float, dynamic_batch: bool,
+           precision: str) -> None:
     """Merge the model as the plan says and write it as TorchScript, ONNX or a TensorRT engine."""
     from dpcompress.pipeline import export_from_spec
     from dpcompress.report import export_summary
 
     report = export_from_spec(model_spec, weights, input_shape, plan_path, fmt, out, verify=verify,
                               tolerance=tolerance, dynamic_batch=dynamic_batch, precision=precision,
-                              checkpoint=checkpoint)
+                              checkpoint=checkpoint, submodule=submodule)
+    if report.note:
+        click.echo(f"exported {report.note}", err=True)
     click.echo(export_summary(report, out))
 
 # ---- solve ----
@@ -233,6 +246,7 @@ def _print_progress(p: Any) -> None:
 
 @main.command()
 @model_options
+@submodule_option
 @backend_options
 @click.option("--batch-size", type=int, default=None, help="Batch size to time at.  [default: N of --input-shape]")
 @click.option("--iters", type=int, default=50, show_default=True, help="Timed runs per block; the median is kept.")
@@ -247,7 +261,8 @@ def _print_progress(p: Any) -> None:
               help="in-network: blocks timed inside whole networks by the runtime's node profiler (what the "
                    "network pays); standalone: each block as its own model.  [default: in-network where the "
                    "backend can (onnxruntime, openvino), else standalone]")
-def profile(model_spec: str, weights: Optional[str], input_shape: str, backend_name: Optional[str], gpu: bool,
+def profile(model_spec: str, weights: Optional[str], input_shape: str, submodule: Optional[str],
+            backend_name: Optional[str], gpu: bool,
             device: str, precision: str, threads: Optional[int], cuda_graphs: bool, channels_last: bool,
             warmup: int, batch_size: Optional[int], iters: int, out: str, overwrite: bool, prune_margin: float,
             time_all: bool, max_block_seconds: float, timing: Optional[str]) -> None:
@@ -255,7 +270,7 @@ def profile(model_spec: str, weights: Optional[str], input_shape: str, backend_n
     from dpcompress.latency.profile import profile_table
 
     backend = _backend(backend_name, gpu, device, threads, cuda_graphs, channels_last)
-    traced = _traced_model(model_spec, weights, input_shape)
+    traced = _traced_model(model_spec, weights, input_shape, submodule)
     result = profile_table(traced.chain, backend, out, model_spec=model_spec, input_shape=traced.chain.input_shape,
                            batch_size=batch_size, precision=precision, warmup=warmup, iters=iters,
                            overwrite=overwrite, prune_margin=None if time_all else prune_margin,
@@ -268,6 +283,7 @@ def profile(model_spec: str, weights: Optional[str], input_shape: str, backend_n
 
 @main.command()
 @model_options
+@submodule_option
 @backend_options
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False), default=None,
               help="plan.json: also time the merged model and compare.")
@@ -280,7 +296,8 @@ def profile(model_spec: str, weights: Optional[str], input_shape: str, backend_n
               help="With --repeat: the relative half-width to reach.")
 @click.option("--max-rounds", type=int, default=100, show_default=True, help="With --repeat: stop here anyway.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full record as JSON (alone on stdout).")
-def bench(model_spec: str, weights: Optional[str], input_shape: str, backend_name: Optional[str], gpu: bool,
+def bench(model_spec: str, weights: Optional[str], input_shape: str, submodule: Optional[str],
+          backend_name: Optional[str], gpu: bool,
           device: str, precision: str, threads: Optional[int], cuda_graphs: bool, channels_last: bool,
           warmup: int, plan_path: Optional[str], rounds: int, iters: int, repeat: bool, ci: float,
           max_rounds: int, as_json: bool) -> None:
@@ -295,7 +312,8 @@ def bench(model_spec: str, weights: Optional[str], input_shape: str, backend_nam
     backend = _backend(backend_name, gpu, device, threads, cuda_graphs, channels_last)
     result = bench_spec(backend, model_spec, weights=weights, input_shape=parse_input_shape(input_shape),
                         plan_path=plan_path, precision=precision, warmup=warmup, rounds=rounds,
-                        iters_per_round=iters, until_ci=ci if repeat else None, max_rounds=max_rounds)
+                        iters_per_round=iters, until_ci=ci if repeat else None, max_rounds=max_rounds,
+                        submodule=submodule)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
@@ -306,11 +324,11 @@ def bench(model_spec: str, weights: Optional[str], input_shape: str, backend_nam
 # ---- importance / finetune / compress ----
 
 
-def _traced_model(model_spec: str, weights: Optional[str], input_shape: str) -> Any:
-    from dpcompress.models import build_model
-    from dpcompress.graph.trace import parse_input_shape, trace_model
+def _traced_model(model_spec: str, weights: Optional[str], input_shape: str, submodule: Optional[str] = None) -> Any:
+    from dpcompress.graph.trace import parse_input_shape
+    from dpcompress.pipeline import traced_from_spec
 
-    return trace_model(build_model(model_spec, weights), parse_input_shape(input_shape), spec=model_spec)
+    return traced_from_spec(model_spec, weights, parse_input_shape(input_shape), submodule)[1]
 
 
 def _progress(line: str) -> None:
@@ -348,6 +366,7 @@ def importance(model_spec: str, weights: Optional[str], input_shape: str, method
 
 @main.command()
 @model_options
+@submodule_option
 @click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False), help="plan.json to fine-tune.")
 @click.option("--data", "data_spec", required=True, help="digits or imagefolder:DIR.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint (.pt) to write.")
@@ -381,6 +400,7 @@ def finetune(model_spec: str, weights: Optional[str], input_shape: str, plan_pat
 
 @main.command()
 @model_options
+@submodule_option
 @click.option("--out-dir", required=True, type=click.Path(file_okay=False), help="Folder for every output file.")
 @click.option("--budget-ms", type=float, default=None, help="Latency budget in ms (table units).")
 @click.option("--budget-ratio", type=float, default=None, help="Budget as a fraction of the original latency "
@@ -405,7 +425,8 @@ def finetune(model_spec: str, weights: Optional[str], input_shape: str, plan_pat
               help="Closed loop: bench the most important candidate plans around the budget on the backend and "
                    "keep the best one measured within it (or the original where none is).")
 @click.option("--candidates", type=int, default=3, show_default=True, help="Plans the closed loop benches.")
-def compress(model_spec: str, weights: Optional[str], input_shape: str, out_dir: str, budget_ms: Optional[float],
+def compress(model_spec: str, weights: Optional[str], input_shape: str, submodule: Optional[str], out_dir: str,
+             budget_ms: Optional[float],
              budget_ratio: Optional[float], data_spec: Optional[str], importance_method: Optional[str],
              importance_steps: int, backend: Optional[str], gpu: bool, batch_size: Optional[int], precision: str,
              threads: Optional[int], epochs: int, distill: float, tables_dir: Optional[str], measure: bool,
@@ -423,11 +444,15 @@ def compress(model_spec: str, weights: Optional[str], input_shape: str, out_dir:
         batch_size=batch_size, precision=precision, threads=threads, epochs=epochs, distill=distill, tables_dir=tables_dir,
         measure=measure, candidates=candidates)
     report = run_compress(model_spec, weights, parse_input_shape(input_shape), out_dir, settings, data_spec,
-                          say=lambda line: click.echo(line, err=True))
+                          submodule=submodule, say=lambda line: click.echo(line, err=True))
     if report["kept_original"]:
         click.echo("no plan was measured within the budget and faster than the original: kept the original")
     click.echo(f"predicted speed-up: {report['predicted_speedup']:.2f}x")
-    click.echo(f"measured speed-up: {report['measured_speedup']:.2f}x")
+    click.echo(f"measured speed-up: {report['measured_speedup']:.2f}x"
+               + (f" (submodule {submodule})" if submodule else ""))
+    whole = report["whole_model_bench"]
+    if whole:
+        click.echo(f"whole model, PyTorch: {whole['measured_speedup']:.2f}x")
     if report["accuracy"]:
         click.echo("accuracy: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in sorted(report["accuracy"].items())))
     else:

@@ -8,7 +8,7 @@ import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -54,13 +54,16 @@ def model_stats(model: nn.Module, input_shape: Sequence[int]) -> ModelStats:
 def onnx_bytes(model: nn.Module, input_shape: Sequence[int], dynamic_batch: bool = False) -> bytes:
     """The model as one self-contained ONNX file (static shapes unless ``dynamic_batch``)."""
     sample = torch.randn(*input_shape)
+    with torch.no_grad():
+        count = len(flat_tensors(model.eval()(sample)))
+    output_names = ["output"] if count == 1 else [f"output_{index}" for index in range(count)]
     dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = Path(folder) / "model.onnx"
         with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
             torch.onnx.export(model.eval(), (sample,), str(path), dynamo=True, external_data=False,
-                              input_names=["input"], output_names=["output"], dynamic_shapes=dynamic_shapes)
+                              input_names=["input"], output_names=output_names, dynamic_shapes=dynamic_shapes)
         return path.read_bytes()
 
 
@@ -116,7 +119,7 @@ def verify_onnx(onnx_model: bytes, reference: nn.Module, input_shape: Sequence[i
     options.log_severity_level = 3
     session = ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
-    return compare_outputs(lambda x: session.run(None, {input_name: x})[0], reference, input_shape, tolerance,
+    return compare_outputs(lambda x: session.run(None, {input_name: x}), reference, input_shape, tolerance,
                            trials, seed)
 
 
@@ -127,24 +130,40 @@ def verify_openvino(model_path: PathLike, reference: nn.Module, input_shape: Seq
 
     ov = import_openvino()
     compiled = ov.Core().compile_model(str(model_path), "CPU", {ov.properties.hint.inference_precision: ov.Type.f32})
-    return compare_outputs(lambda x: compiled({0: x})[compiled.output(0)], reference, input_shape, tolerance,
-                           trials, seed)
+    return compare_outputs(lambda x: [compiled({0: x})[output] for output in compiled.outputs], reference,
+                           input_shape, tolerance, trials, seed)
 
 
-def compare_outputs(run: Callable[[np.ndarray], np.ndarray], reference: nn.Module, input_shape: Sequence[int],
-                    tolerance: float, trials: int, seed: int) -> Verification:
-    """``run`` (an exported model) against ``reference`` in torch on ``trials`` seeded random inputs."""
+def flat_tensors(value: object) -> List[torch.Tensor]:
+    """The tensors of a model's output in the order exporters flatten them (dicts by insertion order)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in flat_tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in flat_tensors(v)]
+    return []
+
+
+def compare_outputs(run: Callable[[np.ndarray], Sequence[np.ndarray]], reference: nn.Module,
+                    input_shape: Sequence[int], tolerance: float, trials: int, seed: int) -> Verification:
+    """``run`` (an exported model, returning its outputs) against ``reference`` in torch on ``trials`` seeded
+    random inputs. Each output is compared relative to its own scale; the worst output counts."""
     generator = torch.Generator().manual_seed(seed)
-    max_abs, scale = 0.0, 0.0
+    max_abs, scale, relative = 0.0, 0.0, 0.0
     reference = reference.eval()
     for _ in range(trials):
         x = torch.randn(*input_shape, generator=generator)
         with torch.no_grad():
-            expected = reference(x).double().numpy()
-        got = np.asarray(run(x.numpy())).astype(np.float64)
-        max_abs = max(max_abs, float(np.max(np.abs(got - expected))))
-        scale = max(scale, float(np.max(np.abs(expected))))
-    relative = max_abs / scale if scale > 0 else float("inf")
+            expected = [t.double().numpy() for t in flat_tensors(reference(x))]
+        got = [np.asarray(o).astype(np.float64) for o in run(x.numpy())]
+        if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected)):
+            raise UserError(f"the exported model's outputs {[g.shape for g in got]} do not match the reference's "
+                            f"{[e.shape for e in expected]}; the export was not written")
+        for g, e in zip(got, expected):
+            error, output_scale = float(np.max(np.abs(g - e))), float(np.max(np.abs(e)))
+            max_abs, scale = max(max_abs, error), max(scale, output_scale)
+            relative = max(relative, error / output_scale if output_scale > 0 else float("inf"))
     return Verification(max_abs_error=max_abs, max_rel_error=relative, output_scale=scale,
                         passed=relative <= tolerance)
 
@@ -190,10 +209,11 @@ class ExportReport:
     after: ModelStats
     verification: Optional[Verification]
     size_bytes: int
+    note: Optional[str] = None  # what was exported where it is not simply the model (a submodule alone)
 
     def to_json(self) -> Dict[str, object]:
         return {"before": asdict(self.before), "after": asdict(self.after), "size_bytes": self.size_bytes,
-                "verification": self.verification.to_json() if self.verification else None}
+                "verification": self.verification.to_json() if self.verification else None, "note": self.note}
 
 
 def export_plan(original: nn.Module, reference: nn.Module, merged: nn.Module, fmt: str, out: PathLike,

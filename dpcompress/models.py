@@ -1,9 +1,11 @@
-"""Model specs: ``torchvision:NAME[?k=v&...]``, ``path/to/file.py:factory``, ``package.module:factory``."""
+"""Model specs: ``torchvision:NAME[?k=v&...]``, ``timm:NAME[?k=v&...]``, ``path/to/file.py:factory``,
+``package.module:factory``."""
 
 from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 import importlib.util
 import pickle
 import re
@@ -24,7 +26,7 @@ def parse_spec(spec: str) -> Tuple[str, str, Dict[str, Any]]:
     base, _, query = spec.partition("?")
     source, sep, factory = base.rpartition(":")
     if not sep or not source or not factory:
-        raise UserError(f"model spec {spec!r} must look like torchvision:NAME, path/to/file.py:factory "
+        raise UserError(f"model spec {spec!r} must look like torchvision:NAME, timm:NAME, path/to/file.py:factory "
                         "or package.module:factory")
     kwargs: Dict[str, Any] = {}
     for item in filter(None, query.split("&")):
@@ -42,12 +44,33 @@ def _torchvision_factory(name: str) -> Callable[..., Any]:
     from dpcompress.tv_compat import import_torchvision
 
     models = import_torchvision().models
-    known = set(models.list_models(module=models))
+    known = set(models.list_models())  # classification, detection, segmentation, video, ...
     if name not in known:
         close = sorted(n for n in known if n.startswith(name[:4]))[:6]
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise UserError(f"unknown torchvision model {name!r}{hint}; see torchvision.models.list_models()")
     return models.get_model_builder(name)
+
+
+def _timm_factory(name: str) -> Callable[..., Any]:
+    from dpcompress.tv_compat import import_torchvision
+
+    import_torchvision()  # timm imports torchvision: its missing op schemas must be defined first
+    try:
+        import timm
+    except ImportError:
+        raise UserError("timm: specs need the timm package; pip install 'dpcompress[timm]' (or pip install timm)") \
+            from None
+    if not timm.is_model(name):
+        close = timm.list_models(f"{name[:4]}*")[:6]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise UserError(f"unknown timm model {name!r}{hint}; see timm.list_models()")
+
+    def factory(**kwargs: Any) -> Any:
+        kwargs.setdefault("pretrained", False)  # random weights unless --weights: nothing is downloaded
+        return timm.create_model(name, **kwargs)
+
+    return factory
 
 
 def _file_factory(path: str, name: str) -> Callable[..., Any]:
@@ -89,6 +112,10 @@ def build_model(spec: str, weights: Optional[str] = None) -> Any:
     source, name, kwargs = parse_spec(spec)
     if source == "torchvision":
         factory = _torchvision_factory(name)
+        if "weights_backbone" in inspect.signature(factory).parameters:
+            kwargs.setdefault("weights_backbone", None)  # detection builders default to downloading it
+    elif source == "timm":
+        factory = _timm_factory(name)
     elif source.endswith(".py"):
         factory = _file_factory(source, name)
     else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -24,7 +24,7 @@ class CompressSettings:
     budget_ratio: Optional[float] = 0.7
     importance: Optional[str] = None  # uniform | proxy | finetune; default finetune with data, else uniform
     importance_steps: int = 100
-    backend: Optional[str] = None
+    backend: Any = None  # a backend name (default onnxruntime) or a Backend object
     gpu: bool = False
     batch_size: Optional[int] = None
     precision: str = "fp32"
@@ -68,38 +68,75 @@ def find_table(tables_dir: Path, fingerprint: str, backend: str, precision: str,
     return None
 
 
-def compress_from_spec(model_spec: str, weights: Optional[str], input_shape: Sequence[int], out_dir: str,
-             settings: CompressSettings = CompressSettings(), data_spec: Optional[str] = None,
-             say: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Run every stage for ``model_spec``; write all files and report.{json,md} into ``out_dir``."""
+@dataclass
+class CompressResult:
+    """What :func:`compress_model` made: the merged network, its plan, the report, and the reference
+    network (activations removed, not merged: the one to fine-tune). With a submodule, ``model`` and
+    ``reference`` are the whole model with that submodule replaced."""
+
+    model: Any
+    plan: Any
+    report: Dict[str, Any]
+    reference: Any
+
+
+def compress_model(model: Any, input_shape: Sequence[int], out_dir: "str | Path",
+                   settings: CompressSettings = CompressSettings(), *, data: Any = None,
+                   importance_table: Any = None, submodule: Optional[str] = None,
+                   model_spec: Optional[str] = None, weights: Optional[str] = None,
+                   say: Callable[[str], None] = print) -> CompressResult:
+    """Run every stage on ``model`` (an ``nn.Module``); write all files and report.{json,md} into ``out_dir``.
+
+    ``data`` is a :class:`~dpcompress.training.data.DataBundle` (fine-tuning and finetune importance);
+    ``importance_table`` an ImportanceTable to use instead of measuring one; ``submodule`` the qualified
+    name of the part to compress in place (``model_spec`` and ``weights`` are recorded in the report).
+    """
     from dpcompress.backends import choose_backend
     from dpcompress.latency.bench import bench_modules
+    from dpcompress.latency.profile import default_timing, profile_table
     from dpcompress.search.frontier_plot import plot_frontier
     from dpcompress.search.importance import ImportanceSettings, compute_importance
     from dpcompress.search.plan import save_plan
-    from dpcompress.latency.profile import default_timing, profile_table
     from dpcompress.search.solver import resolve_budget, solve_for_model, write_frontier_csv
     from dpcompress.tables import read_importance_table, read_latency_table
 
-    data = None
-    if data_spec is not None:
-        from dpcompress.training.data import load_data, parse_input_size
-
-        data = load_data(data_spec, parse_input_size(input_shape))
-    method = settings.importance or ("finetune" if data is not None else "uniform")
+    method = "table" if importance_table is not None else (
+        settings.importance or ("finetune" if data is not None else "uniform"))
     if method == "finetune" and data is None:
         raise UserError("--importance finetune needs --data; without data use uniform or proxy")
-    say(f"[1/7] trace {model_spec}")
-    model = build_model(model_spec, weights)
-    traced = trace_model(model, input_shape, spec=model_spec)
+    if submodule is not None and (data is not None or method not in ("uniform", "table")):
+        raise UserError("with --submodule, dpcompress does not train or measure importance inside the whole "
+                        "model yet: use uniform importance (or an importance table) without --data, and fine-tune "
+                        "the returned reference model in your own training loop")
+    model = model.eval()
+    label = model_spec or type(model).__name__
+    site = None
+    if submodule is not None:
+        from dpcompress.graph.submodule import submodule_site
+
+        say(f"[1/7] trace {label}, submodule {submodule}")
+        site = submodule_site(model, submodule, input_shape)
+        say(f"      {submodule} receives {'x'.join(map(str, site.input_shape))}"
+            + (" (its children, chained)" if site.chained_children else ""))
+        traced = trace_model(site.module, site.input_shape, spec=model_spec)
+        chain_shape: Sequence[int] = site.input_shape
+    else:
+        say(f"[1/7] trace {label}")
+        traced = trace_model(model, input_shape, spec=model_spec)
+        chain_shape = input_shape
     chain = traced.chain
 
-    backend, picked = choose_backend(settings.backend, gpu=settings.gpu, threads=settings.threads)
+    from dpcompress.backends import Backend
+
+    if isinstance(settings.backend, Backend):  # the API may pass a backend object
+        backend, picked = settings.backend, None
+    else:
+        backend, picked = choose_backend(settings.backend, gpu=settings.gpu, threads=settings.threads)
     if picked:
         say(picked)
     out = Path(out_dir)  # made only once the model and backend are known to work: a bad input writes nothing
     out.mkdir(parents=True, exist_ok=True)
-    batch_size = settings.batch_size or int(input_shape[0])
+    batch_size = settings.batch_size or int(chain_shape[0])
     tables_dir = Path(settings.tables_dir) if settings.tables_dir else DEFAULT_TABLES
     timing = default_timing(backend, traced)
     table_path = find_table(tables_dir, chain.fingerprint(), backend.name, settings.precision, batch_size,
@@ -109,14 +146,13 @@ def compress_from_spec(model_spec: str, weights: Optional[str], input_shape: Seq
     else:
         table_path = out / "latency.csv"
         say(f"[2/7] latency table: profiling {len(chain.valid_blocks())} blocks on {backend.name} -> {table_path}")
-        profile_table(chain, backend, table_path, model_spec=model_spec, input_shape=input_shape,
+        profile_table(chain, backend, table_path, model_spec=model_spec, input_shape=chain_shape,
                       batch_size=batch_size, precision=settings.precision, warmup=settings.warmup,
                       iters=settings.iters, traced=traced, timing=timing)
     table = read_latency_table(table_path)
 
-    say(f"[3/7] importance: {method}")
-    importance_table = None
-    if method != "uniform":
+    say(f"[3/7] importance: {'given' if method == 'table' else method}")
+    if method not in ("uniform", "table"):
         importance_path = out / "importance.csv"
         compute_importance(traced, ImportanceSettings(method=method, steps=settings.importance_steps),
                            importance_path, data=data, model_spec=model_spec)
@@ -125,7 +161,7 @@ def compress_from_spec(model_spec: str, weights: Optional[str], input_shape: Seq
     budget = resolve_budget(table, settings.budget_ms, settings.budget_ratio)
     say(f"[4/7] solve at budget {budget:.4g} ms")
     solved, frontier = solve_for_model(table, importance_table, budget, chain=chain, with_frontier=True)
-    bench_shape = (batch_size, *input_shape[1:])
+    bench_shape = (batch_size, *chain_shape[1:])
     loop = None
     plan = solved
     if settings.measure:
@@ -149,20 +185,27 @@ def compress_from_spec(model_spec: str, weights: Optional[str], input_shape: Seq
     elif data is not None:
         from dpcompress.training.finetune import FinetuneSettings, finetune
 
-        say(f"[5/7] fine-tune {settings.epochs} epochs on {data_spec}")
+        say(f"[5/7] fine-tune {settings.epochs} epochs on {data.spec}")
         result = finetune(traced, plan, data, out / "finetuned.pt",
                           FinetuneSettings(epochs=settings.epochs, distill=settings.distill), model_spec=model_spec)
         reference = result.network
         accuracy = dict(result.accuracy)
     else:
-        say("[5/7] fine-tune: skipped (no --data)")
+        say("[5/7] fine-tune: skipped (no data)")
         reference = reference_model(traced, plan)
     reference.eval()
     merged = merge_reference(reference)
 
     say("[6/7] export + verify")
-    exported = export_plan(model, reference, merged, "onnx", out / "compressed.onnx", input_shape,
-                           verify=True, tolerance=settings.tolerance)
+    exported = export_site(model, traced.model, reference, merged, site, "onnx", out / "compressed.onnx",
+                           input_shape, tolerance=settings.tolerance)
+    if exported.note:
+        say(f"      exported {exported.note}")
+    whole_reference, whole_merged = reference, merged
+    if site is not None:
+        from dpcompress.graph.submodule import put_back
+
+        whole_reference, whole_merged = put_back(model, site, reference), put_back(model, site, merged)
     if data is not None:
         from dpcompress.training.train import evaluate
 
@@ -170,29 +213,77 @@ def compress_from_spec(model_spec: str, weights: Optional[str], input_shape: Seq
         accuracy["test_merged"] = evaluate(merged, data.test)
 
     say(f"[7/7] bench on {backend.name}")
-    bench = bench_modules(backend, model, merged, input_shape=bench_shape, precision=settings.precision,
+    bench = bench_modules(backend, traced.model, merged, input_shape=bench_shape, precision=settings.precision,
                           warmup=settings.warmup, plan=plan)
+    whole_bench = None
+    if site is not None:
+        from dpcompress.backends.torch_backend import TorchBackend
+
+        say("      bench the whole model in PyTorch, original against compressed")
+        whole_bench = bench_modules(TorchBackend(threads=settings.threads), model, whole_merged,
+                                    input_shape=input_shape, warmup=settings.warmup)
     report = {
-        "model": model_spec, "weights": weights, "input_shape": list(input_shape), "data": data_spec,
+        "model": model_spec, "weights": weights, "input_shape": list(input_shape), "submodule": submodule,
+        "submodule_input_shape": list(site.input_shape) if site is not None else None,
+        "data": data.spec if data is not None else None,
         "importance_method": method, "latency_table": str(table_path), "budget_ms": budget,
         "plan": plan.to_json(), "predicted_latency_ms": plan.latency_ms,
         "predicted_speedup": bench.predicted_speedup, "measured_speedup": bench.measured_speedup,
         "measured_original_ms": bench.original.median_ms,
         "measured_compressed_ms": bench.compressed.median_ms if bench.compressed else None,
-        "accuracy": accuracy or None, "export": exported.to_json(), "bench": bench.to_json(),
+        "whole_model_bench": whole_bench.to_json() if whole_bench is not None else None,
+        "accuracy": accuracy or None, "export": exported.to_json(),
+        "bench": bench.to_json(),
         "solved_plan": solved.to_json(), "closed_loop": loop.to_json() if loop is not None else None,
         "kept_original": bool(loop is not None and loop.kept_original),
     }
     write_json_atomic(out / "report.json", report)
     write_text_atomic(out / "report.md", report_markdown(report))
-    return report
+    return CompressResult(model=whole_merged, plan=plan, report=report, reference=whole_reference)
+
+
+def export_site(model: Any, traced_module: Any, reference: Any, merged: Any, site: Any, fmt: str, out: Path,
+                input_shape: Sequence[int], *, verify: bool = True, tolerance: float = 1e-3,
+                dynamic_batch: bool = False, precision: str = "fp32") -> ExportReport:
+    """Export (and verify) the compressed network. Where a submodule was compressed: the whole model where it
+    exports, else the submodule alone; the report's note says which and why."""
+    options = dict(verify=verify, tolerance=tolerance, dynamic_batch=dynamic_batch, precision=precision)
+    if site is None:
+        return export_plan(model, reference, merged, fmt, out, input_shape, **options)
+    from dpcompress.graph.submodule import put_back
+
+    try:
+        exported = export_plan(model, put_back(model, site, reference), put_back(model, site, merged), fmt, out,
+                               input_shape, **options)
+        return replace(exported, note=f"the whole model, with {site.name} compressed")
+    except UserError:
+        raise  # a verification that failed: never fall back past it
+    except Exception as err:  # exporters raise many types for models they cannot capture
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+    exported = export_plan(traced_module, reference, merged, fmt, out, site.input_shape, **options)
+    return replace(exported, note=f"the whole model does not export ({reason}); wrote the submodule {site.name} "
+                                  f"alone, at its input {'x'.join(map(str, site.input_shape))}")
+
+
+def compress_from_spec(model_spec: str, weights: Optional[str], input_shape: Sequence[int], out_dir: str,
+                       settings: CompressSettings = CompressSettings(), data_spec: Optional[str] = None,
+                       submodule: Optional[str] = None, say: Callable[[str], None] = print) -> Dict[str, Any]:
+    """The model and data that specs name, compressed by :func:`compress_model`; returns the report."""
+    data = None
+    if data_spec is not None:
+        from dpcompress.training.data import load_data, parse_input_size
+
+        data = load_data(data_spec, parse_input_size(input_shape))
+    model = build_model(model_spec, weights)
+    return compress_model(model, input_shape, out_dir, settings, data=data, submodule=submodule,
+                          model_spec=model_spec, weights=weights, say=say).report
 
 
 def report_markdown(report: Dict[str, Any]) -> str:
     e = report["export"]
     v = e["verification"]
     lines = [
-        f"# dpcompress report: {report['model']}", "",
+        f"# dpcompress report: {report['model'] or 'in-memory model'}", "",
         f"- input shape: {'x'.join(map(str, report['input_shape']))}; latency table: `{_shown(Path(report['latency_table']))}`",
         f"- importance: {report['importance_method']}; budget: {report['budget_ms']:.4g} ms",
         f"- kept activations: {len(report['plan']['activations'])}; blocks: {len(report['plan']['boundaries']) - 1}",
@@ -209,6 +300,14 @@ def report_markdown(report: Dict[str, Any]) -> str:
         f"measured speed-up: {report['measured_speedup']:.2f}x",
         f"- verification: max relative error {v['max_rel_error']:.3g} ({'OK' if v['passed'] else 'FAILED'})",
     ]
+    if report.get("submodule"):
+        whole = report["whole_model_bench"]
+        lines[3:3] = [f"- compressed submodule: `{report['submodule']}` (input "
+                      f"{'x'.join(map(str, report['submodule_input_shape']))}); the table below is the submodule's"]
+        lines += [f"- exported: {e['note']}",
+                  f"- whole model in PyTorch: {whole['original']['median_ms']:.4g} ms before, "
+                  f"{whole['compressed']['median_ms']:.4g} ms after: "
+                  f"{whole['original']['median_ms'] / whole['compressed']['median_ms']:.2f}x"]
     loop = report.get("closed_loop")
     if loop:
         lines += ["", f"Closed loop: the budget is {loop['budget_ratio']:.1%} of the original's measured latency "
@@ -232,14 +331,28 @@ def report_markdown(report: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def traced_from_spec(model_spec: str, weights: Optional[str], input_shape: Sequence[int],
+                     submodule: Optional[str] = None) -> "tuple[Any, Any, Any]":
+    """The model a spec names, its traced chain (of ``submodule`` where given, at the input it receives inside
+    the model) and the submodule's site (None without one)."""
+    model = build_model(model_spec, weights)
+    if submodule is None:
+        return model, trace_model(model, input_shape, spec=model_spec), None
+    from dpcompress.graph.submodule import submodule_site
+
+    site = submodule_site(model, submodule, input_shape)
+    return model, trace_model(site.module, site.input_shape, spec=model_spec), site
+
+
 def export_from_spec(model_spec: str, weights: Optional[str], input_shape: str, plan_path: str, fmt: str,
                      out: str, verify: bool = False, tolerance: float = 1e-3, dynamic_batch: bool = False,
-                     precision: str = "fp32", checkpoint: Optional[str] = None) -> ExportReport:
-    """Build the model, check the plan against its chain, merge, (verify,) and write ``out``."""
+                     precision: str = "fp32", checkpoint: Optional[str] = None,
+                     submodule: Optional[str] = None) -> ExportReport:
+    """Build the model, check the plan against its chain, merge, (verify,) and write ``out``. With
+    ``submodule``, the whole model is written where it exports (else the submodule alone)."""
     shape = parse_input_shape(input_shape)
     plan = load_plan(plan_path)
-    model = build_model(model_spec, weights)
-    traced = trace_model(model, shape, spec=model_spec)
+    model, traced, site = traced_from_spec(model_spec, weights, shape, submodule)
     check_plan_against_chain(plan, traced.chain, source=plan_path)
     if checkpoint is not None:
         from dpcompress.training.finetune import load_finetuned
@@ -249,5 +362,5 @@ def export_from_spec(model_spec: str, weights: Optional[str], input_shape: str, 
         reference = reference_model(traced, plan)
     reference.eval()
     merged = merge_reference(reference)
-    return export_plan(model, reference, merged, fmt, out, shape, verify=verify, tolerance=tolerance,
-                       dynamic_batch=dynamic_batch, precision=precision)
+    return export_site(model, traced.model, reference, merged, site, fmt, Path(out), shape, verify=verify,
+                       tolerance=tolerance, dynamic_batch=dynamic_batch, precision=precision)

@@ -4,14 +4,22 @@ A torchvision wheel built for CUDA, imported on a CPU-only torch, fails at impor
 time with ``operator torchvision::nms does not exist``: its Python code registers
 fake (meta) kernels for ``torchvision::nms`` and ``torchvision::qnms`` whose
 schemas the missing C++ library would have defined. The model definitions are
-pure Python, so defining those two schemas first is enough to use them. Where
-torchvision's own library loaded (the normal case) this does nothing.
+pure Python, so defining those two schemas first is enough to build them. Running a
+detector also needs non-maximum suppression, which has no Python fallback in
+torchvision (RoIAlign has one): where the compiled ops are missing, ``nms`` is
+replaced by a plain-torch version, so detection models run end to end (slower in
+post-processing than the compiled op). Where torchvision's own library loaded (the
+normal case) this does nothing.
 """
 
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 # Schemas as torchvision's C++ library declares them (torchvision/csrc/ops/nms.cpp).
 _MISSING_OP_SCHEMAS = {
@@ -41,14 +49,44 @@ def _op_exists(torch: ModuleType, name: str) -> bool:
         return False
 
 
+def nms_reference(boxes: "torch.Tensor", scores: "torch.Tensor", iou_threshold: float) -> "torch.Tensor":
+    """Greedy non-maximum suppression as ``torchvision.ops.nms`` defines it: indices of the kept boxes
+    (x1, y1, x2, y2), by decreasing score."""
+    import torch
+
+    order = scores.argsort(descending=True)
+    ordered = boxes[order]
+    top_left = torch.max(ordered[:, None, :2], ordered[None, :, :2])
+    bottom_right = torch.min(ordered[:, None, 2:], ordered[None, :, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(dim=2)
+    area = (ordered[:, 2:] - ordered[:, :2]).clamp(min=0).prod(dim=1)
+    iou = inter / (area[:, None] + area[None, :] - inter)
+    keep = torch.ones(len(order), dtype=torch.bool)
+    for index in range(len(order)):
+        if keep[index]:
+            keep[index + 1:] &= ~(iou[index, index + 1:] > iou_threshold)
+    return order[keep]
+
+
+def _use_reference_nms(torchvision: ModuleType) -> None:
+    if torchvision.extension._has_ops():
+        return
+    import torchvision.ops.boxes as boxes
+
+    boxes.nms = nms_reference  # batched_nms looks nms up in this module
+    torchvision.ops.nms = nms_reference
+
+
 def import_torchvision() -> ModuleType:
-    """Return the torchvision module, defining missing op schemas first if needed."""
+    """Return the torchvision module, defining missing op schemas (and a plain-torch nms) if needed."""
     try:
-        return importlib.import_module("torchvision")
+        torchvision = importlib.import_module("torchvision")
     except RuntimeError as err:
         if "torchvision::" not in str(err):
             raise
-    _define_missing_ops()
-    for name in [m for m in list(importlib.sys.modules) if m == "torchvision" or m.startswith("torchvision.")]:
-        del importlib.sys.modules[name]  # drop the half-imported package before retrying
-    return importlib.import_module("torchvision")
+        _define_missing_ops()
+        for name in [m for m in list(importlib.sys.modules) if m == "torchvision" or m.startswith("torchvision.")]:
+            del importlib.sys.modules[name]  # drop the half-imported package before retrying
+        torchvision = importlib.import_module("torchvision")
+    _use_reference_nms(torchvision)
+    return torchvision

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 from dpcompress.errors import UserError
 
@@ -27,7 +27,7 @@ class DataBundle:
     train: Any  # torch.utils.data.Dataset of (image, label)
     holdout: Any
     test: Any
-    num_classes: int
+    num_classes: Optional[int]  # None where the datasets do not say (in-memory datasets)
     input_size: Tuple[int, int]
 
 
@@ -43,6 +43,24 @@ def load_data(spec: str, input_size: Sequence[int] = (32, 32)) -> DataBundle:
     if spec.startswith("imagefolder:"):
         return _imagefolder(spec, Path(spec[len("imagefolder:"):]), size)
     raise UserError(f"unknown --data {spec!r}; use 'digits' or 'imagefolder:DIR'")
+
+
+def bundle_from_datasets(train: Any, validation: Any, input_size: Sequence[int]) -> DataBundle:
+    """A DataBundle from in-memory ``(train, validation)`` Datasets (or DataLoaders, whose datasets are
+    used): a seeded tenth of ``train`` is held out for importance and fine-tuning checks, ``validation``
+    is the test split."""
+    from torch.utils.data import DataLoader, Subset
+
+    train, validation = (d.dataset if isinstance(d, DataLoader) else d for d in (train, validation))
+    for name, dataset in (("train", train), ("validation", validation)):
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise UserError(f"data: the {name} set is a {type(dataset).__name__}, not a map-style Dataset "
+                            "(or a DataLoader over one)")
+    holdout_idx, train_idx = _split_indices(len(train), (0.1,))
+    if not train_idx or not holdout_idx:
+        raise UserError(f"data: the train set has {len(train)} items, too few to carve a holdout split")
+    return DataBundle("in-memory datasets", Subset(train, train_idx), Subset(train, holdout_idx), validation,
+                      None, (int(input_size[0]), int(input_size[1])))
 
 
 def parse_input_size(input_shape: Sequence[int]) -> Tuple[int, int]:
