@@ -8,8 +8,19 @@ Instances:
 - ``scaling L=N``: every block spanning up to 40 convs is valid except a random 20%
   of the multi-conv ones; importance segments span up to 40 convs (``table``) or are
   every pair stage 1 can cover (``uniform``).
+- ``mobilenet_v2-sized, table, pruning``: the first with LayerMerge's pruning options. Every
+  4th conv is reducible; each block gets one option per non-empty subset of its reducible
+  convs, and the importance table one row per segment and pruned set that its splits reach
+  (``pruned_sets``).
+- ``mobilenet_v2 blocks, pruning <= N``: the 578 blocks of the shipped ONNX Runtime table of
+  mobilenet_v2 (spans up to 48 convs), its 13 reducible convs (the stride-1 depthwise ones)
+  and 34 activations. Each block gets one option per number of pruned convs (a random subset;
+  profiling keeps one subset per merged geometry), and the importance table has every segment
+  and every pruned set of at most N convs that its splits reach.
+The blocks and segments columns count the rows with their options.
 
-Each instance is solved at a budget of 70% of the original latency (budget-pruned
+"segments ms" is building the segments from the importance table, which includes stage 1 for
+each pruned segment. Each instance is solved at a budget of 70% of the original latency (budget-pruned
 DP, what ``dpcompress solve`` runs) and, separately, for the whole frontier. Time is
 the median of ``--repeats`` runs of stage 1 + stage 2 in-process; memory is the
 tracemalloc peak of one run (numpy allocations included).
@@ -18,6 +29,7 @@ tracemalloc peak of one run (numpy allocations included).
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import subprocess
 import sys
@@ -25,7 +37,7 @@ import tempfile
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -33,11 +45,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpcompress.search.solver import (  # noqa: E402
     build_segments,
+    pruned_sets,
     run_stage1,
     solve,
     stage2_frontier,
 )
-from dpcompress.tables import ImportanceTable, LatencyTable, write_importance_table, write_latency_table  # noqa: E402
+from dpcompress.tables import (  # noqa: E402
+    ImportanceTable,
+    LatencyTable,
+    read_latency_table,
+    write_importance_table,
+    write_latency_table,
+)
 
 Block = Tuple[int, int]
 
@@ -65,6 +84,65 @@ def synthetic_tables(L: int, max_block_span: int, max_segment_span: Optional[int
     return table, ImportanceTable(importance, source=f"synthetic L={L}")
 
 
+def with_pruning(table: LatencyTable, importance: ImportanceTable, seed: int,
+                 reducible_every: int = 4) -> Tuple[LatencyTable, ImportanceTable]:
+    """The tables with pruning options: each pruned conv takes a random share of its block's time
+    away, and a random bit of its segment's importance."""
+    rng = np.random.default_rng(seed)
+    reducible = range(2, table.num_positions + 1, reducible_every)
+    pruned_latency = {}
+    for (start, end), latency in table.latency_ms.items():
+        inside = [p for p in reducible if start < p <= end]
+        for size in range(1, len(inside) + 1):
+            for pruned in itertools.combinations(inside, size):
+                kept = (end - start - size) / (end - start)
+                pruned_latency[(start, end, pruned)] = float(latency * kept * rng.uniform(0.8, 1.1))
+    with_options = LatencyTable(table.num_positions, table.latency_ms, source=table.source,
+                                pruned_latency_ms=pruned_latency)
+    pruned_importance = {(start, end, pruned): float(value - rng.uniform(0.0, 0.1) * len(pruned))
+                         for (start, end), value in importance.importance.items()
+                         for pruned in pruned_sets(with_options, start, end) if pruned}
+    return with_options, ImportanceTable(importance.importance, source=importance.source,
+                                         pruned_importance=pruned_importance)
+
+
+MOBILENET_V2_TABLE = Path(__file__).resolve().parents[1] / "latency_tables" / "cpu_onnxruntime" / "mobilenet_v2.csv"
+MOBILENET_V2_REDUCIBLE = (2, 8, 14, 17, 23, 26, 29, 32, 35, 38, 44, 47, 50)
+MOBILENET_V2_PROJECTIONS = (3, *range(6, 52, 3))  # the 1x1 convs without an activation
+
+
+def mobilenet_v2_with_pruning(max_pruned: Sequence[int], seed: int = 0
+                              ) -> List[Tuple[int, LatencyTable, ImportanceTable]]:
+    """The shipped mobilenet_v2 table with pruning options, and importance tables allowing segments
+    with at most each of ``max_pruned`` convs pruned."""
+    rng = np.random.default_rng(seed)
+    table = read_latency_table(MOBILENET_V2_TABLE)
+    L = table.num_positions
+    pruned_latency = {}
+    for (start, end), latency in table.latency_ms.items():
+        inside = [p for p in MOBILENET_V2_REDUCIBLE if start < p <= end]
+        for size in range(1, len(inside) + 1):
+            pruned = tuple(sorted(int(p) for p in rng.choice(inside, size, replace=False)))
+            pruned_latency[(start, end, pruned)] = float(latency * (end - start - size) / (end - start)
+                                                         * rng.uniform(0.8, 1.1))
+    table = LatencyTable(L, table.latency_ms, meta=table.meta, source=table.source, pruned_latency_ms=pruned_latency)
+    ends = [0, *(p for p in range(1, L) if p not in MOBILENET_V2_PROJECTIONS), L]
+    s1 = run_stage1(table)
+    importance, pruned_importance = {}, {}
+    for start, end in itertools.combinations(ends, 2):
+        if not np.isfinite(s1.topt[start, end]):
+            continue
+        importance[(start, end)] = float(-0.02 * (end - start) + rng.normal(0, 0.05))
+        for pruned in pruned_sets(table, start, end):
+            if 0 < len(pruned) <= max(max_pruned):
+                cost = 0.05 * len(pruned) * rng.uniform(0.5, 1.5)
+                pruned_importance[(start, end, pruned)] = importance[(start, end)] - cost
+    return [(most, table, ImportanceTable(importance, source=table.source,
+                                          pruned_importance={k: v for k, v in pruned_importance.items()
+                                                             if len(k[2]) <= most}))
+            for most in max_pruned]
+
+
 def measure(func: Callable[[], object], repeats: int) -> Tuple[float, float]:
     """Median seconds over ``repeats`` runs and the tracemalloc peak (MiB) of one more."""
     func()  # warm-up
@@ -87,14 +165,16 @@ def bench_instance(name: str, table: LatencyTable, importance: Optional[Importan
     frontier_size = len(stage2_frontier(segments))
     t_budget, mem_budget = measure(lambda: solve(table, importance, budget), repeats)
     t_stage1, _ = measure(lambda: run_stage1(table), repeats)
+    t_segments, _ = measure(lambda: build_segments(s1, importance, table), repeats)
 
     def whole_frontier() -> object:
         first = run_stage1(table)
         return stage2_frontier(build_segments(first, importance, table))
 
     t_frontier, mem_frontier = measure(whole_frontier, repeats)
-    print(f"| {name} | {table.num_positions} | {len(table.latency_ms)} | {segments.count()} | "
-          f"{t_stage1 * 1e3:.1f} | {t_budget * 1e3:.1f} | {mem_budget:.1f} | "
+    print(f"| {name} | {table.num_positions} | {len(table.latency_ms) + len(table.pruned_latency_ms)} | "
+          f"{segments.count()} | "
+          f"{t_stage1 * 1e3:.1f} | {t_segments * 1e3:.1f} | {t_budget * 1e3:.1f} | {mem_budget:.1f} | "
           f"{t_frontier * 1e3:.1f} | {mem_frontier:.1f} | {frontier_size} |", flush=True)
 
 
@@ -127,12 +207,17 @@ def main() -> None:
     parser.add_argument("--skip-uniform-above", type=int, default=1000,
                         help="skip the uniform-importance runs for larger L")
     args = parser.parse_args()
-    print("| instance | L | blocks | segments | stage 1 ms | solve@70% ms | solve MiB | "
+    print("| instance | L | blocks | segments | stage 1 ms | segments ms | solve@70% ms | solve MiB | "
           "whole frontier ms | frontier MiB | frontier points |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     bench_instance("mobilenet_v2-sized, table", *synthetic_tables(50, 4, 6, 0.1, seed=0), args.repeats)
     table, _ = synthetic_tables(50, 4, None, 0.1, seed=0)
     bench_instance("mobilenet_v2-sized, uniform", table, None, args.repeats)
+    table, importance = synthetic_tables(50, 4, 6, 0.1, seed=0)
+    assert importance is not None
+    bench_instance("mobilenet_v2-sized, table, pruning", *with_pruning(table, importance, seed=0), args.repeats)
+    for most, table, importance in mobilenet_v2_with_pruning((1, 2)):
+        bench_instance(f"mobilenet_v2 blocks, pruning <= {most}", table, importance, args.repeats)
     for size in (int(s) for s in args.sizes.split(",")):
         repeats = args.repeats if size <= 300 else 1
         bench_instance("scaling, table", *synthetic_tables(size, 40, 40, 0.2, seed=size), repeats)

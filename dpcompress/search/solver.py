@@ -21,17 +21,16 @@ the unpruned segment's importance, because then pruning would cost nothing and t
 prune every conv that saves time, whatever the damage. Without an importance table (uniform
 importance) nothing prices pruning either, so no segment is pruned. For each allowed (segment,
 P), stage 1 finds the cheapest split in which every block b takes the option pruning exactly
-P ∩ b (blocks are disjoint, so these are all the splits whose union is P), and stage 2 chooses
-among the (segment, P) as it chooses among segments. The work grows with the importance rows,
-never with the number of pruned sets a segment could reach; with no pruning anywhere, every
-step is the two-stage DP's.
+P ∩ b (blocks are disjoint, so these are all the splits whose union is P; ``PrunedStage1``),
+and stage 2 chooses among the (segment, P) as it chooses among segments. The work grows with
+the importance rows and their distinct pruned sets, never with the number of pruned sets a
+segment could reach; with no pruning anywhere, every step is the two-stage DP's.
 
 numpy only: no torch, no model; it works on tables alone.
 """
 
 from __future__ import annotations
 
-import bisect
 import json
 import math
 import time
@@ -120,6 +119,108 @@ def stage1(latency: Mapping[Block, float], num_positions: int) -> Stage1Result:
                         last_block_start=np.ascontiguousarray(last_by_end.T))
 
 
+class PrunedStage1:
+    """Stage 1 for segments with convs pruned: the cheapest split of segment (start, end) in which
+    the blocks' options together prune exactly the set P.
+
+    Every block b of such a split takes the option that prunes exactly P ∩ b (its unpruned row
+    where that is empty): the blocks are disjoint, so these are all the splits whose options
+    together prune P. Such a split is a chain of pruning blocks, each pruning the next run of P,
+    with unpruned stretches between them whose cheapest splits stage 1 has in ``topt``. So for
+    every prefix ``done`` of P the DP keeps, per segment start and per end of the block that
+    prunes ``done[-1]``, the cheapest cost: a min-plus product of the previous prefix's costs, the
+    unpruned stretches and the table's rows for the run. Sets sharing leading convs share the work.
+    """
+
+    def __init__(self, table: LatencyTable, s1: Stage1Result, starts: Iterable[int]) -> None:
+        self.s1 = s1
+        self.starts = np.array(sorted(set(starts)), dtype=np.int64)  # the segment starts computed for
+        self._row_of_start = {int(start): row for row, start in enumerate(self.starts)}
+        self._rows_by_option: Dict[Pruned, List[Tuple[int, int, float]]] = {}
+        for (block_start, block_end, option), latency in table.pruned_latency_ms.items():
+            self._rows_by_option.setdefault(option, []).append((block_start, block_end, latency))
+        n = s1.topt.shape[0]
+        identity = np.full((self.starts.size, n), np.inf)
+        identity[np.arange(self.starts.size), self.starts] = 0.0
+        # _reached[done]: cost[start row, block end] of reaching the end of a block whose option prunes
+        # done[-1], having pruned exactly ``done``; and its links back: how many of ``done`` were
+        # pruned before that block, where the unpruned stretch before it began, and the block's start.
+        self._reached: Dict[Pruned, Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {
+            (): (identity, *(np.full(identity.shape, -1, dtype=np.int32) for _ in range(3)))}
+
+    def costs(self, starts: np.ndarray, ends: np.ndarray, pruned: Sequence[Pruned]) -> np.ndarray:
+        """The cheapest split's latency of each segment (starts[k], ends[k]) with pruned[k] (not empty)
+        pruned; inf where no split exists."""
+        codes: Dict[Pruned, int] = {}
+        code = np.array([codes.setdefault(convs, len(codes)) for convs in pruned], dtype=np.int64)
+        order = np.argsort(code, kind="stable")
+        group_start = np.flatnonzero(np.diff(code[order], prepend=-1))
+        rows = np.searchsorted(self.starts, starts)
+        costs = np.empty(len(pruned))
+        for convs, a, b in zip(codes, group_start, [*group_start[1:], order.size]):
+            segments = order[a:b]
+            costs[segments] = (self._reach(convs)[0][rows[segments]] + self.s1.topt[:, ends[segments]].T).min(axis=1)
+        return costs
+
+    def split_points(self, start: int, end: int, pruned: Pruned) -> List[int]:
+        """The inner block boundaries of the cheapest split of (start, end) with ``pruned`` pruned."""
+        row = self._row_of_start[start]
+        # The end of the last pruning block: where the unpruned stretch to ``end`` is cheapest to start.
+        position = int((self._reach(pruned)[0][row] + self.s1.topt[:, end]).argmin())
+        pruning_blocks = []
+        done = pruned
+        while done:
+            _, count_before, stretch_start, block_start = self._reach(done)
+            pruning_blocks.append((int(stretch_start[row, position]), int(block_start[row, position]), position))
+            done, position = done[:count_before[row, position]], int(stretch_start[row, position])
+        boundaries = [start]
+        for stretch_start_at, block_start_at, block_end in reversed(pruning_blocks):
+            if block_start_at != stretch_start_at:
+                boundaries += [*self.s1.split_points(stretch_start_at, block_start_at), block_start_at]
+            boundaries.append(block_end)
+        if end != boundaries[-1]:
+            boundaries += [*self.s1.split_points(boundaries[-1], end), end]
+        return boundaries[1:-1]
+
+    def _reach(self, done: Pruned) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        if done in self._reached:
+            return self._reached[done]
+        # Per run of ``done`` that the last block prunes: (the run's start in done, block starts, block ends,
+        # cost per segment start and block, where the stretch before the block starts).
+        parts = []
+        for first in range(len(done)):  # the last block prunes done[first:]
+            if done[first:] not in self._rows_by_option:
+                continue
+            starts, ends, latency = (np.array(column) for column in zip(*self._rows_by_option[done[first:]]))
+            # Ends of earlier blocks past done[first] would hold it unpruned.
+            before = self._reach(done[:first])[0][:, :done[first]]
+            through = before[:, :, None] + self.s1.topt[:done[first], starts][None, :, :]
+            best_stretch = through.argmin(axis=1)
+            cost = np.take_along_axis(through, best_stretch[:, None, :], axis=1)[:, 0, :] + latency
+            parts.append((np.full(starts.size, first, dtype=np.int32), starts, ends, cost, best_stretch))
+        shape = self._reached[()][0].shape
+        reached_cost = np.full(shape, np.inf)
+        count_before, stretch_start, block_start = (np.full(shape, -1, dtype=np.int32) for _ in range(3))
+        if parts:
+            firsts, starts, ends = (np.concatenate([part[k] for part in parts]) for k in range(3))
+            cost, stretch = (np.concatenate([part[k] for part in parts], axis=1) for k in (3, 4))
+            # The cheapest candidate per block end, for every segment start at once.
+            order = np.argsort(ends, kind="stable")
+            sorted_ends, sorted_cost = ends[order], cost[:, order]
+            group_start = np.flatnonzero(np.concatenate(([True], sorted_ends[1:] != sorted_ends[:-1])))
+            group_min = np.minimum.reduceat(sorted_cost, group_start, axis=1)
+            is_min = sorted_cost == np.repeat(group_min, np.diff(np.append(group_start, order.size)), axis=1)
+            first_min = np.minimum.reduceat(np.where(is_min, np.arange(order.size), order.size), group_start, axis=1)
+            column = order[first_min]
+            block_ends = sorted_ends[group_start]
+            reached_cost[:, block_ends] = group_min
+            count_before[:, block_ends] = firsts[column]
+            stretch_start[:, block_ends] = np.take_along_axis(stretch, column, axis=1)
+            block_start[:, block_ends] = starts[column]
+        self._reached[done] = (reached_cost, count_before, stretch_start, block_start)
+        return self._reached[done]
+
+
 @dataclass
 class Segments:
     """Allowed segments grouped by end position. Entry k at ``end`` is the segment
@@ -131,8 +232,7 @@ class Segments:
     importance_by_end: Dict[int, np.ndarray]
     latency_by_end: Dict[int, np.ndarray]
     pruned_by_end: Dict[int, List[Pruned]]
-    # Inner block boundaries of the cheapest split of each pruned segment (the unpruned ones are stage 1's).
-    pruned_split_points: Dict[PrunedBlock, Tuple[int, ...]] = field(default_factory=dict)
+    pruned_stage1: Optional[PrunedStage1] = None  # the splits of the pruned segments, where any
 
     def count(self) -> int:
         return sum(len(s) for s in self.starts_by_end.values())
@@ -141,65 +241,8 @@ class Segments:
         """The inner block boundaries of the cheapest split of segment (start, end) with ``pruned`` pruned."""
         if not pruned:
             return s1.split_points(start, end)
-        return list(self.pruned_split_points[(start, end, pruned)])
-
-
-def _grouped_segments(L: int, rows: Iterable[Tuple[int, int, Pruned, float, float]],
-                      pruned_split_points: Dict[PrunedBlock, Tuple[int, ...]]) -> Segments:
-    """Segments from (start, end, pruned, importance, latency) rows, in the order given at each end."""
-    grouped: Dict[int, List[Tuple[int, Pruned, float, float]]] = {}
-    for start, end, pruned, value, latency in rows:
-        grouped.setdefault(end, []).append((start, pruned, value, latency))
-    return Segments(
-        num_positions=L,
-        starts_by_end={e: np.array([r[0] for r in rs], dtype=np.int64) for e, rs in grouped.items()},
-        importance_by_end={e: np.array([r[2] for r in rs], dtype=np.float64) for e, rs in grouped.items()},
-        latency_by_end={e: np.array([r[3] for r in rs], dtype=np.float64) for e, rs in grouped.items()},
-        pruned_by_end={e: [r[1] for r in rs] for e, rs in grouped.items()},
-        pruned_split_points=pruned_split_points,
-    )
-
-
-def pruned_stage1(table: LatencyTable, segments: Iterable[PrunedBlock]
-                  ) -> Dict[PrunedBlock, Tuple[float, Tuple[int, ...]]]:
-    """Cheapest split of each segment (start, end) with the convs ``pruned`` pruned, and its inner block
-    boundaries; segments that no split covers are left out.
-
-    Every block b of a split takes the option that prunes exactly ``pruned`` ∩ b (its unpruned row
-    where that is empty): the blocks are disjoint, so these are exactly the splits whose options
-    together prune ``pruned``. Segments sharing a start and a pruned set share one forward pass.
-    """
-    starts_ending_at: Dict[int, List[int]] = {}
-    for start, end, *_ in [*table.latency_ms, *table.pruned_latency_ms]:
-        starts_ending_at.setdefault(end, []).append(start)
-    for starts in starts_ending_at.values():
-        starts.sort()
-    ends_by_pass: Dict[Tuple[int, Pruned], List[int]] = {}
-    for start, end, pruned in segments:
-        ends_by_pass.setdefault((start, pruned), []).append(end)
-    result: Dict[PrunedBlock, Tuple[float, Tuple[int, ...]]] = {}
-    for (start, pruned), ends in ends_by_pass.items():
-        cost = {start: 0.0}  # cheapest split of (start, position), over the positions reached
-        last_block_start: Dict[int, int] = {}
-        for end in range(start + 1, max(ends) + 1):
-            starts = starts_ending_at.get(end, [])
-            for block_start in starts[bisect.bisect_left(starts, start):]:
-                if block_start not in cost:
-                    continue
-                latency = table.block_latency(block_start, end, tuple(p for p in pruned if block_start < p <= end))
-                if latency is not None and cost[block_start] + latency < cost.get(end, math.inf):
-                    cost[end] = cost[block_start] + latency
-                    last_block_start[end] = block_start
-        for end in ends:
-            if end not in cost:
-                continue
-            points = []
-            position = last_block_start[end]
-            while position != start:
-                points.append(position)
-                position = last_block_start[position]
-            result[(start, end, pruned)] = (cost[end], tuple(points[::-1]))
-    return result
+        assert self.pruned_stage1 is not None
+        return self.pruned_stage1.split_points(start, end, pruned)
 
 
 def pruned_sets(table: LatencyTable, start: int, end: int) -> List[Pruned]:
@@ -227,39 +270,57 @@ def segments_from_table(importance_table: ImportanceTable, s1: Stage1Result, lat
     """The importance table's rows as segments, checked against stage 1 and the allowed ends."""
     L = s1.num_positions
     source = importance_table.source
-    allowed = None if allowed_positions is None else set(allowed_positions) | {0, L}
-    # Unpruned first at each end, in today's order, so that with no pruning the DP meets its
-    # candidates, and breaks ties among them, exactly as the two-stage DP did.
-    rows: List[Tuple[int, int, Pruned, float]] = sorted(
-        [*((start, end, (), value) for (start, end), value in importance_table.importance.items()),
-         *((start, end, pruned, value) for (start, end, pruned), value in importance_table.pruned_importance.items())],
-        key=lambda row: (row[1], len(row[2]) > 0, row[0], row[2]))
-    for start, end, pruned, _ in rows:
-        what = f"segment ({start}, {end})" + (f" pruned {format_pruned(pruned)!r}" if pruned else "")
-        if end > L:
-            raise UserError(f"{source}: {what} ends past the latency table's last "
-                            f"position {L}; the tables are for different models")
-        if allowed is not None and not (start in allowed and end in allowed):
-            bad = start if start not in allowed else end
-            raise UserError(f"{source}: {what} ends at position {bad}, "
-                            "which holds no removable activation in the model")
-    pruned_splits = pruned_stage1(latency_table, [(s, e, p) for s, e, p, _ in rows if p])
-    latencies = []
-    for start, end, pruned, _ in rows:
-        if not pruned:
-            latency = float(s1.topt[start, end])
-        elif (start, end, pruned) in pruned_splits:
-            latency = pruned_splits[(start, end, pruned)][0]
-        else:
-            raise UserError(f"{source}: segment ({start}, {end}) pruned {format_pruned(pruned)!r} cannot be split "
-                            "into blocks of the latency table with those convs pruned; profile the blocks' "
-                            "pruning options or drop the row")
-        if not math.isfinite(latency):
-            raise UserError(f"{source}: segment ({start}, {end}) cannot be split into blocks of the "
-                            "latency table; profile its blocks or drop the row")
-        latencies.append(latency)
-    return _grouped_segments(L, ((s, e, p, v, t) for (s, e, p, v), t in zip(rows, latencies)),
-                             {key: points for key, (_, points) in pruned_splits.items()})
+    keys: List[Tuple[int, int, Pruned]] = [*((start, end, ()) for start, end in importance_table.importance),
+                                          *importance_table.pruned_importance]
+    values = np.array([*importance_table.importance.values(), *importance_table.pruned_importance.values()],
+                      dtype=np.float64)
+    starts = np.array([key[0] for key in keys], dtype=np.int64)
+    ends = np.array([key[1] for key in keys], dtype=np.int64)
+    is_pruned = np.arange(len(keys)) >= len(importance_table.importance)
+    # By end, unpruned first, then by start: with no pruning the DP meets its candidates, and breaks
+    # ties among them, exactly as the two-stage DP did; at an exact tie an unpruned segment wins.
+    order = np.lexsort((starts, is_pruned, ends))
+    keys = [keys[i] for i in order]
+    values, starts, ends, is_pruned = values[order], starts[order], ends[order], is_pruned[order]
+    past = np.flatnonzero(ends > L)
+    if past.size:
+        raise UserError(f"{source}: {_segment_name(*keys[past[0]])} ends past the latency table's last "
+                        f"position {L}; the tables are for different models")
+    if allowed_positions is not None:
+        allowed = np.zeros(L + 1, dtype=bool)
+        allowed[[0, L, *allowed_positions]] = True
+        outside = np.flatnonzero(~(allowed[starts] & allowed[ends]))
+        if outside.size:
+            start, end, pruned = keys[outside[0]]
+            raise UserError(f"{source}: {_segment_name(start, end, pruned)} ends at position "
+                            f"{start if not allowed[start] else end}, which holds no removable activation in the model")
+    latency = s1.topt[starts, ends]
+    pruned_stage1 = None
+    if is_pruned.any():
+        pruned_stage1 = PrunedStage1(latency_table, s1, starts[is_pruned].tolist())
+        latency[is_pruned] = pruned_stage1.costs(starts[is_pruned], ends[is_pruned],
+                                                 [key[2] for key, pruned in zip(keys, is_pruned) if pruned])
+    unsplittable = np.flatnonzero(~np.isfinite(latency))
+    if unsplittable.size:
+        start, end, pruned = keys[unsplittable[0]]
+        if pruned:
+            raise UserError(f"{source}: {_segment_name(start, end, pruned)} cannot be split into blocks of the "
+                            "latency table with those convs pruned; profile the blocks' pruning options or drop "
+                            "the row")
+        raise UserError(f"{source}: segment ({start}, {end}) cannot be split into blocks of the "
+                        "latency table; profile its blocks or drop the row")
+    group_start = np.flatnonzero(np.diff(ends, prepend=-1))
+    groups = [(int(ends[a]), slice(a, b)) for a, b in zip(group_start, [*group_start[1:], len(keys)])]
+    return Segments(num_positions=L,
+                    starts_by_end={end: starts[rows] for end, rows in groups},
+                    importance_by_end={end: values[rows] for end, rows in groups},
+                    latency_by_end={end: latency[rows] for end, rows in groups},
+                    pruned_by_end={end: [key[2] for key in keys[rows]] for end, rows in groups},
+                    pruned_stage1=pruned_stage1)
+
+
+def _segment_name(start: int, end: int, pruned: Pruned) -> str:
+    return f"segment ({start}, {end})" + (f" pruned {format_pruned(pruned)!r}" if pruned else "")
 
 
 def uniform_segments(s1: Stage1Result, allowed_positions: Optional[Iterable[int]] = None) -> Segments:
