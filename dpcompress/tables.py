@@ -103,7 +103,7 @@ def check_table_against_chain(table: LatencyTable, chain: Chain) -> None:
         irreducible = [p for p in pruned if p not in reducible]
         if irreducible:
             raise UserError(f"{table.source}: block ({start}, {end}) prunes conv {irreducible[0]}, which this model "
-                            "cannot replace by identity (its input and output shapes differ); "
+                            "cannot replace by identity (that needs stride 1 and the same input and output shape); "
                             "the table is for another model")
 
 
