@@ -33,7 +33,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGET_FRACTION = 0.3  # of the way from the smallest achievable latency to the original
