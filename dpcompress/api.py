@@ -7,7 +7,6 @@ Torch and the backends are imported inside the functions, so importing dpcompres
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Tuple, Union
@@ -70,13 +69,13 @@ def profile(model: "nn.Module", input_shape: Sequence[int], *, backend: "str | B
     traced, site = _traced(model, input_shape, submodule)
     runtime = _backend(backend, threads)
     shape = site.input_shape if site is not None else tuple(input_shape)
-    report = _progress_printer(progress)
+    from dpcompress.progress import profile_lines
+
+    report = profile_lines(_progress_printer(progress))
 
     def run(path: Path) -> "LatencyTable":
         profile_table(traced.chain, runtime, path, input_shape=shape, precision=precision, warmup=warmup,
-                      iters=iters, traced=traced, timing=timing or default_timing(runtime, traced),
-                      progress=(lambda p: report(f"profile: {p.shapes_done}/{p.shapes_total} shapes"))
-                      if progress else None)
+                      iters=iters, traced=traced, timing=timing or default_timing(runtime, traced), progress=report)
         return read_latency_table(path)
 
     if out is not None:
@@ -183,7 +182,7 @@ def _data_bundle(data: Any, input_shape: Sequence[int]) -> Any:
 
 
 def _progress_printer(progress: bool) -> Callable[[str], None]:
-    """Stage lines on stderr, or nothing."""
-    if not progress:
-        return lambda line: None
-    return lambda line: print(line, file=sys.stderr, flush=True)
+    """Progress bars and stage lines on stderr, or nothing."""
+    from dpcompress.progress import ProgressBar
+
+    return ProgressBar(quiet=not progress)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 import traceback
 from typing import Any, Optional
 
@@ -34,10 +33,20 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="dpcompress")
 @click.option("--debug", is_flag=True, help="Show tracebacks for user errors.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or stage lines (results and errors only).")
 @click.pass_context
-def main(ctx: click.Context, debug: bool) -> None:
+def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
     """Latency-aware CNN depth compression: remove activations, merge convolutions."""
-    ctx.obj = {"debug": debug}
+    ctx.obj = {"debug": debug, "quiet": quiet}
+
+
+def _progress() -> Any:
+    """Progress on stderr for the running command: a bar on a terminal, plain lines in a log, nothing
+    with --quiet."""
+    from dpcompress.progress import ProgressBar
+
+    obj = click.get_current_context().obj or {}
+    return ProgressBar(quiet=bool(obj.get("quiet")))
 
 
 # Options shared by every command that builds a model.
@@ -166,7 +175,7 @@ def solve(latency_table_path: str, importance_source: str, budget_ms: Optional[f
         backend = _backend(backend_name, False, "cpu", threads, False, False)
         batch = table.meta.get("batch_size") or chain.input_shape[0]
         loop = measure_candidates(backend, traced, frontier, budget, input_shape=(batch, *chain.input_shape[1:]),
-                                  count=candidates, say=lambda line: click.echo(line, err=True))
+                                  count=candidates, say=_progress())
         click.echo(loop.reason, err=True)
         plan = loop.plan
     save_plan(out, plan)
@@ -226,22 +235,8 @@ def _backend(backend_name: Optional[str], gpu: bool, device: str, threads: Optio
 
     backend, why = choose_backend(backend_name, gpu=gpu, device=device, threads=threads,
                                   cuda_graphs=cuda_graphs, channels_last=channels_last)
-    click.echo(why or f"backend: {backend.describe()}", err=True)
+    _progress()(why or f"backend: {backend.describe()}")
     return backend
-
-
-_last_progress_line = [0.0]  # when the last plain progress line was printed (time.monotonic)
-
-
-def _print_progress(p: Any) -> None:
-    eta = "estimating" if p.eta_s is None else f"{int(p.eta_s) // 60}:{int(p.eta_s) % 60:02d} left"
-    line = f"profile: {p.done_blocks}/{p.total_blocks} blocks, {p.shapes_done}/{p.shapes_total} shapes, {eta}"
-    finished = p.done_blocks == p.total_blocks
-    if sys.stderr.isatty():
-        click.echo("\r" + line, err=True, nl=finished)
-    elif finished or time.monotonic() - _last_progress_line[0] >= 10:  # a log gets a line every 10 s
-        _last_progress_line[0] = time.monotonic()
-        click.echo(line, err=True)
 
 
 @main.command()
@@ -268,13 +263,14 @@ def profile(model_spec: str, weights: Optional[str], input_shape: str, submodule
             time_all: bool, max_block_seconds: float, timing: Optional[str]) -> None:
     """Time every valid block as its merged convolution and write the latency table (resumable)."""
     from dpcompress.latency.profile import profile_table
+    from dpcompress.progress import profile_lines
 
     backend = _backend(backend_name, gpu, device, threads, cuda_graphs, channels_last)
     traced = _traced_model(model_spec, weights, input_shape, submodule)
     result = profile_table(traced.chain, backend, out, model_spec=model_spec, input_shape=traced.chain.input_shape,
                            batch_size=batch_size, precision=precision, warmup=warmup, iters=iters,
                            overwrite=overwrite, prune_margin=None if time_all else prune_margin,
-                           progress=_print_progress, traced=traced, timing=timing,
+                           progress=profile_lines(_progress()), traced=traced, timing=timing,
                            max_block_seconds=max_block_seconds)
     click.echo(f"wrote {result.table_path} ({len(result.rows)} blocks, {result.timed_shapes} shapes timed now, "
                f"{result.meta['bounded_blocks']} bounded as dominated, {result.resumed_blocks} rows resumed) "
@@ -331,10 +327,6 @@ def _traced_model(model_spec: str, weights: Optional[str], input_shape: str, sub
     return traced_from_spec(model_spec, weights, parse_input_shape(input_shape), submodule)[1]
 
 
-def _progress(line: str) -> None:
-    click.echo(line, err=True)
-
-
 @main.command()
 @model_options
 @click.option("--method", type=click.Choice(["uniform", "proxy", "finetune"]), default="finetune", show_default=True,
@@ -359,14 +351,13 @@ def importance(model_spec: str, weights: Optional[str], input_shape: str, method
     settings = ImportanceSettings(method=method, steps=steps, lr=lr, batch_size=batch_size, alpha=alpha, seed=seed)
     data = load_data(data_spec, parse_input_size(parse_input_shape(input_shape))) if data_spec else None
     traced = _traced_model(model_spec, weights, input_shape)
-    rows = compute_importance(traced, settings, out, data=data, model_spec=model_spec, progress=_progress)
+    rows = compute_importance(traced, settings, out, data=data, model_spec=model_spec, progress=_progress())
     if distributed.is_main():
         click.echo(f"wrote {out} ({len(rows)} segments, method {method})")
 
 
 @main.command()
 @model_options
-@submodule_option
 @click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False), help="plan.json to fine-tune.")
 @click.option("--data", "data_spec", required=True, help="digits or imagefolder:DIR.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint (.pt) to write.")
@@ -390,7 +381,7 @@ def finetune(model_spec: str, weights: Optional[str], input_shape: str, plan_pat
     plan = load_plan(plan_path)
     data = load_data(data_spec, parse_input_size(parse_input_shape(input_shape)))
     traced = _traced_model(model_spec, weights, input_shape)
-    result = run_finetune(traced, plan, data, out, settings, model_spec=model_spec, progress=_progress)
+    result = run_finetune(traced, plan, data, out, settings, model_spec=model_spec, progress=_progress())
     if distributed.is_main():
         acc = result.accuracy
         click.echo(f"wrote {out}: holdout accuracy {acc['original_holdout']:.4f} original, "
@@ -444,7 +435,7 @@ def compress(model_spec: str, weights: Optional[str], input_shape: str, submodul
         batch_size=batch_size, precision=precision, threads=threads, epochs=epochs, distill=distill, tables_dir=tables_dir,
         measure=measure, candidates=candidates)
     report = run_compress(model_spec, weights, parse_input_shape(input_shape), out_dir, settings, data_spec,
-                          submodule=submodule, say=lambda line: click.echo(line, err=True))
+                          submodule=submodule, say=_progress())
     if report["kept_original"]:
         click.echo("no plan was measured within the budget and faster than the original: kept the original")
     click.echo(f"predicted speed-up: {report['predicted_speedup']:.2f}x")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
@@ -13,6 +14,7 @@ from dpcompress.fileio import write_json_atomic, write_text_atomic
 from dpcompress.graph.rewrite import merge_reference, reference_model
 from dpcompress.graph.trace import parse_input_shape, trace_model
 from dpcompress.models import build_model
+from dpcompress.progress import profile_lines
 from dpcompress.search.plan import check_plan_against_chain, load_plan
 
 DEFAULT_TABLES = Path(__file__).resolve().parent.parent / "latency_tables"
@@ -148,14 +150,14 @@ def compress_model(model: Any, input_shape: Sequence[int], out_dir: "str | Path"
         say(f"[2/7] latency table: profiling {len(chain.valid_blocks())} blocks on {backend.name} -> {table_path}")
         profile_table(chain, backend, table_path, model_spec=model_spec, input_shape=chain_shape,
                       batch_size=batch_size, precision=settings.precision, warmup=settings.warmup,
-                      iters=settings.iters, traced=traced, timing=timing)
+                      iters=settings.iters, traced=traced, timing=timing, progress=profile_lines(say))
     table = read_latency_table(table_path)
 
     say(f"[3/7] importance: {'given' if method == 'table' else method}")
     if method not in ("uniform", "table"):
         importance_path = out / "importance.csv"
         compute_importance(traced, ImportanceSettings(method=method, steps=settings.importance_steps),
-                           importance_path, data=data, model_spec=model_spec)
+                           importance_path, data=data, model_spec=model_spec, progress=say)
         importance_table = read_importance_table(importance_path)
 
     budget = resolve_budget(table, settings.budget_ms, settings.budget_ratio)
@@ -187,7 +189,8 @@ def compress_model(model: Any, input_shape: Sequence[int], out_dir: "str | Path"
 
         say(f"[5/7] fine-tune {settings.epochs} epochs on {data.spec}")
         result = finetune(traced, plan, data, out / "finetuned.pt",
-                          FinetuneSettings(epochs=settings.epochs, distill=settings.distill), model_spec=model_spec)
+                          FinetuneSettings(epochs=settings.epochs, distill=settings.distill), model_spec=model_spec,
+                          progress=say)
         reference = result.network
         accuracy = dict(result.accuracy)
     else:
@@ -259,10 +262,23 @@ def export_site(model: Any, traced_module: Any, reference: Any, merged: Any, sit
     except UserError:
         raise  # a verification that failed: never fall back past it
     except Exception as err:  # exporters raise many types for models they cannot capture
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        reason = _failure_reason(err)
     exported = export_plan(traced_module, reference, merged, fmt, out, site.input_shape, **options)
     return replace(exported, note=f"the whole model does not export ({reason}); wrote the submodule {site.name} "
                                   f"alone, at its input {'x'.join(map(str, site.input_shape))}")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _failure_reason(err: BaseException) -> str:
+    """One line saying why an export failed: the first line of the innermost cause (torch.onnx wraps the
+    torch.export error in a generic 'Failed to export the model with torch.export' message), colour codes
+    removed."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = [line.strip() for line in _ANSI.sub("", str(err)).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0][:160]}" if lines else type(err).__name__
 
 
 def compress_from_spec(model_spec: str, weights: Optional[str], input_shape: Sequence[int], out_dir: str,

@@ -226,3 +226,43 @@ def test_timm_spec_builds_and_traces_a_small_timm_model():
     assert chain.num_positions > 20 and chain.valid_blocks()
     with pytest.raises(dpcompress.UserError, match="unknown timm model"):
         build_model("timm:no_such_net")
+
+
+def test_progress_goes_to_stderr_and_json_stays_alone_on_stdout(tmp_path):
+    import subprocess
+    import sys
+
+    table = tmp_path / "t.csv"
+    common = ["--model", "dpcompress.zoo:tiny_mobilenet_v2", "--input-shape", "1,3,16,16"]
+    run = subprocess.run([sys.executable, "-m", "dpcompress.cli", "profile", *common, "--iters", "3",
+                          "--warmup", "1", "--timing", "standalone", "--out", str(table)],
+                         capture_output=True, text=True, check=True)
+    assert "profile:" in run.stderr and "100%" in run.stderr, "a log gets plain progress lines, the last at 100%"
+    assert "%" not in run.stdout
+    run = subprocess.run([sys.executable, "-m", "dpcompress.cli", "bench", *common, "--rounds", "2", "--iters", "2",
+                          "--json"], capture_output=True, text=True, check=True)
+    assert json.loads(run.stdout)["original"]["median_ms"] > 0
+    quiet = subprocess.run([sys.executable, "-m", "dpcompress.cli", "--quiet", "profile", *common, "--iters", "3",
+                            "--warmup", "1", "--timing", "standalone", "--out", str(tmp_path / "q.csv")],
+                           capture_output=True, text=True, check=True)
+    assert quiet.stderr == ""
+
+
+def test_progress_bar_counts_tasks_apart():
+    import io
+
+    from dpcompress.progress import Counted, ProgressBar
+
+    out = io.StringIO()
+    bar = ProgressBar(stream=out, interval_s=0)
+    bar("[3/7] importance")
+    for done in (1, 2, 3):
+        bar(Counted(f"segment {done}", done, 3, "importance"))
+    bar(Counted("epoch 1/2", 1, 2, "fine-tune"))
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "[3/7] importance"
+    assert lines[3].startswith("importance: 100%") and "3/3" in lines[3] and lines[3].endswith("segment 3")
+    assert lines[4].startswith("fine-tune:  50%") and "1/2" in lines[4]
+    quiet = io.StringIO()
+    ProgressBar(stream=quiet, quiet=True)(Counted("x", 1, 1, "profile"))
+    assert quiet.getvalue() == ""

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Sequence
 
 from dpcompress.errors import UserError
 from dpcompress.search.plan import Plan
+from dpcompress.progress import Counted
 
 if TYPE_CHECKING:  # pragma: no cover
     from dpcompress.backends import Backend
@@ -115,11 +116,12 @@ def measure_candidates(backend: "Backend", traced: "TracedModel", frontier: Sequ
         candidate.within_budget = candidate.measured_ms <= candidate.budget_ms
         candidate.faster = candidate.measured_ms < candidate.measured_original_ms
         candidates.append(candidate)
-        say(f"  candidate {index}/{len(plans)}: {len(plan.activations)} activations, {len(plan.blocks)} blocks, "
+        say(Counted(f"  candidate {index}/{len(plans)}: {len(plan.activations)} activations, {len(plan.blocks)} blocks, "
             f"predicted {candidate.predicted_ms:.4g} ms, measured {candidate.measured_ms:.4g} ms "
             f"(budget {candidate.budget_ms:.4g} ms, original {candidate.measured_original_ms:.4g} ms): "
             + ("within" if candidate.within_budget and candidate.faster else
-               "over the budget" if not candidate.within_budget else "no faster than the original"))
+               "over the budget" if not candidate.within_budget else "no faster than the original"),
+            index, len(plans), "closed loop"))
     passing = [c for c in candidates if c.within_budget and c.faster]
     if passing:
         best = max(passing, key=lambda c: (c.plan.importance or 0.0, -c.measured_ms))

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from dpcompress.progress import Counted
 from dpcompress.training import distributed
 from dpcompress.graph.chain import Chain
 from dpcompress.errors import UserError
@@ -223,7 +224,7 @@ def compute_importance(traced: Any, settings: ImportanceSettings, out: PathLike,
         if progress:
             shown = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}
             prefix = f"[rank {distributed.rank()}] " if distributed.world_size() > 1 else ""
-            progress(f"{prefix}{count}/{len(mine)} {shown}")
+            progress(Counted(f"{prefix}{count}/{len(mine)} {shown}", count, len(mine), "importance"))
 
     gathered = distributed.all_gather(new_rows)
     all_rows = dict(done_rows)

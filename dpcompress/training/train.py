@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from dpcompress.progress import Counted
 from dpcompress.training import distributed
 from dpcompress.errors import UserError
 from dpcompress.fileio import atomic_path
@@ -107,7 +108,8 @@ def train(model: nn.Module, dataset: Dataset, *, epochs: Optional[int] = None, s
             if checkpoint is not None:
                 _save_state(Path(checkpoint), model, optimizer, scheduler, epoch + 1, settings)
             if progress:
-                progress(f"epoch {epoch + 1}/{epochs}: loss {result.final_loss:.4f}, lr {scheduler.get_last_lr()[0]:.5f}")
+                progress(Counted(f"epoch {epoch + 1}/{epochs}: loss {result.final_loss:.4f}, "
+                                 f"lr {scheduler.get_last_lr()[0]:.5f}", epoch + 1, epochs, "fine-tune"))
     model.eval()
     return result
 
