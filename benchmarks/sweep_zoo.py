@@ -205,7 +205,8 @@ def run_one(spec: str, args: argparse.Namespace) -> Dict[str, Any]:
         record = json.loads(result.read_text()) if result.exists() else {"stage": "not started"}
         log_tail = (Path(folder) / "log.txt").read_text()[-2000:]
     record.update(spec=spec, size=args.size, threads=args.threads, wall_s=wall,
-                  peak_rss_mb=usage.ru_maxrss / 1024, commit=args.commit, load_before=args.load)
+                  peak_rss_mb=usage.ru_maxrss / 1024, commit=args.commit, load_before=args.load,
+                  load_after=os.getloadavg()[0])
     if status is None:
         record.update(status="timeout", error=f"killed after {args.timeout} s in stage after {record['stage']!r}")
     elif os.WIFSIGNALED(status):
