@@ -221,9 +221,18 @@ def test_data_as_a_pair_of_datasets_becomes_train_holdout_and_test():
 def test_timm_spec_builds_and_traces_a_small_timm_model():
     from dpcompress.models import build_model
 
-    model = build_model("timm:mobilenetv3_small_050?num_classes=10")
+    model = realistic(build_model("timm:mobilenetv3_small_050?num_classes=10"), (1, 3, 32, 32))
     chain = trace_model(model, (1, 3, 32, 32), spec="timm:mobilenetv3_small_050").chain
-    assert chain.num_positions > 20 and chain.valid_blocks()
+    assert chain.num_positions > 20
+    assert len(chain.activation_positions) > 10, "timm's BatchNormAct2d hides activations unless unfused"
+    plan, _ = deepest_plan(model, (1, 3, 32, 32))
+    assert len(plan.blocks) < chain.num_positions
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        merged = dpcompress.merge(model, plan, (1, 3, 32, 32))(x)
+        reference = reference_model(trace_model(model, (1, 3, 32, 32)), plan)(x)
+    # With most activations gone the outputs reach thousands: compare relative to their scale, as export does.
+    assert float((merged - reference).abs().max()) <= 1e-3 * float(reference.abs().max())
     with pytest.raises(dpcompress.UserError, match="unknown timm model"):
         build_model("timm:no_such_net")
 
@@ -266,3 +275,26 @@ def test_progress_bar_counts_tasks_apart():
     quiet = io.StringIO()
     ProgressBar(stream=quiet, quiet=True)(Counted("x", 1, 1, "profile"))
     assert quiet.getvalue() == ""
+
+
+class NormAct(nn.BatchNorm2d):
+    """Like timm's BatchNormAct2d: the activation runs inside the norm's forward."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.drop, self.act = nn.Identity(), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight,
+                                                           self.bias, False, 0.0, self.eps)))
+
+
+def test_norm_act_modules_are_unfused_so_their_activations_can_go():
+    model = realistic(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), NormAct(8),
+                                    nn.Conv2d(8, 8, 3, padding=1, bias=False), NormAct(8)))
+    traced = trace_model(model, SHAPE)
+    assert traced.chain.activation_positions == [1] and traced.chain.unit(2).activation == "ReLU"
+    assert type(model[1]) is NormAct, "the caller's model is left as it was"
+    x = torch.randn(2, *SHAPE[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(traced.gm(x), model(x))

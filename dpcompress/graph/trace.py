@@ -10,6 +10,8 @@ between two trunk convs is a barrier, described in the chain's notes.
 
 from __future__ import annotations
 
+import copy
+
 import operator
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Set, Tuple
@@ -88,9 +90,35 @@ def chain_for_spec(spec: str, input_shape: Sequence[int], weights: Optional[str]
     return trace_model(build_model(spec, weights), input_shape, spec=spec).chain
 
 
+def _is_norm_act(module: nn.Module) -> bool:
+    """timm's BatchNormAct2d and kin: a BatchNorm2d subclass that applies dropout and an activation inside."""
+    return (isinstance(module, nn.BatchNorm2d) and type(module) is not nn.BatchNorm2d
+            and isinstance(getattr(module, "act", None), nn.Module) and isinstance(getattr(module, "drop", None), nn.Module))
+
+
+def unfused_norm_acts(model: nn.Module) -> nn.Module:
+    """``model``, or where it holds norm-act modules a copy with each one a BatchNorm2d, its dropout and its
+    activation in sequence (the same function in eval mode), so the tracer sees the activation."""
+    if not any(_is_norm_act(m) for m in model.modules()):
+        return model
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if not _is_norm_act(module):
+            continue
+        plain = nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                               module.track_running_stats)
+        plain.load_state_dict(module.state_dict(), strict=False)  # the norm's own tensors; act and drop have none
+        plain.train(module.training)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child,
+                nn.Sequential(plain, module.drop, module.act))
+    return model
+
+
 def trace_model(model: nn.Module, input_shape: Sequence[int], spec: Optional[str] = None) -> TracedModel:
-    """Trace ``model`` (in eval mode) at ``input_shape`` into a TracedModel."""
-    model = model.eval()
+    """Trace ``model`` (in eval mode) at ``input_shape`` into a TracedModel (of a copy with norm-act modules
+    unfused, where it has any)."""
+    model = unfused_norm_acts(model.eval())
     try:
         gm = fx.symbolic_trace(model)
     except Exception as err:  # fx raises many types for untraceable Python
