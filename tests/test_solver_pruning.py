@@ -10,7 +10,6 @@ with ``==``.
 from __future__ import annotations
 
 import itertools
-import math
 import random
 from typing import Dict, List, Optional, Sequence, Tuple
 

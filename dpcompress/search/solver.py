@@ -49,7 +49,6 @@ from dpcompress.tables import (
     ImportanceTable,
     LatencyTable,
     Pruned,
-    PrunedBlock,
     check_table_against_chain,
     format_pruned,
     write_csv_table,
