@@ -22,7 +22,8 @@ prune every conv that saves time, whatever the damage. Without an importance tab
 importance) nothing prices pruning either, so no segment is pruned. For each allowed (segment,
 P), stage 1 finds the cheapest split in which every block b takes the option pruning exactly
 P ∩ b (blocks are disjoint, so these are all the splits whose union is P; ``PrunedStage1``),
-and stage 2 chooses among the (segment, P) as it chooses among segments. The work grows with
+and stage 2 chooses among the (segment, P) as it chooses among segments, less those that another
+P of the same segment dominates (as fast and as important). The work grows with
 the importance rows and their distinct pruned sets, never with the number of pruned sets a
 segment could reach; with no pruning anywhere, every step is the two-stage DP's.
 
@@ -308,6 +309,10 @@ def segments_from_table(importance_table: ImportanceTable, s1: Stage1Result, lat
                             "the row")
         raise UserError(f"{source}: segment ({start}, {end}) cannot be split into blocks of the "
                         "latency table; profile its blocks or drop the row")
+    if is_pruned.any():
+        keep = _undominated_within_segments(starts, ends, latency, values, is_pruned)
+        keys = [key for key, kept in zip(keys, keep) if kept]
+        values, starts, ends, latency = values[keep], starts[keep], ends[keep], latency[keep]
     group_start = np.flatnonzero(np.diff(ends, prepend=-1))
     groups = [(int(ends[a]), slice(a, b)) for a, b in zip(group_start, [*group_start[1:], len(keys)])]
     return Segments(num_positions=L,
@@ -316,6 +321,24 @@ def segments_from_table(importance_table: ImportanceTable, s1: Stage1Result, lat
                     latency_by_end={end: latency[rows] for end, rows in groups},
                     pruned_by_end={end: [key[2] for key in keys[rows]] for end, rows in groups},
                     pruned_stage1=pruned_stage1)
+
+
+def _undominated_within_segments(starts: np.ndarray, ends: np.ndarray, latency: np.ndarray,
+                                 importance: np.ndarray, is_pruned: np.ndarray) -> np.ndarray:
+    """Mask of the rows that no other row of the same segment (start, end) dominates (as fast or faster
+    and as important or more; of equal rows, the unpruned or else the first). A plan using a dominated
+    row does no better than the same plan with the row dominating it, so stage 2 never needs it."""
+    order = np.lexsort((is_pruned, -importance, latency, starts, ends))  # stable: the first of equals first
+    group = np.cumsum(np.concatenate(([True], (starts[order][1:] != starts[order][:-1])
+                                      | (ends[order][1:] != ends[order][:-1])))) - 1
+    # Integer keys that order the rows by segment, then by importance (dense ranks, so exact), so that one
+    # running maximum gives each row the best importance of the faster rows of its segment before it.
+    rank = np.unique(importance, return_inverse=True)[1].reshape(-1)
+    key = group * (int(rank.max()) + 1) + rank[order]
+    best_before = np.maximum.accumulate(np.concatenate(([-1], key[:-1])))
+    keep = np.empty(order.size, dtype=bool)
+    keep[order] = key > best_before
+    return keep
 
 
 def _segment_name(start: int, end: int, pruned: Pruned) -> str:
