@@ -17,7 +17,9 @@ Instances:
   and 34 activations. Each block gets one option per number of pruned convs (a random subset;
   profiling keeps one subset per merged geometry), and the importance table has every segment
   and every pruned set of at most N convs that its splits reach.
-The blocks and segments columns count the rows with their options.
+The blocks column counts the latency rows with their options; segments, the (segment, pruned
+set) pairs that stage 2 chooses from, and of how many importance rows where pruning drops the
+dominated ones.
 
 "segments ms" is building the segments from the importance table, which includes stage 1 for
 each pruned segment. Each instance is solved at a budget of 70% of the original latency (budget-pruned
@@ -172,8 +174,10 @@ def bench_instance(name: str, table: LatencyTable, importance: Optional[Importan
         return stage2_frontier(build_segments(first, importance, table))
 
     t_frontier, mem_frontier = measure(whole_frontier, repeats)
+    rows = "" if importance is None or not importance.pruned_importance else \
+        f" of {len(importance.importance) + len(importance.pruned_importance)}"
     print(f"| {name} | {table.num_positions} | {len(table.latency_ms) + len(table.pruned_latency_ms)} | "
-          f"{segments.count()} | "
+          f"{segments.count()}{rows} | "
           f"{t_stage1 * 1e3:.1f} | {t_segments * 1e3:.1f} | {t_budget * 1e3:.1f} | {mem_budget:.1f} | "
           f"{t_frontier * 1e3:.1f} | {mem_frontier:.1f} | {frontier_size} |", flush=True)
 
