@@ -91,9 +91,10 @@ DEFAULT_PRUNE_MARGIN = 2.0
 DEFAULT_MAX_BLOCK_SECONDS = 60.0
 TIMINGS = ("in-network", "standalone")
 # Networks profiled at once in in-network timing (they take turns, so drift hits them alike),
-# and the weight bytes they may hold together.
+# and the weight bytes (fp32: the model's in each network, and the merged blocks') they may hold
+# together: each byte is held some four times (torch, the ONNX export, two sessions).
 NETWORKS_PER_ROUND = 6
-NETWORK_BYTES_PER_ROUND = 1 << 30
+NETWORK_BYTES_PER_ROUND = 512 << 20
 
 Block = Tuple[int, int]
 Row = Dict[str, Any]
@@ -565,6 +566,22 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
             assert traced is not None
             overhead = overhead_by_shape[_shape_key(network_input)] if to_time else 0.0
             pending = list(order)
+            model_bytes = _parameter_bytes(traced)
+            networks_per_round = max(1, min(NETWORKS_PER_ROUND, NETWORK_BYTES_PER_ROUND // max(1, model_bytes)))
+
+            def round_shapes(shapes: List[BlockShape]) -> List[BlockShape]:
+                """The first of ``shapes`` whose merged weights fit in the round beside the networks' own
+                (at least one): merged kernels reach hundreds of MiB (mnasnet1_0 at 64x64: 540 MiB), and
+                each is held by torch, the ONNX export and two sessions."""
+                room = NETWORK_BYTES_PER_ROUND - networks_per_round * model_bytes
+                taken: List[BlockShape] = []
+                for shape in shapes:
+                    room -= _weight_bytes(geometries[groups[shape][0]])
+                    if taken and room < 0:
+                        break
+                    taken.append(shape)
+                return taken
+
             alone: set = set()  # shapes whose shared network went over the cap: next, each in its own
             while pending:
                 # Shapes settled without timing go; the rest, cheapest first, fill a round of networks.
@@ -580,9 +597,8 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                 elif lone:
                     networks = [[_member_for(groups[shape], rows)] for shape in lone]
                 else:
-                    budget = NETWORK_BYTES_PER_ROUND // max(1, _parameter_bytes(traced))
-                    networks, _ = pack([_member_for(groups[shape], rows) for shape in pending],
-                                       max(1, min(NETWORKS_PER_ROUND, budget)))
+                    networks, _ = pack([_member_for(groups[shape], rows) for shape in round_shapes(pending)],
+                                       networks_per_round)
                 plans = [packed_plan(chain, members) for members in networks]
                 # The cap needs a bound to write: none before a rate was measured (the singles' network).
                 limit = None if singles_network or best_rate <= 0 else max_block_seconds
@@ -634,6 +650,11 @@ def _kept_latency(median_ms: float, overhead_ms: float) -> float:
 def _member_for(members: List[Block], rows: Dict[Block, Row]) -> Block:
     """The block that stands for a shape in a timed network: the first without a row."""
     return next(b for b in members if b not in rows)
+
+
+def _weight_bytes(geometry: BlockGeometry) -> int:
+    g = geometry
+    return 4 * g.out_channels * (g.in_channels // g.groups) * g.kernel[0] * g.kernel[1]
 
 
 def _parameter_bytes(traced: "TracedModel") -> int:
