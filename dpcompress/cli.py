@@ -114,7 +114,7 @@ def export(model_spec: str, weights: Optional[str], input_shape: str, submodule:
                               tolerance=tolerance, dynamic_batch=dynamic_batch, precision=precision,
                               checkpoint=checkpoint, submodule=submodule)
     if report.note:
-        click.echo(f"exported {report.note}", err=True)
+        click.echo(report.note, err=True)
     click.echo(export_summary(report, out))
 
 # ---- solve ----
@@ -146,10 +146,12 @@ def export(model_spec: str, weights: Optional[str], input_shape: str, submodule:
               default=None,
               help="With --measure: the runtime to bench on.  [default: onnxruntime]")
 @click.option("--threads", type=int, default=None, help="With --measure: CPU threads.  [default: all cores]")
+@click.option("--submodule", default=None, help="With --model: the submodule the table was profiled for.")
 def solve(latency_table_path: str, importance_source: str, budget_ms: Optional[float],
           budget_ratio: Optional[float], out: str, frontier_path: Optional[str], plot_path: Optional[str],
           chain_path: Optional[str], model_spec: Optional[str], weights: Optional[str], input_shape: str,
-          measure: bool, candidates: int, backend_name: Optional[str], threads: Optional[int]) -> None:
+          measure: bool, candidates: int, backend_name: Optional[str], threads: Optional[int],
+          submodule: Optional[str]) -> None:
     """Choose the activations to keep and the convs to merge within a latency budget (no torch needed)."""
     from dpcompress.search.plan import save_plan
     from dpcompress.search.solver import load_chain, resolve_budget, solve_for_model, write_frontier_csv
@@ -164,8 +166,10 @@ def solve(latency_table_path: str, importance_source: str, budget_ms: Optional[f
     chain = load_chain(chain_path) if chain_path else None
     traced = None
     if model_spec:
-        traced = _traced_model(model_spec, weights, input_shape)
+        traced = _traced_model(model_spec, weights, input_shape, submodule)
         chain = traced.chain
+    elif submodule:
+        raise UserError("--submodule names a part of --model: give --model too")
     budget = resolve_budget(table, budget_ms, budget_ratio)
     plan, frontier = solve_for_model(table, importance, budget, chain,
                                      with_frontier=bool(frontier_path or plot_path or measure))

@@ -61,7 +61,8 @@ def onnx_bytes(model: nn.Module, input_shape: Sequence[int], dynamic_batch: bool
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = Path(folder) / "model.onnx"
-        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
+        # The exporter prints progress lines, and on failure the whole captured graph.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             torch.onnx.export(model.eval(), (sample,), str(path), dynamo=True, external_data=False,
                               input_names=["input"], output_names=output_names, dynamic_shapes=dynamic_shapes)
         return path.read_bytes()

@@ -203,7 +203,7 @@ def compress_model(model: Any, input_shape: Sequence[int], out_dir: "str | Path"
     exported = export_site(model, traced.model, reference, merged, site, "onnx", out / "compressed.onnx",
                            input_shape, tolerance=settings.tolerance)
     if exported.note:
-        say(f"      exported {exported.note}")
+        say(f"      {exported.note}")
     whole_reference, whole_merged = reference, merged
     if site is not None:
         from dpcompress.graph.submodule import put_back
@@ -222,9 +222,10 @@ def compress_model(model: Any, input_shape: Sequence[int], out_dir: "str | Path"
     if site is not None:
         from dpcompress.backends.torch_backend import TorchBackend
 
-        say("      bench the whole model in PyTorch, original against compressed")
+        say("      bench the whole model in PyTorch, original against compressed (5 rounds of 2 runs)")
+        # Few rounds: a whole detector's forward (post-processing included) can take seconds.
         whole_bench = bench_modules(TorchBackend(threads=settings.threads), model, whole_merged,
-                                    input_shape=input_shape, warmup=settings.warmup)
+                                    input_shape=input_shape, warmup=2, rounds=5, iters_per_round=2)
     report = {
         "model": model_spec, "weights": weights, "input_shape": list(input_shape), "submodule": submodule,
         "submodule_input_shape": list(site.input_shape) if site is not None else None,
@@ -258,7 +259,7 @@ def export_site(model: Any, traced_module: Any, reference: Any, merged: Any, sit
     try:
         exported = export_plan(model, put_back(model, site, reference), put_back(model, site, merged), fmt, out,
                                input_shape, **options)
-        return replace(exported, note=f"the whole model, with {site.name} compressed")
+        return replace(exported, note=f"wrote the whole model, with {site.name} compressed")
     except UserError:
         raise  # a verification that failed: never fall back past it
     except Exception as err:  # exporters raise many types for models they cannot capture

@@ -52,20 +52,25 @@ def _op_exists(torch: ModuleType, name: str) -> bool:
 def nms_reference(boxes: "torch.Tensor", scores: "torch.Tensor", iou_threshold: float) -> "torch.Tensor":
     """Greedy non-maximum suppression as ``torchvision.ops.nms`` defines it: indices of the kept boxes
     (x1, y1, x2, y2), by decreasing score."""
+    import numpy as np
     import torch
 
     order = scores.argsort(descending=True)
-    ordered = boxes[order]
-    top_left = torch.max(ordered[:, None, :2], ordered[None, :, :2])
-    bottom_right = torch.min(ordered[:, None, 2:], ordered[None, :, 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(dim=2)
-    area = (ordered[:, 2:] - ordered[:, :2]).clamp(min=0).prod(dim=1)
-    iou = inter / (area[:, None] + area[None, :] - inter)
-    keep = torch.ones(len(order), dtype=torch.bool)
-    for index in range(len(order)):
-        if keep[index]:
-            keep[index + 1:] &= ~(iou[index, index + 1:] > iou_threshold)
-    return order[keep]
+    ordered = boxes[order].detach().cpu().double().numpy()
+    area = np.clip(ordered[:, 2:] - ordered[:, :2], 0, None).prod(axis=1)
+    suppressed = np.zeros(len(ordered), dtype=bool)
+    # One row of IoUs per kept box, in numpy: memory stays linear in the boxes (detectors with random
+    # weights pass tens of thousands) and each step costs microseconds, not a torch dispatch.
+    for index in range(len(ordered)):
+        if suppressed[index]:
+            continue
+        rest = ordered[index + 1:]
+        top_left = np.maximum(ordered[index, :2], rest[:, :2])
+        bottom_right = np.minimum(ordered[index, 2:], rest[:, 2:])
+        inter = np.clip(bottom_right - top_left, 0, None).prod(axis=1)
+        iou = inter / (area[index] + area[index + 1:] - inter)
+        suppressed[index + 1:] |= iou > iou_threshold
+    return order[torch.from_numpy(np.flatnonzero(~suppressed))]
 
 
 def _use_reference_nms(torchvision: ModuleType) -> None:

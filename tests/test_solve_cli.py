@@ -134,3 +134,18 @@ def test_solve_does_not_import_torch(tables, tmp_path):
                              str(tmp_path / "f.csv")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert out.exists()
+
+
+def test_a_table_alone_keeps_the_activations_its_meta_lists(tmp_path):
+    """Profiled tables record the chain's activation positions, so a solve given only the table keeps to them."""
+    import json
+
+    from dpcompress.search.solver import solve_for_model
+    from dpcompress.tables import read_latency_table
+
+    shipped = Path(__file__).resolve().parent.parent / "latency_tables" / "cpu_onnxruntime" / "resnet18.csv"
+    table = read_latency_table(shipped)
+    allowed = set(json.loads(shipped.with_suffix(".meta.json").read_text())["activation_positions"])
+    assert allowed and len(allowed) < table.num_positions - 1
+    plan, frontier = solve_for_model(table, None, table.original_latency_ms(), with_frontier=True)
+    assert all(set(p.activations) <= allowed for p in [plan, *frontier])

@@ -281,6 +281,7 @@ def profile_meta(chain: Chain, backend: "Backend", *, model_spec: Optional[str],
                    if prune_margin or max_block_seconds is not None else "off: every block was timed",
         "chain_fingerprint": chain.fingerprint(),
         "num_positions": chain.num_positions,
+        "activation_positions": chain.activation_positions,  # a solve given only this table keeps to them
         "dpcompress_version": __version__,
         "columns": list(TABLE_COLUMNS),
     }

@@ -640,7 +640,8 @@ def resolve_budget(table: LatencyTable, budget_ms: Optional[float], budget_ratio
 def solve_for_model(latency_table: LatencyTable, importance_table: Optional[ImportanceTable], budget_ms: float,
                     chain: Optional[Chain] = None, with_frontier: bool = False) -> Tuple[Plan, List[Plan]]:
     """Solve, with segment ends restricted to the chain's activations and the plan tagged with
-    its model and fingerprint when a chain is given (or known from the table's meta file).
+    its model and fingerprint when a chain is given (or known from the table's meta file, whose
+    ``activation_positions`` restrict the ends where there is no chain).
 
     Returns the plan and, with ``with_frontier``, the plans of the whole frontier.
     """
@@ -651,6 +652,8 @@ def solve_for_model(latency_table: LatencyTable, importance_table: Optional[Impo
             raise UserError(f"{latency_table.source} covers {latency_table.num_positions} positions but the "
                             f"model has {chain.num_positions} convs; profile this model")
         allowed = chain.activation_positions
+    elif isinstance(latency_table.meta.get("activation_positions"), list):
+        allowed = [int(p) for p in latency_table.meta["activation_positions"]]
     if with_frontier:
         plan, plans = solve_with_frontier(latency_table, importance_table, budget_ms, allowed)
     else:
