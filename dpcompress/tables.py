@@ -30,7 +30,6 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from dpcompress.graph.chain import Chain
 from dpcompress.errors import UserError
 from dpcompress.fileio import PathLike, write_json_atomic, write_text_atomic
-from dpcompress.search.plan import reducible_positions
 
 Block = Tuple[int, int]
 Pruned = Tuple[int, ...]  # positions of pruned convs, ascending; () for none
@@ -98,7 +97,7 @@ def check_table_against_chain(table: LatencyTable, chain: Chain) -> None:
         if not chain.is_valid_block(start, end):
             raise UserError(f"{table.source}: block ({start}, {end}) is not a valid block of the model; "
                             "the table is for another model")
-    reducible = set(reducible_positions(chain))
+    reducible = set(chain.reducible_positions())
     for start, end, pruned in sorted(table.pruned_latency_ms):
         irreducible = [p for p in pruned if p not in reducible]
         if irreducible:

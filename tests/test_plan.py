@@ -14,7 +14,6 @@ from dpcompress.search.plan import (
     Plan,
     check_plan_against_chain,
     load_plan,
-    reducible_positions,
     save_plan,
 )
 
@@ -146,7 +145,8 @@ def test_pruned_convs_must_be_reducible():
              replace(unit(4), padding=(0, 0), in_shape=(1, 4, 4, 4), out_shape=(1, 4, 2, 2)),
              replace(unit(5), groups=4, in_shape=(1, 4, 2, 2), out_shape=(1, 4, 2, 2))]
     chain = Chain(model=None, input_shape=(1, 3, 8, 8), units=units)
-    assert reducible_positions(chain) == [2, 5]
+    assert chain.reducible_positions() == [2, 5]
+    assert [u.reducible for u in units] == [False, True, False, False, True]
     plan = Plan(activations=[], boundaries=[0, 5], num_positions=5, pruned=[2, 5])
     check_plan_against_chain(plan, chain)
     for position, why in [(1, r"stride 1x1, input 3x8x8, output 4x8x8"), (3, r"stride 2x2, input 4x8x8, output 4x4x4"),

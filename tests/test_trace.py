@@ -114,3 +114,17 @@ def test_expected_structure_of_known_models(torchvision_chain):
     assert mbv2.num_positions == 52 and len(mbv2.residuals) == 10 and len(mbv2.activation_positions) == 34
     effnet = torchvision_chain("efficientnet_b0")
     assert effnet.num_positions == 49  # the 32 squeeze-excitation convs are not trunk convs
+
+
+def test_reducible_convs_of_known_models(torchvision_chain):
+    """Reducible convs keep their input's shape at stride 1: resnet18's 3x3 convs outside the first
+    conv of a stage, mobilenet_v2's stride-1 depthwise convs; JSON lists them."""
+    resnet = torchvision_chain("resnet18")
+    assert resnet.reducible_positions() == [2, 3, 4, 5, 7, 9, 10, 12, 14, 15, 17, 19, 20]
+    mbv2 = torchvision_chain("mobilenet_v2")
+    reducible = mbv2.reducible_positions()
+    assert len(reducible) == 13 and all(mbv2.unit(p).groups == mbv2.unit(p).in_channels for p in reducible)
+    for chain in (resnet, mbv2):
+        assert chain.to_json()["reducible_positions"] == chain.reducible_positions()
+        for u in chain.units:
+            assert u.reducible == (u.stride == (1, 1) and u.in_shape[1:] == u.out_shape[1:])

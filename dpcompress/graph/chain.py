@@ -39,6 +39,13 @@ class ConvUnit:
     linked: bool = False
     barrier: Optional[str] = None  # why position ``position - 1`` cannot be crossed
 
+    @property
+    def reducible(self) -> bool:
+        """Whether this conv (with its BatchNorm) may be replaced by identity: stride 1 and its output
+        the shape of its input (channels, height, width). Kernel, padding, dilation and groups do not
+        matter: the identity takes the conv's place, and its block merges the convs that remain."""
+        return self.stride == (1, 1) and tuple(self.in_shape[1:]) == tuple(self.out_shape[1:])
+
 
 @dataclass(frozen=True)
 class Residual:
@@ -72,6 +79,10 @@ class Chain:
         The activation at L (if any) ends the trunk; no merge needs it gone, so it stays.
         """
         return [u.position for u in self.units[:-1] if u.activation is not None]
+
+    def reducible_positions(self) -> List[int]:
+        """The positions whose conv a plan may prune (replace by identity), ascending."""
+        return [u.position for u in self.units if u.reducible]
 
     def is_valid_block(self, start: int, end: int) -> bool:
         """Whether convs start+1..end can merge into one exact convolution."""
@@ -123,6 +134,7 @@ class Chain:
             "num_positions": self.num_positions,
             "fingerprint": self.fingerprint(),
             "activation_positions": self.activation_positions,
+            "reducible_positions": self.reducible_positions(),
             "valid_blocks": [list(b) for b in blocks],
             "num_valid_blocks": len(blocks),
             "residuals": [[r.start, r.end] for r in self.residuals],

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from dpcompress.graph.chain import Chain, ConvUnit
+from dpcompress.graph.chain import Chain
 from dpcompress.errors import UserError
 from dpcompress.fileio import PathLike, write_json_atomic
 
@@ -168,7 +168,7 @@ def check_plan_against_chain(plan: Plan, chain: Chain, source: str = "plan") -> 
     for p in plan.activations:
         if p not in eligible:
             raise UserError(f"{source}: position {p} holds no removable activation in this model")
-    reducible = set(reducible_positions(chain))
+    reducible = set(chain.reducible_positions())
     for p in plan.pruned:
         if p not in reducible:
             unit = chain.unit(p)
@@ -176,19 +176,6 @@ def check_plan_against_chain(plan: Plan, chain: Chain, source: str = "plan") -> 
                             f"needs stride 1 and equal input and output shapes, it has stride "
                             f"{unit.stride[0]}x{unit.stride[1]}, input {_shape(unit.in_shape)}, "
                             f"output {_shape(unit.out_shape)}")
-
-
-def is_reducible(unit: ConvUnit) -> bool:
-    """Whether a conv (with its BatchNorm) may be replaced by identity: stride 1 and its output the
-    shape of its input (channels, height, width). Kernel, padding, dilation and groups do not matter:
-    the identity takes the conv's place in the reference network, and its block merges the convs
-    that remain exactly as any block does."""
-    return unit.stride == (1, 1) and tuple(unit.in_shape[1:]) == tuple(unit.out_shape[1:])
-
-
-def reducible_positions(chain: Chain) -> List[int]:
-    """The positions whose conv a plan may prune, ascending."""
-    return [u.position for u in chain.units if is_reducible(u)]
 
 
 def _shape(shape: Tuple[int, ...]) -> str:
