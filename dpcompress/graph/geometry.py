@@ -12,7 +12,7 @@ padding at the block's input size, and the merged conv leaves them out.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -80,6 +80,12 @@ class BlockGeometry:
     ``kernel`` and ``padding`` are those of the merged conv as built, cropped to the block's
     input size (``crop_taps``); ``composed_kernel`` is the kernel composition computes before
     cropping, which is what merging the block costs.
+
+    With pruned convs (identity, LayerMerge's search space) the conv is the merge of the convs
+    that remain. ``identity`` is True when none remains and no shortcut lies inside: the block is
+    ``nn.Identity`` and costs nothing; its conv fields then describe the 1x1 depthwise conv of
+    the block's shape without bias. Where none remains but identity shortcuts lie inside, the
+    block is ``x`` scaled by 2 per shortcut: exactly that 1x1 depthwise conv, and not an identity.
     """
 
     start: int
@@ -95,43 +101,103 @@ class BlockGeometry:
     activation: Optional[str]
     bias: bool
     composed_kernel: Tuple[int, int]
+    identity: bool = False
+
+    @property
+    def conv_key(self) -> Tuple:
+        """What tells two merged convs of the same block apart: channels, kernel, stride, padding,
+        groups, and whether there is a conv at all."""
+        return (self.in_channels, self.out_channels, self.kernel, self.stride, self.padding, self.groups,
+                self.identity)
 
 
 def effective_kernel(kernel: Sequence[int], dilation: Sequence[int]) -> Tuple[int, int]:
     return (dilation[0] * (kernel[0] - 1) + 1, dilation[1] * (kernel[1] - 1) + 1)
 
 
-def block_geometry(chain: Chain, start: int, end: int) -> BlockGeometry:
-    """The merged convolution that valid block (start, end) of ``chain`` turns into."""
+class _Connectivity:
+    """Channel connectivity of a composition so far, without building the masks that do not matter:
+    None stands for the identity (nothing composed yet, or only pruned convs), and once the mask is
+    dense it stays dense (every channel of a conv reads some channel), so dense convs of 2048
+    channels cost nothing to compose."""
+
+    def __init__(self, channels: int):
+        self.channels = channels
+        self.mask: Optional[np.ndarray] = None
+        self.dense = False
+
+    def then(self, in_channels: int, out_channels: int, groups: int) -> None:
+        self.channels = out_channels
+        if self.dense or groups == 1:
+            self.mask, self.dense = None, True
+        elif groups == in_channels == out_channels:
+            pass  # depthwise: each channel reads itself, as the identity does
+        elif self.mask is None:
+            self.mask = connectivity(in_channels, out_channels, groups)
+        else:
+            self.mask = compose_connectivity(self.mask, connectivity(in_channels, out_channels, groups))
+
+    def add_shortcut(self, shortcut: "_Connectivity") -> None:
+        """OR in the connectivity of an identity shortcut (same channels)."""
+        if self.dense:
+            return
+        if shortcut.dense:
+            self.mask, self.dense = None, True
+        elif self.mask is None or shortcut.mask is None:
+            eye = np.eye(self.channels, dtype=bool)
+            self.mask = (eye if self.mask is None else self.mask) | (eye if shortcut.mask is None else shortcut.mask)
+        else:
+            self.mask = self.mask | shortcut.mask
+
+    def copy(self) -> "_Connectivity":
+        other = _Connectivity(self.channels)
+        other.mask, other.dense = self.mask, self.dense
+        return other
+
+    def groups(self, in_channels: int) -> int:
+        if self.dense:
+            return 1
+        if self.mask is None:
+            return in_channels  # the identity: depthwise
+        return largest_exact_groups(self.mask)
+
+
+def check_pruned(chain: Chain, start: int, end: int, pruned: Sequence[int]) -> None:
+    """ValueError unless ``pruned`` are reducible convs of block (start, end)."""
+    for p in pruned:
+        if not start < p <= end:
+            raise ValueError(f"pruned conv {p} is not in block ({start}, {end})")
+        if not chain.unit(p).reducible:
+            raise ValueError(f"conv {p} cannot be pruned: it changes its input's shape or has a stride")
+
+
+def block_geometry(chain: Chain, start: int, end: int, pruned: Sequence[int] = ()) -> BlockGeometry:
+    """The merged convolution that valid block (start, end) of ``chain`` turns into, with the convs
+    at ``pruned`` (reducible ones) replaced by identity: no kernel, no padding, no stride."""
     if not chain.is_valid_block(start, end):
         raise ValueError(f"({start}, {end}) is not a valid block of this chain")
+    check_pruned(chain, start, end, pruned)
     first = chain.unit(start + 1)
-    kernel = list(effective_kernel(first.kernel, first.dilation))
-    stride = list(first.stride)
-    padding = list(first.padding)
-    # Connectivity masks per position, so that identity residuals can be OR-ed in.
-    mask_at = {start: np.eye(first.in_channels, dtype=bool)}
-    mask = connectivity(first.in_channels, first.out_channels, first.groups)
-    mask_at[start + 1] = mask
-    has_bias = first.bias or first.batchnorm is not None
-    for p in range(start + 2, end + 1):
+    kernel, stride, padding = [1, 1], [1, 1], [0, 0]
+    # Connectivity per position, so that identity residuals can be OR-ed in.
+    composed = _Connectivity(first.in_channels)
+    at: Dict[int, _Connectivity] = {start: composed.copy()}
+    shortcuts = {r.end: r.start for r in chain.residuals_inside(start, end)}
+    has_bias = False
+    for p in range(start + 1, end + 1):
         u = chain.unit(p)
-        k = effective_kernel(u.kernel, u.dilation)
-        for axis in range(2):
-            kernel[axis] += stride[axis] * (k[axis] - 1)
-            padding[axis] += stride[axis] * u.padding[axis]
-            stride[axis] *= u.stride[axis]
-        mask = compose_connectivity(mask, connectivity(u.in_channels, u.out_channels, u.groups))
-        mask_at[p] = mask
-        has_bias = has_bias or u.bias or u.batchnorm is not None
-    for r in chain.residuals_inside(start, end):
-        # x_end = f(x_start) + x_start: the shortcut carries x_start's own connectivity.
-        mask = mask_at[r.end] | mask_at[r.start]
-        mask_at[r.end] = mask
-        for p in range(r.end + 1, end + 1):
-            u = chain.unit(p)
-            mask = compose_connectivity(mask, connectivity(u.in_channels, u.out_channels, u.groups))
-            mask_at[p] = mask
+        if p not in pruned:
+            k = effective_kernel(u.kernel, u.dilation)
+            for axis in range(2):
+                kernel[axis] += stride[axis] * (k[axis] - 1)
+                padding[axis] += stride[axis] * u.padding[axis]
+                stride[axis] *= u.stride[axis]
+            composed.then(u.in_channels, u.out_channels, u.groups)
+            has_bias = has_bias or u.bias or u.batchnorm is not None
+        if p in shortcuts:
+            # x_p = f(x_start) + x_start: the shortcut carries x_start's own connectivity.
+            composed.add_shortcut(at[shortcuts[p]])
+        at[p] = composed.copy()
     last = chain.unit(end)
     crops = [crop_taps(kernel[axis], stride[axis], padding[axis], first.in_shape[2 + axis]) for axis in range(2)]
     return BlockGeometry(
@@ -139,10 +205,81 @@ def block_geometry(chain: Chain, start: int, end: int) -> BlockGeometry:
         in_channels=first.in_channels, out_channels=last.out_channels,
         kernel=(kernel[0] - sum(crops[0]), kernel[1] - sum(crops[1])), stride=(stride[0], stride[1]),
         padding=(padding[0] - crops[0][0], padding[1] - crops[1][0]),
-        groups=largest_exact_groups(mask_at[end]),
+        groups=composed.groups(first.in_channels),
         in_shape=first.in_shape, out_shape=last.out_shape,
         activation=last.activation, bias=has_bias, composed_kernel=(kernel[0], kernel[1]),
+        identity=len(pruned) == end - start and not shortcuts,
     )
+
+
+# Non-empty pruned sets listed per block, at most (see pruning_options).
+MAX_PRUNING_OPTIONS = 8
+
+
+def pruning_options(chain: Chain, start: int, end: int) -> List[Tuple[int, ...]]:
+    """The pruned sets of valid block (start, end) worth a table row: one per distinct merged conv
+    (``BlockGeometry.conv_key``), the empty set first, the others by how many convs they prune.
+
+    Many sets give the same merged conv (pruning either of two 3x3 convs leaves a 3x3); a table
+    keeps one per conv, so that the options per block stay few: about one per merged kernel size.
+    Of the sets giving one conv, the one listed prunes the fewest convs, then the fewest weights,
+    then the latest convs. LayerMerge keeps the largest summed L1 norm of the kept weights instead;
+    that ties the latency table to one set of weights (a table could not be shipped per
+    architecture, nor reused after fine-tuning). Fewest convs and weights pruned is the weights-free
+    stand-in: a conv's summed L1 norm grows with its number of weights, and pruning a conv that
+    does not shrink the merged conv (a reducible 1x1) removes capacity for no speed.
+
+    Long blocks over many strides could list dozens of kernels; at most ``MAX_PRUNING_OPTIONS``
+    non-empty sets are listed, those with the smallest merged kernels (ties: the cost above), as
+    shrinking the kernel is what pruning buys; the others are slower merges of the same convs.
+
+    A merged conv's kernel and padding grow by a fixed amount per kept conv (its kernel and padding
+    times the stride before it, which pruning leaves alone), so a knapsack over the reducible convs
+    keyed by that growth finds each kernel's best set without listing every subset. Groups follow
+    the kept convs that are neither depthwise (their connectivity is the identity's) nor, where the
+    block keeps a dense conv anyway, grouped; the key holds those, so no grouping is missed.
+    """
+    if not chain.is_valid_block(start, end):
+        raise ValueError(f"({start}, {end}) is not a valid block of this chain")
+    positions = range(start + 1, end + 1)
+    always_dense = any(chain.unit(p).groups == 1 for p in positions if not chain.unit(p).reducible)
+    # key -> (cost, pruned set); key: (kernel and padding growth of the kept reducible convs, the
+    # groupings they bring, whether any conv is kept); cost: (convs pruned, weights pruned, the
+    # pruned positions latest first, negated, so that the smallest cost prunes the latest convs).
+    states: Dict[Tuple, Tuple[Tuple, Tuple[int, ...]]] = {((0, 0, 0, 0), frozenset(), False): ((0, 0, ()), ())}
+    scale = [1, 1]
+    for p in positions:
+        u = chain.unit(p)
+        if not u.reducible:
+            states = {(growth, groupings, True): value for (growth, groupings, _), value in states.items()}
+        else:
+            k = effective_kernel(u.kernel, u.dilation)
+            step = (scale[0] * (k[0] - 1), scale[1] * (k[1] - 1), scale[0] * u.padding[0], scale[1] * u.padding[1])
+            if always_dense or u.groups == u.in_channels:
+                grouping: FrozenSet[Tuple[int, int]] = frozenset()
+            else:  # (channels, groups); dense convs are all alike
+                grouping = frozenset([(0, 1) if u.groups == 1 else (u.in_channels, u.groups)])
+            weights = u.out_channels * (u.in_channels // u.groups) * u.kernel[0] * u.kernel[1]
+            grown: Dict[Tuple, Tuple[Tuple, Tuple[int, ...]]] = {}
+            for (growth, groupings, kept_any), ((count, pruned_weights, latest), pruned) in states.items():
+                candidates = [
+                    ((tuple(a + b for a, b in zip(growth, step)), groupings | grouping, True),
+                     ((count, pruned_weights, latest), pruned)),
+                    ((growth, groupings, kept_any), ((count + 1, pruned_weights + weights, (-p, *latest)), (*pruned, p))),
+                ]
+                for key, value in candidates:
+                    if key not in grown or value[0] < grown[key][0]:
+                        grown[key] = value
+            states = grown
+        scale = [scale[0] * u.stride[0], scale[1] * u.stride[1]]
+    best: Dict[Tuple, Tuple[Tuple, Tuple[int, ...], int]] = {}  # conv -> (cost, pruned set, kernel area)
+    for cost, pruned in states.values():
+        geometry = block_geometry(chain, start, end, pruned)
+        if geometry.conv_key not in best or cost < best[geometry.conv_key][0]:
+            best[geometry.conv_key] = (cost, pruned, geometry.kernel[0] * geometry.kernel[1])
+    unpruned, *pruned_options = sorted(best.values())
+    kept = sorted(pruned_options, key=lambda option: (option[2], option[0]))[:MAX_PRUNING_OPTIONS]
+    return [unpruned[1], *(pruned for _, pruned, _ in sorted(kept))]
 
 
 def greedy_boundaries(chain: Chain, start: int, end: int, max_kernel: Optional[int] = None) -> List[int]:
