@@ -1,8 +1,8 @@
 """Apply a plan to a traced model: the reference network and the merged network.
 
-The reference network keeps every conv and BatchNorm but removes the plan's
-activations and applies each block's padding once, at the block's input (the
-network to fine-tune). The merged network replaces each block by one convolution
+The reference network keeps every conv and BatchNorm that the plan does not prune,
+removes the plan's activations and applies each block's padding once, at the block's
+input (the network to fine-tune). The merged network replaces each block by one convolution
 computed from the reference network's weights; the two agree to float precision.
 Everything outside the trunk (pooling, squeeze-excitation, the head) is kept as is.
 
@@ -15,6 +15,7 @@ Composing a block is refused, as a UserError, when it would take more than
 from __future__ import annotations
 
 import copy
+import operator
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -66,30 +67,46 @@ class ReorderedBlock(nn.Module):
     of the convs they skip, so that the tensors line up as in the merged conv.
     ``block`` is its (start, end) in the chain and ``in_size`` the (H, W) of its input,
     which the merged conv is cropped to.
+
+    With pruned convs (LayerMerge's search space) the block holds only the convs that remain:
+    ``positions`` are their local positions (1..end-start; default: all), the pruned positions
+    pass their input on, and ``channels`` (the channels at each local position 0..end-start) size
+    the shortcut of a residual whose convs are all pruned, which doubles its input (x + x).
     """
 
     def __init__(self, convs: Sequence[nn.Conv2d], norms: Sequence[Optional[nn.BatchNorm2d]],
                  conv_paddings: Sequence[Tuple[int, int]], residuals: Sequence[Tuple[int, int]],
-                 block: Tuple[int, int], in_size: Tuple[int, int]):
+                 block: Tuple[int, int], in_size: Tuple[int, int],
+                 positions: Optional[Sequence[int]] = None, channels: Sequence[int] = ()):
         super().__init__()
         self.block = block
         self.in_size = in_size
+        self.length = block[1] - block[0]
+        self.positions = list(positions) if positions is not None else list(range(1, len(convs) + 1))
+        self.channels = list(channels)
         self.convs = nn.ModuleList(convs)
         self.norms = nn.ModuleList([n if n is not None else nn.Identity() for n in norms])
         self.conv_paddings = [tuple(p) for p in conv_paddings]  # the convs' own paddings, for merging
-        self.residuals = [tuple(r) for r in residuals]  # (start, end) as local positions 0..len(convs)
+        self.residuals = [tuple(r) for r in residuals]  # (start, end) as local positions 0..length
+        # Follows the block's dtype and device (.double(), .to()) where no conv is left to tell them.
+        self.register_buffer("dtype_anchor", torch.zeros(0), persistent=False)
         for conv in self.convs:
             conv.padding = (0, 0)
         self.padding = _total_padding(self.convs, self.conv_paddings)
-        self._crops = {end: (start, _sum_padding(self.conv_paddings[start:end])) for start, end in self.residuals}
+        self._conv_at = {position: index for index, position in enumerate(self.positions)}
+        self._crops = {end: (start, _sum_padding([pad for position, pad in zip(self.positions, self.conv_paddings)
+                                                  if start < position <= end]))
+                       for start, end in self.residuals}
         self._saved = {start for start, _ in self.residuals}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ph, pw = self.padding
         x = F.pad(x, (pw, pw, ph, ph))
         saved: Dict[int, torch.Tensor] = {0: x} if 0 in self._saved else {}
-        for position, (conv, norm) in enumerate(zip(self.convs, self.norms), start=1):
-            x = norm(conv(x))
+        for position in range(1, self.length + 1):
+            if position in self._conv_at:
+                index = self._conv_at[position]
+                x = self.norms[index](self.convs[index](x))
             if position in self._crops:
                 start, (ch, cw) = self._crops[position]
                 shortcut = saved[start]
@@ -101,7 +118,7 @@ class ReorderedBlock(nn.Module):
     def merged(self) -> nn.Conv2d:
         """This block as one convolution (BatchNorm in eval mode folded in)."""
         pieces: List[Tuple[int, int, merge.AffineConv]] = []
-        for position, (conv, norm, padding) in enumerate(zip(self.convs, self.norms, self.conv_paddings), start=1):
+        for position, conv, norm, padding in zip(self.positions, self.convs, self.norms, self.conv_paddings):
             weight, bias = conv.weight, conv.bias
             if isinstance(norm, nn.BatchNorm2d):
                 weight, bias = merge.fold_batchnorm(weight, bias, norm.running_mean, norm.running_var,
@@ -109,16 +126,22 @@ class ReorderedBlock(nn.Module):
             affine = merge.AffineConv.from_conv(weight, bias, tuple(conv.stride), padding,
                                                 tuple(conv.dilation), conv.groups)
             pieces.append((position - 1, position, affine))
-        self._check_cost([p[2] for p in pieces])
+        if pieces:
+            self._check_cost([p[2] for p in pieces])
         # Innermost residuals first, so nested shortcuts compose correctly.
         for start, end in sorted(self.residuals, key=lambda r: r[1] - r[0]):
             inside = [p for p in pieces if start <= p[0] and p[1] <= end]
-            combined = merge.add_identity(merge.compose_all([p[2] for p in inside]))
-            first = pieces.index(inside[0])
-            pieces[first:first + len(inside)] = [(start, end, combined)]
+            body = merge.compose_all([p[2] for p in inside]) if inside else self._identity(self.channels[start])
+            first = sum(1 for p in pieces if p[1] <= start)
+            pieces[first:first + len(inside)] = [(start, end, merge.add_identity(body))]
         result = merge.crop_to_input(merge.compose_all([p[2] for p in pieces]), self.in_size)
         conv = merge.to_conv2d(result)
-        return conv.to(dtype=self.convs[0].weight.dtype, device=self.convs[0].weight.device)
+        return conv.to(dtype=self.dtype_anchor.dtype, device=self.dtype_anchor.device)
+
+    def _identity(self, channels: int) -> merge.AffineConv:
+        """The identity as a 1x1 depthwise conv: the body of a residual whose convs are all pruned."""
+        weight = torch.ones(channels, 1, 1, 1, dtype=torch.float64, device=self.dtype_anchor.device)
+        return merge.AffineConv(weight, weight.new_zeros(channels), (1, 1), (0, 0), channels)
 
     def _check_cost(self, convs: Sequence[merge.AffineConv]) -> None:
         """UserError, before any work, when composing ``convs`` would take more memory than allowed."""
@@ -148,18 +171,26 @@ def _total_padding(convs: Sequence[nn.Conv2d], paddings: Sequence[Tuple[int, int
 
 
 def reference_model(traced: TracedModel, plan: Plan) -> fx.GraphModule:
-    """The plan's network before merging: activations removed, padding reordered per block."""
+    """The plan's network before merging: activations removed, pruned convs (with their BatchNorms)
+    gone, padding reordered per block. A block whose convs are all pruned is ``nn.Identity``, or,
+    where identity residuals lie inside it, a ReorderedBlock with no conv that adds them (x + x)."""
     check_plan_against_chain(plan, traced.chain)
     holder = copy.deepcopy(traced.gm)
     chain = traced.chain
 
     def make_block(start: int, end: int) -> nn.Module:
-        units = [chain.unit(p) for p in range(start + 1, end + 1)]
+        pruned = set(plan.pruned_in(start, end))
+        residuals = [(r.start - start, r.end - start) for r in chain.residuals_inside(start, end)]
+        if len(pruned) == end - start and not residuals:
+            return nn.Identity()
+        units = [chain.unit(p) for p in range(start + 1, end + 1) if p not in pruned]
         convs = [copy.deepcopy(holder.get_submodule(u.name)) for u in units]
         norms = [copy.deepcopy(holder.get_submodule(u.batchnorm)) if u.batchnorm else None for u in units]
-        residuals = [(r.start - start, r.end - start) for r in chain.residuals_inside(start, end)]
+        first = chain.unit(start + 1)
+        channels = [first.in_channels, *(chain.unit(p).out_channels for p in range(start + 1, end + 1))]
         return ReorderedBlock(convs, norms, [u.padding for u in units], residuals,
-                              block=(start, end), in_size=(units[0].in_shape[2], units[0].in_shape[3]))
+                              block=(start, end), in_size=(first.in_shape[2], first.in_shape[3]),
+                              positions=[u.position - start for u in units], channels=channels)
 
     return rewrite_blocks(traced, plan, holder, make_block)
 
@@ -182,11 +213,15 @@ def merged_model(traced: TracedModel, plan: Plan) -> fx.GraphModule:
 def rewrite_blocks(traced: TracedModel, plan: Plan, holder: nn.Module,
                    make_block: Callable[[int, int], nn.Module]) -> fx.GraphModule:
     """The traced graph with each block of ``plan`` one module ``make_block(start, end)`` (registered
-    on ``holder`` as ``dpc_block_<index>``) and the activations that the plan drops removed."""
+    on ``holder`` as ``dpc_block_<index>``) and the activations that the plan drops removed.
+
+    A block that is ``nn.Identity`` (every conv pruned) leaves no node: its output is its input.
+    That tensor may still be read elsewhere (by a shortcut), so in-place ops reading it (ReLU's
+    ``inplace=True``, ``out += shortcut``) run out of place instead."""
     chain: Chain = traced.chain
     kept = set(plan.activations)
     skipped: Set[fx.Node] = set()
-    block_at: Dict[fx.Node, Tuple[str, fx.Node]] = {}  # node the block replaces -> (module name, input node)
+    block_at: Dict[fx.Node, Tuple[Optional[str], fx.Node]] = {}  # replaced node -> (module name or None, input)
     for index, (start, end) in enumerate(plan.blocks):
         absorbed_ends = {r.end for r in chain.residuals_inside(start, end)}
         for position in range(start + 1, end + 1):
@@ -200,8 +235,10 @@ def rewrite_blocks(traced: TracedModel, plan: Plan, holder: nn.Module,
                 skipped.add(nodes.activation)
         last = traced.unit_nodes(end)
         output = last.residual_add if end in absorbed_ends else last.pre_add
-        name = f"{BLOCK_PREFIX}{index}"
-        holder.add_module(name, make_block(start, end))
+        block = make_block(start, end)
+        name = None if isinstance(block, nn.Identity) else f"{BLOCK_PREFIX}{index}"
+        if name is not None:
+            holder.add_module(name, block)
         block_at[output] = (name, traced.unit_nodes(start + 1).input)
         skipped.discard(output)
     removed_activations = {
@@ -209,15 +246,44 @@ def rewrite_blocks(traced: TracedModel, plan: Plan, holder: nn.Module,
     }
     graph = fx.Graph()
     env: Dict[fx.Node, fx.Node] = {}
+    aliases: Set[fx.Node] = set()  # nodes whose output is the input of an identity block
     for node in traced.gm.graph.nodes:
         if node in skipped:
             continue
         if node in block_at:
             name, source = block_at[node]
-            env[node] = graph.call_module(name, (env[source],))
+            if name is None:
+                env[node] = env[source]
+                aliases.add(node)
+            else:
+                env[node] = graph.call_module(name, (env[source],))
         elif node in removed_activations:
             env[node] = env[node.args[0]]
+            if node.args[0] in aliases:
+                aliases.add(node)
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
+            if any(arg in aliases for arg in node.all_input_nodes):
+                _run_out_of_place(env[node], holder)
     graph.lint()
     return fx.GraphModule(holder, graph, class_name="DpcompressNet")
+
+
+_OUT_OF_PLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                           operator.itruediv: operator.truediv}
+
+
+def _run_out_of_place(node: fx.Node, holder: nn.Module) -> None:
+    """Make ``node`` leave its inputs alone: ``inplace=False`` (module attribute or keyword argument),
+    ``operator.iadd`` as ``operator.add``, ``x.relu_()`` as ``x.relu()``."""
+    if node.op == "call_module":
+        module = holder.get_submodule(str(node.target))
+        if getattr(module, "inplace", False):
+            module.inplace = False  # holder's copy; out of place computes the same
+    elif node.op == "call_function":
+        if node.target in _OUT_OF_PLACE_OPERATORS:
+            node.target = _OUT_OF_PLACE_OPERATORS[node.target]
+        elif node.kwargs.get("inplace"):
+            node.kwargs = {**node.kwargs, "inplace": False}
+    elif node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).startswith("_"):
+        node.target = str(node.target)[:-1]
