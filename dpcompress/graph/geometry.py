@@ -139,8 +139,8 @@ class _Connectivity:
 
     def add_shortcut(self, shortcut: "_Connectivity") -> None:
         """OR in the connectivity of an identity shortcut (same channels)."""
-        if self.dense:
-            return
+        if self.dense or (self.mask is None and shortcut.mask is None and not shortcut.dense):
+            return  # dense stays dense; identity or identity is the identity
         if shortcut.dense:
             self.mask, self.dense = None, True
         elif self.mask is None or shortcut.mask is None:
