@@ -219,13 +219,13 @@ def compress_model(model: Any, input_shape: Sequence[int], out_dir: "str | Path"
     bench = bench_modules(backend, traced.model, merged, input_shape=bench_shape, precision=settings.precision,
                           warmup=settings.warmup, plan=plan)
     whole_bench = None
-    if site is not None:
+    if site is not None and not (loop is not None and loop.kept_original):
         from dpcompress.backends.torch_backend import TorchBackend
 
-        say("      bench the whole model in PyTorch, original against compressed (5 rounds of 2 runs)")
-        # Few rounds: a whole detector's forward (post-processing included) can take seconds.
+        say("      bench the whole model in PyTorch, original against compressed (10 rounds of 2 runs)")
+        # Few runs: a whole detector's forward (post-processing included) can take seconds.
         whole_bench = bench_modules(TorchBackend(threads=settings.threads), model, whole_merged,
-                                    input_shape=input_shape, warmup=2, rounds=5, iters_per_round=2)
+                                    input_shape=input_shape, warmup=2, rounds=10, iters_per_round=2)
     report = {
         "model": model_spec, "weights": weights, "input_shape": list(input_shape), "submodule": submodule,
         "submodule_input_shape": list(site.input_shape) if site is not None else None,
@@ -321,10 +321,11 @@ def report_markdown(report: Dict[str, Any]) -> str:
         whole = report["whole_model_bench"]
         lines[3:3] = [f"- compressed submodule: `{report['submodule']}` (input "
                       f"{'x'.join(map(str, report['submodule_input_shape']))}); the table below is the submodule's"]
-        lines += [f"- exported: {e['note']}",
-                  f"- whole model in PyTorch: {whole['original']['median_ms']:.4g} ms before, "
-                  f"{whole['compressed']['median_ms']:.4g} ms after: "
-                  f"{whole['original']['median_ms'] / whole['compressed']['median_ms']:.2f}x"]
+        lines.append(f"- export: {e['note']}")
+        if whole:
+            lines.append(f"- whole model in PyTorch: {whole['original']['median_ms']:.4g} ms before, "
+                         f"{whole['compressed']['median_ms']:.4g} ms after: "
+                         f"{whole['original']['median_ms'] / whole['compressed']['median_ms']:.2f}x")
     loop = report.get("closed_loop")
     if loop:
         lines += ["", f"Closed loop: the budget is {loop['budget_ratio']:.1%} of the original's measured latency "
