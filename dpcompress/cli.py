@@ -213,6 +213,17 @@ def plan_summary(plan: Any, eligible: Optional[list] = None) -> str:
 # ---- profile / bench ----
 
 
+prune_option = click.option(
+    "--prune/--no-prune", default=None,
+    help="LayerMerge's search space: convs that keep their input's shape may also be replaced by identity "
+         "inside merged blocks.  [default: on where the model has such convs]")
+
+
+def prune_default(prune: Optional[bool], chain: Any) -> bool:
+    """``--prune/--no-prune`` as given, else on where any conv of the chain is reducible."""
+    return bool(chain.reducible_positions()) if prune is None else prune
+
+
 def backend_options(func: Any) -> Any:
     """Options choosing and tuning the latency backend (profile and bench)."""
     options = [
@@ -260,11 +271,12 @@ def _backend(backend_name: Optional[str], gpu: bool, device: str, threads: Optio
               help="in-network: blocks timed inside whole networks by the runtime's node profiler (what the "
                    "network pays); standalone: each block as its own model.  [default: in-network where the "
                    "backend can (onnxruntime, openvino), else standalone]")
+@prune_option
 def profile(model_spec: str, weights: Optional[str], input_shape: str, submodule: Optional[str],
             backend_name: Optional[str], gpu: bool,
             device: str, precision: str, threads: Optional[int], cuda_graphs: bool, channels_last: bool,
             warmup: int, batch_size: Optional[int], iters: int, out: str, overwrite: bool, prune_margin: float,
-            time_all: bool, max_block_seconds: float, timing: Optional[str]) -> None:
+            time_all: bool, max_block_seconds: float, timing: Optional[str], prune: Optional[bool]) -> None:
     """Time every valid block as its merged convolution and write the latency table (resumable)."""
     from dpcompress.latency.profile import profile_table
     from dpcompress.progress import profile_lines
@@ -275,8 +287,8 @@ def profile(model_spec: str, weights: Optional[str], input_shape: str, submodule
                            batch_size=batch_size, precision=precision, warmup=warmup, iters=iters,
                            overwrite=overwrite, prune_margin=None if time_all else prune_margin,
                            progress=profile_lines(_progress()), traced=traced, timing=timing,
-                           max_block_seconds=max_block_seconds)
-    click.echo(f"wrote {result.table_path} ({len(result.rows)} blocks, {result.timed_shapes} shapes timed now, "
+                           max_block_seconds=max_block_seconds, prune=prune_default(prune, traced.chain))
+    click.echo(f"wrote {result.table_path} ({len(result.rows)} rows, {result.timed_shapes} shapes timed now, "
                f"{result.meta['bounded_blocks']} bounded as dominated, {result.resumed_blocks} rows resumed) "
                f"and {result.meta_path}")
 

@@ -85,9 +85,9 @@ def test_packed_network_computes_with_the_blocks_geometry(tiny_traced):
     plan = packed_plan(chain, blocks)
     assert set(blocks) <= set(plan.blocks)
     assert all(e - s == 1 for s, e in plan.blocks if (s, e) not in blocks)
-    geometries = {b: block_geometry(chain, *b) for b in plan.blocks}
+    geometries = {(*b, ()): block_geometry(chain, *b) for b in plan.blocks}
     network, names = packed_network(tiny_traced, plan, geometries)
-    assert sorted(names.values()) == sorted(plan.blocks)
+    assert sorted(names.values()) == sorted(geometries)
     for name, block in names.items():
         conv = network.get_submodule(name)
         assert tuple(conv.kernel_size) == geometries[block].kernel and conv.groups == geometries[block].groups

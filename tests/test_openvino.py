@@ -101,7 +101,7 @@ def test_openvino_attributes_a_packed_networks_blocks(tiny_traced):
     chain = tiny_traced.chain
     members = pack([b for b in chain.valid_blocks() if b[1] - b[0] > 1], 1)[0][0]
     plan = packed_plan(chain, members)
-    network, names = packed_network(tiny_traced, plan, {b: block_geometry(chain, *b) for b in plan.blocks})
+    network, names = packed_network(tiny_traced, plan, {(*b, ()): block_geometry(chain, *b) for b in plan.blocks})
     profiled = get_backend("openvino", threads=1).prepare_network_profile(network, (1, 3, 16, 16), "fp32",
                                                                           list(names))
     profiled.run(2, warmup=1)

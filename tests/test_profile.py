@@ -258,11 +258,25 @@ def test_profile_cli_writes_the_table_and_refuses_other_settings(tmp_path):
             "--warmup", "1", "--iters", "3", "--out", str(out)]
     first = CliRunner().invoke(main, args)
     assert first.exit_code == 0, first.output
-    assert [(int(r["start"]), int(r["end"])) for r in read_csv(out)] == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    # The depthwise conv 2 keeps its input's shape, so by default it may be pruned: one more row per
+    # block holding it, the block (1, 2) pruned to nothing being the identity (latency 0).
+    rows = {(int(r["start"]), int(r["end"]), r["pruned"]): r for r in read_csv(out)}
+    unpruned = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    assert sorted(rows) == sorted([(*b, "") for b in unpruned] + [(0, 2, "2"), (0, 3, "2"), (1, 2, "2"), (1, 3, "2")])
+    assert float(rows[(1, 2, "2")]["latency_ms"]) == 0.0
     meta = json.loads(meta_path_for(out).read_text())
     assert (meta["backend"], meta["threads"], meta["iters"], meta["warmup"]) == ("onnxruntime", 1, 3, 1)
+    assert meta["prune"] is True and meta["identity_rows"] == 1 and meta["columns"][-1] == "pruned"
     refused = CliRunner().invoke(main, args[:-4] + ["--iters", "4", "--out", str(out)])
     assert refused.exit_code == 2 and "--overwrite" in refused.output and "Traceback" not in refused.output
+    refused = CliRunner().invoke(main, args + ["--no-prune"])
+    assert refused.exit_code == 2 and "prune" in refused.output
+    unpruned_out = tmp_path / "tables" / "tiny-no-prune.csv"
+    plain = CliRunner().invoke(main, args[:-1] + [str(unpruned_out), "--no-prune"])
+    assert plain.exit_code == 0, plain.output
+    assert [(int(r["start"]), int(r["end"])) for r in read_csv(unpruned_out)] == unpruned
+    assert tuple(read_csv(unpruned_out)[0]) == TABLE_COLUMNS
+    assert json.loads(meta_path_for(unpruned_out).read_text())["prune"] is False
 
 
 class OverheadBackend(RecordingBackend):

@@ -202,12 +202,12 @@ def test_a_network_over_the_cap_is_dropped_after_one_run(tiny_traced):
     chain = tiny_traced.chain
     block = next(b for b in chain.valid_blocks() if b[1] - b[0] > 1)
     plans = [packed_plan(chain, [block])]
-    geometries = {b: block_geometry(chain, *b) for b in plans[0].blocks}
+    geometries = {(*b, ()): block_geometry(chain, *b) for b in plans[0].blocks}
     backend = get_backend("onnxruntime", threads=1)
     assert time_networks(backend, tiny_traced, plans, geometries, (1, 3, 16, 16), "fp32", 1, 3, 0.0,
                          max_seconds=1e-9) == [None]
     [timing] = time_networks(backend, tiny_traced, plans, geometries, (1, 3, 16, 16), "fp32", 1, 3, 0.0)
-    assert block in timing.blocks
+    assert (*block, ()) in timing.blocks
 
 
 def test_in_network_cap_near_zero_times_the_single_convs_and_bounds_the_rest(tiny_traced, tmp_path):

@@ -13,6 +13,12 @@ also timed without it, in alternating rounds, and its node times are scaled so t
 they add up to that plain latency less the call overhead. What the blocks do not
 account for (the head, pooling, layout conversions, the call) is the network's rest,
 taken from the network of single convs: the original.
+
+A block may have convs pruned (LayerMerge's search space): blocks are then keyed
+``(start, end, pruned)`` and the network holds the merged conv of the convs that remain. A
+block with every conv pruned and no shortcut inside (``BlockGeometry.identity``) is no node of
+the network at all: nothing to time (the profiler gives it latency 0 without building it), and
+no name in the profiled parts.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 from dpcompress.graph.chain import Chain
 from dpcompress.graph.geometry import BlockGeometry
 from dpcompress.search.plan import Plan
+from dpcompress.tables import Pruned
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn
@@ -35,22 +42,23 @@ if TYPE_CHECKING:  # pragma: no cover
     from dpcompress.graph.trace import TracedModel
 
 Block = Tuple[int, int]
+Option = Tuple[int, int, Pruned]  # a block and the convs it prunes (() for none)
 # Recorded runs of a network stop after about this many seconds (at least MIN_ROUNDS rounds).
 SECONDS_PER_NETWORK = 3.0
 MIN_ROUNDS = 3
 MAX_ITERS_PER_ROUND = 10
 
 
-def packed_plan(chain: Chain, blocks: Sequence[Block]) -> Plan:
-    """A plan with ``blocks`` (disjoint) merged and every other conv on its own; activations kept
-    wherever they are not inside a block."""
+def packed_plan(chain: Chain, blocks: Sequence[Block], pruned: Sequence[int] = ()) -> Plan:
+    """A plan with ``blocks`` (disjoint) merged, the convs at ``pruned`` (inside them) replaced by
+    identity, and every other conv on its own; activations kept wherever they are not inside a block."""
     L = chain.num_positions
     inside = {p for start, end in blocks for p in range(start + 1, end)}
     if len(inside) != sum(end - start - 1 for start, end in blocks):
         raise ValueError(f"blocks overlap: {sorted(blocks)}")
     boundaries = [p for p in range(L + 1) if p not in inside]
     activations = [p for p in chain.activation_positions if p not in inside and 0 < p < L]
-    return Plan(activations=activations, boundaries=boundaries, num_positions=L)
+    return Plan(activations=activations, boundaries=boundaries, num_positions=L, pruned=sorted(pruned))
 
 
 def geometry_conv(geometry: BlockGeometry) -> "torch.nn.Module":
@@ -63,26 +71,37 @@ def geometry_conv(geometry: BlockGeometry) -> "torch.nn.Module":
 
 
 def packed_network(traced: "TracedModel", plan: Plan,
-                   geometries: Dict[Block, BlockGeometry]) -> Tuple["torch.nn.Module", Dict[str, Block]]:
-    """The model with each block of ``plan`` one random conv of its geometry; and the block of each
-    submodule name."""
+                   geometries: Dict[Option, BlockGeometry]) -> Tuple["torch.nn.Module", Dict[str, Option]]:
+    """The model with each block of ``plan`` one random conv of its geometry (keyed by the block and
+    the convs the plan prunes in it); and the block of each submodule name. An identity block is no
+    node, so it has no name."""
+    from torch import nn
+
     from dpcompress.graph.rewrite import BLOCK_PREFIX, rewrite_blocks
+
+    options = [(start, end, plan.pruned_in(start, end)) for start, end in plan.blocks]
+
+    def make_block(start: int, end: int) -> "torch.nn.Module":
+        geometry = geometries[(start, end, plan.pruned_in(start, end))]
+        return nn.Identity() if geometry.identity else geometry_conv(geometry)
 
     holder = copy.copy(traced.gm)
     holder._modules = dict(traced.gm._modules)  # new blocks go here, not into the traced model
-    network = rewrite_blocks(traced, plan, holder, lambda start, end: geometry_conv(geometries[(start, end)]))
-    names = {f"{BLOCK_PREFIX}{index}": block for index, block in enumerate(plan.blocks)}
+    network = rewrite_blocks(traced, plan, holder, make_block)
+    names = {f"{BLOCK_PREFIX}{index}": option for index, option in enumerate(options)
+             if not geometries[option].identity}
     return network.eval(), names
 
 
-def pack(blocks: Sequence[Block], max_networks: int) -> Tuple[List[List[Block]], List[Block]]:
-    """First-fit of ``blocks`` into at most ``max_networks`` sets of disjoint blocks (in the given order);
-    the blocks that fit nowhere are returned for a later round."""
-    networks: List[List[Block]] = []
-    left: List[Block] = []
+def pack(blocks: Sequence[Tuple[int, ...]],
+         max_networks: int) -> Tuple[List[List[Tuple[int, ...]]], List[Tuple[int, ...]]]:
+    """First-fit of ``blocks`` (``(start, end, ...)``) into at most ``max_networks`` sets of disjoint
+    blocks (in the given order); the blocks that fit nowhere are returned for a later round."""
+    networks: List[List[Tuple[int, ...]]] = []
+    left: List[Tuple[int, ...]] = []
     for block in blocks:
         for members in networks:
-            if all(block[1] <= s or e <= block[0] for s, e in members):
+            if all(block[1] <= other[0] or other[1] <= block[0] for other in members):
                 members.append(block)
                 break
         else:
@@ -101,17 +120,18 @@ def minimum_runs(warmup: int) -> int:
 
 @dataclass(frozen=True)
 class NetworkTiming:
-    blocks: Dict[Block, Tuple[float, float]]  # block -> (median ms, std ms), scaled
+    blocks: Dict[Option, Tuple[float, float]]  # (start, end, pruned) -> (median ms, std ms), scaled
     wall_ms: float  # median of the plain (unprofiled) runs, call included
     scale: float  # plain time less the call over the profiled node time
     runs: int
 
 
 def time_networks(backend: "Backend", traced: "TracedModel", plans: Sequence[Plan],
-                  geometries: Dict[Block, BlockGeometry], input_shape: Sequence[int], precision: str,
+                  geometries: Dict[Option, BlockGeometry], input_shape: Sequence[int], precision: str,
                   warmup: int, iters: int, call_overhead_ms: float,
                   max_seconds: Optional[float] = None) -> List[Optional[NetworkTiming]]:
     """Time the blocks of each plan inside its network; the networks take turns, round by round.
+    ``geometries`` holds each block's, keyed ``(start, end, the convs the plan prunes in it)``.
 
     With ``max_seconds``, a network whose building and first run show that timing it would take
     longer is dropped after that run: its entry is None.

@@ -9,7 +9,7 @@ fsynced), so an interrupted run resumes where it stopped; the finished table is
 written sorted and atomically, with ``<name>.meta.json`` beside it.
 
 Table columns: ``start,end,latency_ms,std_ms,in_channels,out_channels,kernel,
-stride,groups,in_h,in_w,timed``. ``kernel`` and ``stride`` are one integer when square
+stride,groups,in_h,in_w,timed``, and ``pruned`` where the table has pruning options. ``kernel`` and ``stride`` are one integer when square
 (``3``) and ``HxW`` otherwise (``3x5``); ``in_h``/``in_w`` are the block's input size.
 
 Where the backend has a per-call cost that a layer inside a network does not pay
@@ -29,6 +29,14 @@ whole network's. ``standalone``: each block is its own model, timed cache-hot, t
 overhead subtracted; predictions from such tables run ahead of measurements for deep
 merges (benchmarks/RESULTS.md).
 
+Pruning options (``prune``, LayerMerge's search space): each valid block has one row per
+pruned set of ``pruning_options`` (the empty set included), the ``pruned`` column listing the
+convs replaced by identity; the geometry is that of the convs that remain, so most options
+share a shape with some other row and cost no timing of their own. An option that leaves no
+conv and no shortcut (``BlockGeometry.identity``) is no node of the network: its latency is 0,
+written without timing (``timed`` = 1: the value is exact, not a bound). Without ``prune`` the
+table has no ``pruned`` column and one row per block, as before pruning existed.
+
 Dominated blocks are not timed (``timed`` = 0, ``std_ms`` = nan). Merging a long
 stretch gives huge kernels (mobilenet_v2 composes kernels up to 491x491 before they are
 cropped to the taps that meet the input) that take seconds to build and to run, and
@@ -36,7 +44,8 @@ that the DP can never choose: stage 1 always has the splits of a block into smal
 timed blocks, so a block slower than one of them never wins. Single convs are timed
 first, then blocks by growing FLOPs; a block whose FLOPs at ``prune_margin`` times the
 fastest rate (FLOP/ms) measured so far would still take longer than its cheapest split
-into timed blocks is written with that bound as its latency: a lower bound of its true
+into timed blocks (with pruning: whose options together prune the same convs, so that the
+split has the same importance) is written with that bound as its latency: a lower bound of its true
 latency that is already too slow to matter, so the DP gives the same plans as with the
 true value.
 
@@ -69,8 +78,8 @@ from dpcompress import __version__
 from dpcompress.graph.chain import Chain
 from dpcompress.errors import UserError
 from dpcompress.fileio import write_json_atomic, write_text_atomic
-from dpcompress.graph.geometry import BlockGeometry, block_geometry
-from dpcompress.tables import meta_path_for
+from dpcompress.graph.geometry import BlockGeometry, block_geometry, pruning_options
+from dpcompress.tables import PRUNED_COLUMN, Pruned, format_pruned, meta_path_for
 from dpcompress.latency.timing import time_runner
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -82,10 +91,13 @@ if TYPE_CHECKING:  # pragma: no cover
 TABLE_FORMAT = "dpcompress-latency-table/1"
 TABLE_COLUMNS = ("start", "end", "latency_ms", "std_ms", "in_channels", "out_channels",
                  "kernel", "stride", "groups", "in_h", "in_w", "timed")
+PRUNED_TABLE_COLUMNS = (*TABLE_COLUMNS, PRUNED_COLUMN)  # a table with pruning options
 # Meta fields that must agree for a run to resume (or reuse) an existing table.
 RESUME_KEYS = ("format", "timing", "model", "input_shape", "batch_size", "backend", "backend_version", "backend_options",
                "device", "device_name", "threads", "precision", "warmup", "iters", "prune_margin", "call_overhead",
-               "chain_fingerprint", "dpcompress_version")
+               "prune", "chain_fingerprint", "dpcompress_version")
+# What a meta from before a key existed meant by it.
+RESUME_DEFAULTS = {"prune": False}
 MIN_KEPT_FRACTION = 0.1
 DEFAULT_PRUNE_MARGIN = 2.0
 DEFAULT_MAX_BLOCK_SECONDS = 60.0
@@ -96,7 +108,7 @@ TIMINGS = ("in-network", "standalone")
 NETWORKS_PER_ROUND = 6
 NETWORK_BYTES_PER_ROUND = 512 << 20
 
-Block = Tuple[int, int]
+Option = Tuple[int, int, Pruned]  # a block and the convs it replaces by identity (() for none)
 Row = Dict[str, Any]
 
 
@@ -151,9 +163,9 @@ def block_shape(geometry: BlockGeometry) -> BlockShape:
                       tuple(g.in_shape[1:]), g.activation, g.bias)
 
 
-def group_by_shape(geometries: Dict[Block, BlockGeometry]) -> Dict[BlockShape, List[Block]]:
-    """Blocks grouped by shape, groups in order of their first block."""
-    groups: Dict[BlockShape, List[Block]] = {}
+def group_by_shape(geometries: Dict[Option, BlockGeometry]) -> Dict[BlockShape, List[Option]]:
+    """Blocks (with their pruned convs) grouped by shape, groups in order of their first block."""
+    groups: Dict[BlockShape, List[Option]] = {}
     for block, geometry in geometries.items():
         groups.setdefault(block_shape(geometry), []).append(block)
     return groups
@@ -197,41 +209,49 @@ def block_flops(geometry: BlockGeometry, batch_size: int) -> float:
     return 2.0 * batch_size * out_h * out_w * g.out_channels * (g.in_channels // g.groups) * g.kernel[0] * g.kernel[1]
 
 
-def table_row(geometry: BlockGeometry, latency_ms: float, std_ms: float, timed: bool = True) -> Row:
+def table_row(geometry: BlockGeometry, pruned: Pruned, latency_ms: float, std_ms: float,
+              timed: bool = True) -> Row:
     g = geometry
     return {"start": g.start, "end": g.end, "latency_ms": latency_ms, "std_ms": std_ms,
             "in_channels": g.in_channels, "out_channels": g.out_channels,
             "kernel": format_pair(g.kernel), "stride": format_pair(g.stride), "groups": g.groups,
-            "in_h": g.in_shape[2], "in_w": g.in_shape[3], "timed": int(timed)}
+            "in_h": g.in_shape[2], "in_w": g.in_shape[3], "timed": int(timed), PRUNED_COLUMN: format_pruned(pruned)}
 
 
-def _csv_line(row: Row) -> str:
+def row_option(row: Row) -> Option:
+    return (row["start"], row["end"], tuple(int(p) for p in row[PRUNED_COLUMN].split()))
+
+
+def _csv_line(row: Row, columns: Sequence[str]) -> str:
     buffer = io.StringIO()
     values = dict(row, latency_ms=f"{row['latency_ms']:.6f}", std_ms=f"{row['std_ms']:.6f}")
-    csv.DictWriter(buffer, TABLE_COLUMNS, lineterminator="\n").writerow(values)
+    # A table without pruning options has no pruned column (its rows' cells are all empty).
+    csv.DictWriter(buffer, columns, lineterminator="\n", extrasaction="ignore").writerow(values)
     return buffer.getvalue()
 
 
-def table_text(rows: Iterable[Row]) -> str:
-    """The CSV text of ``rows``, header first, sorted by (start, end)."""
-    ordered = sorted(rows, key=lambda r: (r["start"], r["end"]))
-    return ",".join(TABLE_COLUMNS) + "\n" + "".join(_csv_line(r) for r in ordered)
+def table_text(rows: Iterable[Row], columns: Sequence[str] = TABLE_COLUMNS) -> str:
+    """The CSV text of ``rows``, header first, sorted by (start, end, pruned convs)."""
+    ordered = sorted(rows, key=row_option)
+    return ",".join(columns) + "\n" + "".join(_csv_line(r, columns) for r in ordered)
 
 
-def read_rows(path: Path) -> Dict[Block, Row]:
-    """Rows of a (possibly partial) table by block. A line cut short by an interruption is dropped."""
-    rows: Dict[Block, Row] = {}
+def read_rows(path: Path) -> Dict[Option, Row]:
+    """Rows of a (possibly partial) table by block and pruned convs (none where the table has no pruned
+    column). A line cut short by an interruption is dropped."""
+    rows: Dict[Option, Row] = {}
     with open(path, newline="") as f:
         for record in csv.DictReader(f):
             try:
-                block = (int(record["start"]), int(record["end"]))
-                row: Row = dict(record, start=block[0], end=block[1], latency_ms=float(record["latency_ms"]),
-                                std_ms=float(record["std_ms"]), timed=int(record["timed"]))
-            except (KeyError, TypeError, ValueError):
+                row: Row = dict(record, start=int(record["start"]), end=int(record["end"]),
+                                latency_ms=float(record["latency_ms"]), std_ms=float(record["std_ms"]),
+                                timed=int(record["timed"]), pruned=record.get(PRUNED_COLUMN) or "")
+                option = row_option(row)
+            except (KeyError, TypeError, ValueError, AttributeError):
                 continue
             if any(row.get(c) in (None, "") for c in TABLE_COLUMNS):
                 continue
-            rows[block] = row
+            rows[option] = row
     return rows
 
 
@@ -246,7 +266,7 @@ TIMING_TEXT = {
 def profile_meta(chain: Chain, backend: "Backend", *, model_spec: Optional[str], input_shape: Sequence[int],
                  batch_size: int, precision: str, warmup: int, iters: int,
                  prune_margin: Optional[float] = DEFAULT_PRUNE_MARGIN, timing: str = "standalone",
-                 max_block_seconds: Optional[float] = None) -> Dict[str, Any]:
+                 max_block_seconds: Optional[float] = None, prune: bool = False) -> Dict[str, Any]:
     """The meta of a table profiled with these settings (``date`` is set when the table is finished)."""
     return {
         "format": TABLE_FORMAT,
@@ -279,18 +299,26 @@ def profile_meta(chain: Chain, backend: "Backend", *, model_spec: Optional[str],
                     "the block would have taken more than max_block_seconds (the blocks in capped_blocks; "
                     "the DP may pick these, with an optimistic latency)")
                    if prune_margin or max_block_seconds is not None else "off: every block was timed",
+        "prune": prune,
+        "pruning_options": ("each block has one row per pruned set of pruning_options (LayerMerge's search space: "
+                            "reducible convs replaced by identity, one set per distinct merged conv); a set that "
+                            "leaves no conv and no shortcut is the identity: latency 0, not timed")
+                           if prune else "none: every row prunes nothing",
         "chain_fingerprint": chain.fingerprint(),
         "num_positions": chain.num_positions,
         "activation_positions": chain.activation_positions,  # a solve given only this table keeps to them
         "dpcompress_version": __version__,
-        "columns": list(TABLE_COLUMNS),
+        "columns": list(PRUNED_TABLE_COLUMNS if prune else TABLE_COLUMNS),
     }
 
 
 def _check_resumable(path: Path, found: Dict[str, Any], wanted: Dict[str, Any], table_path: Path) -> None:
-    differing = [k for k in RESUME_KEYS if found.get(k) != wanted.get(k)]
+    def value(meta: Dict[str, Any], key: str) -> Any:
+        return meta.get(key, RESUME_DEFAULTS.get(key))
+
+    differing = [k for k in RESUME_KEYS if value(found, k) != value(wanted, k)]
     if differing:
-        details = ", ".join(f"{k}: {found.get(k)!r} there, {wanted.get(k)!r} now" for k in differing)
+        details = ", ".join(f"{k}: {value(found, k)!r} there, {value(wanted, k)!r} now" for k in differing)
         raise UserError(f"{path} was made with other settings ({details}); "
                         f"use a new --out or --overwrite to replace {table_path}")
 
@@ -309,7 +337,8 @@ def _shape_key(shape: Sequence[int]) -> str:
     return "x".join(map(str, shape))
 
 
-def _existing_rows(table_path: Path, meta: Dict[str, Any], overwrite: bool) -> Tuple[Dict[Block, Row], Dict[str, Any]]:
+def _existing_rows(table_path: Path, meta: Dict[str, Any],
+                   overwrite: bool) -> Tuple[Dict[Option, Row], Dict[str, Any]]:
     """Rows already measured with the same settings (from an interrupted run, else from the finished
     table) and the meta they were written with (the call overheads subtracted from them, the rest of
     in-network timing, the capped blocks)."""
@@ -343,7 +372,8 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                   overwrite: bool = False, prune_margin: Optional[float] = DEFAULT_PRUNE_MARGIN,
                   progress: Optional[Callable[[ProfileProgress], None]] = None,
                   traced: Optional["TracedModel"] = None, timing: Optional[str] = None,
-                  max_block_seconds: Optional[float] = DEFAULT_MAX_BLOCK_SECONDS) -> ProfileResult:
+                  max_block_seconds: Optional[float] = DEFAULT_MAX_BLOCK_SECONDS,
+                  prune: bool = False) -> ProfileResult:
     """Time every valid block of ``chain`` on ``backend`` and write the latency table ``out`` (+ meta).
 
     ``batch_size`` replaces N of the chain's input shape for timing (default: that N).
@@ -353,6 +383,7 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
     ``timing`` is ``in-network`` (needs ``traced``, the model ``chain`` was traced from, and a
     backend that profiles nodes) or ``standalone``; default: :func:`default_timing`.
     ``max_block_seconds`` bounds, instead of timing, a block that would take longer (module doc; None: no cap).
+    ``prune`` writes a row per pruning option of each block (module doc).
     """
     from dpcompress.backends import check_precision
     from dpcompress.latency.network_timing import minimum_runs
@@ -378,35 +409,41 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
     table_path = Path(out)
     meta = profile_meta(chain, backend, model_spec=model_spec, input_shape=input_shape, batch_size=batch_size,
                         precision=precision, warmup=warmup, iters=iters, prune_margin=prune_margin, timing=timing,
-                        max_block_seconds=max_block_seconds)
-    blocks = chain.valid_blocks()
+                        max_block_seconds=max_block_seconds, prune=prune)
+    columns = PRUNED_TABLE_COLUMNS if prune else TABLE_COLUMNS
+    blocks = [(start, end, pruned) for start, end in chain.valid_blocks()
+              for pruned in (pruning_options(chain, start, end) if prune else [()])]
     valid = set(blocks)
     existing, found = _existing_rows(table_path, meta, overwrite)
     overhead_by_shape: Dict[str, float] = dict(found.get("call_overhead_ms") or {})
     rest_ms: Optional[float] = found.get("rest_ms")
     rows = {b: r for b, r in existing.items() if b in valid}
-    capped = {(int(s), int(e)) for s, e in found.get("capped_blocks") or []} & set(rows)
+    capped = {_capped_option(entry) for entry in found.get("capped_blocks") or []} & set(rows)
     resumed = len(rows)
-    geometries = {block: block_geometry(chain, *block) for block in blocks}  # computed once: not cheap
-    groups = group_by_shape(geometries)
+    geometries = {option: block_geometry(chain, *option) for option in blocks}  # computed once: not cheap
+    # Identity options are no node at all: latency 0, exact without timing.
+    for option, geometry in geometries.items():
+        if geometry.identity and option not in rows:
+            rows[option] = table_row(geometry, option[2], 0.0, 0.0)
+    groups = group_by_shape({option: g for option, g in geometries.items() if not g.identity})
     for shape in groups:
         activation_module(shape.activation)  # an unknown activation fails now, not halfway through
     # A shape one of whose blocks already has a timed row needs no timing: its latency is reused.
     to_time = [shape for shape, members in groups.items() if not any(rows.get(b, {}).get("timed") for b in members)]
     flops = {shape: block_flops(geometries[members[0]], batch_size) for shape, members in groups.items()}
     # Single convs first (every bound is checked against them), then by growing cost.
-    order = sorted(groups, key=lambda shape: (all(e - s > 1 for s, e in groups[shape]), flops[shape]))
+    order = sorted(groups, key=lambda shape: (all(e - s > 1 for s, e, _ in groups[shape]), flops[shape]))
     starts_of: Dict[int, List[int]] = {}  # end position -> starts of the valid blocks ending there
-    for start, end in blocks:
+    for start, end in chain.valid_blocks():
         starts_of.setdefault(end, []).append(start)
     bound_margin = prune_margin or DEFAULT_PRUNE_MARGIN
     # Every plan is built on the single convs, so they are always timed, whatever the cap.
-    has_single = {shape: any(e - s == 1 for s, e in members) for shape, members in groups.items()}
+    has_single = {shape: any(e - s == 1 for s, e, _ in members) for shape, members in groups.items()}
 
-    def overhead_of(block: Block) -> float:
+    def overhead_of(block: Option) -> float:
         return overhead_by_shape.get(_shape_key(block_input_shape(geometries[block], batch_size)), 0.0)
 
-    def measured(block: Block, row: Row) -> bool:
+    def measured(block: Option, row: Row) -> bool:
         """Whether a row's latency is a measurement of its conv (timed and, standalone, not floored)."""
         if not row["timed"] or row["latency_ms"] <= 0:
             return False
@@ -422,25 +459,30 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
     def lower_bound(shape: BlockShape) -> Optional[float]:
         return flops[shape] / (bound_margin * best_rate) if best_rate > 0 else None
 
-    def singles_ms(block: Block) -> Optional[float]:
-        singles = [rows.get((p - 1, p)) for p in range(block[0] + 1, block[1] + 1)]
+    def pruned_within(block: Option, start: int, end: int) -> Option:
+        """The part (start, end) of ``block``, pruning what ``block`` prunes there."""
+        return (start, end, tuple(p for p in block[2] if start < p <= end))
+
+    def singles_ms(block: Option) -> Optional[float]:
+        singles = [rows.get(pruned_within(block, p - 1, p)) for p in range(block[0] + 1, block[1] + 1)]
         if any(r is None or not r["timed"] for r in singles):
             return None
         return sum(r["latency_ms"] for r in singles)  # type: ignore[index]
 
-    def cheapest_split_ms(block: Block) -> Optional[float]:
-        """The cheapest cover of ``block`` by two or more timed blocks (stage 1 over the rows so far);
-        bounded rows do not count: their latency is no upper bound."""
-        start, end = block
+    def cheapest_split_ms(block: Option) -> Optional[float]:
+        """The cheapest cover of ``block`` by two or more timed blocks that together prune what it
+        prunes (stage 1 over the rows so far); bounded rows do not count: their latency is no upper bound."""
+        start, end, _ = block
         best = {start: 0.0}
         for k in range(start + 1, end + 1):
-            costs = [best[m] + rows[(m, k)]["latency_ms"] for m in starts_of.get(k, ())
-                     if m in best and (m, k) != block and (m, k) in rows and rows[(m, k)]["timed"]]
+            parts = [(m, pruned_within(block, m, k)) for m in starts_of.get(k, ()) if m in best]
+            costs = [best[m] + rows[part]["latency_ms"] for m, part in parts
+                     if part != block and part in rows and rows[part]["timed"]]
             if costs:
                 best[k] = min(costs)
         return best.get(end)
 
-    def dominated(shape: BlockShape, blocks: List[Block]) -> Optional[float]:
+    def dominated(shape: BlockShape, blocks: List[Option]) -> Optional[float]:
         """The lower bound to write for ``blocks``, if it shows each of them slower than a split of it."""
         bound = lower_bound(shape) if prune_margin else None
         if bound is None:
@@ -471,13 +513,13 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
     for shape_in in sorted(overhead_shapes):
         if _shape_key(shape_in) not in overhead_by_shape:
             overhead_by_shape[_shape_key(shape_in)] = backend.call_overhead_ms(shape_in, precision, warmup, iters)
-    meta = dict(meta, call_overhead_ms=overhead_by_shape, capped_blocks=[list(b) for b in sorted(capped)])
+    meta = dict(meta, call_overhead_ms=overhead_by_shape, capped_blocks=_capped_entries(capped))
     if rest_ms is not None:
         meta["rest_ms"] = rest_ms
 
     partial_table, partial_meta = partial_paths(table_path)
     write_json_atomic(partial_meta, meta)
-    write_text_atomic(partial_table, table_text(rows.values()))  # drops a line cut short last time
+    write_text_atomic(partial_table, table_text(rows.values(), columns))  # drops a line cut short last time
     started = time.perf_counter()
     timed = handled = 0
     runs_per_block = warmup + iters if timing == "standalone" else minimum_runs(warmup)
@@ -489,13 +531,13 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
         eta = elapsed / handled * (len(to_time) - handled) if handled else None
         progress(ProfileProgress(len(rows), len(blocks), handled, len(to_time), elapsed, eta))
 
-    def write(sink: Any, shape: BlockShape, latency: float, std: float, was_timed: bool) -> List[Block]:
+    def write(sink: Any, shape: BlockShape, latency: float, std: float, was_timed: bool) -> List[Option]:
         written = []
         for block in groups[shape]:
             if block not in rows:
-                row = table_row(geometries[block], latency, std, was_timed)
+                row = table_row(geometries[block], block[2], latency, std, was_timed)
                 rows[block] = row
-                sink.write(_csv_line(row))
+                sink.write(_csv_line(row, columns))
                 written.append(block)
         return written
 
@@ -503,7 +545,7 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
         """Write ``shape``'s rows as bounds over the cap; the partial meta lists them, for a resumed run."""
         nonlocal handled
         capped.update(write(sink, shape, bound, float("nan"), False))
-        meta["capped_blocks"] = [list(b) for b in sorted(capped)]
+        meta["capped_blocks"] = _capped_entries(capped)
         write_json_atomic(partial_meta, meta)
         handled += 1
 
@@ -591,16 +633,18 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                 if not pending:
                     break
                 # The network of single convs comes first: every single conv, and the rest of the network.
-                singles_network = rest_ms is None or any(e - s == 1 for shape in pending for s, e in groups[shape])
+                singles_network = rest_ms is None or any(e - s == 1 for shape in pending
+                                                         for s, e, _ in groups[shape])
                 lone = [shape for shape in pending if shape in alone][:NETWORKS_PER_ROUND]
                 if singles_network:
-                    networks: List[List[Block]] = [[]]
+                    networks: List[List[Option]] = [[]]
                 elif lone:
                     networks = [[_member_for(groups[shape], rows)] for shape in lone]
                 else:
                     networks, _ = pack([_member_for(groups[shape], rows) for shape in round_shapes(pending)],
                                        networks_per_round)
-                plans = [packed_plan(chain, members) for members in networks]
+                plans = [packed_plan(chain, [(s, e) for s, e, _ in members],
+                                     pruned=[p for *_, pruned in members for p in pruned]) for members in networks]
                 # The cap needs a bound to write: none before a rate was measured (the singles' network).
                 limit = None if singles_network or best_rate <= 0 else max_block_seconds
                 results = time_networks(backend, traced, plans, geometries, network_input, precision, warmup,
@@ -631,16 +675,26 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                 pending = [shape for shape in pending if shape not in timed_now]
                 flush(sink)
 
-    meta = dict(meta, num_blocks=len(blocks), unique_shapes=len(groups),
+    meta = dict(meta, num_blocks=len(chain.valid_blocks()), num_rows=len(blocks), unique_shapes=len(groups),
+                identity_rows=sum(1 for g in geometries.values() if g.identity),
                 bounded_blocks=sum(1 for b, r in rows.items() if not r["timed"] and b not in capped),
-                capped_blocks=[list(b) for b in sorted(capped)],
+                capped_blocks=_capped_entries(capped),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     write_json_atomic(meta_path_for(table_path), meta)
-    write_text_atomic(table_path, table_text(rows.values()))
+    write_text_atomic(table_path, table_text(rows.values(), columns))
     partial_table.unlink()
     partial_meta.unlink()
     return ProfileResult(table_path, meta_path_for(table_path), meta,
-                         sorted(rows.values(), key=lambda r: (r["start"], r["end"])), timed, resumed)
+                         sorted(rows.values(), key=row_option), timed, resumed)
+
+
+def _capped_entries(capped: Iterable[Option]) -> List[List[Any]]:
+    """The meta's capped_blocks: ``[start, end]``, with the pruned convs third where there are any."""
+    return [[s, e, list(pruned)] if pruned else [s, e] for s, e, pruned in sorted(capped)]
+
+
+def _capped_option(entry: Sequence[Any]) -> Option:
+    return (int(entry[0]), int(entry[1]), tuple(int(p) for p in entry[2]) if len(entry) > 2 else ())
 
 
 def _kept_latency(median_ms: float, overhead_ms: float) -> float:
@@ -648,7 +702,7 @@ def _kept_latency(median_ms: float, overhead_ms: float) -> float:
     return max(median_ms - overhead_ms, MIN_KEPT_FRACTION * median_ms)
 
 
-def _member_for(members: List[Block], rows: Dict[Block, Row]) -> Block:
+def _member_for(members: List[Option], rows: Dict[Option, Row]) -> Option:
     """The block that stands for a shape in a timed network: the first without a row."""
     return next(b for b in members if b not in rows)
 
