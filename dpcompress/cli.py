@@ -356,20 +356,23 @@ def _traced_model(model_spec: str, weights: Optional[str], input_shape: str, sub
 @click.option("--alpha", type=float, default=1.0, show_default=True,
               help="Subtract alpha x the mean accuracy change of the segments that remove nothing.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@prune_option
 def importance(model_spec: str, weights: Optional[str], input_shape: str, method: str, data_spec: Optional[str],
-               out: str, steps: int, lr: float, batch_size: int, alpha: float, seed: int) -> None:
+               out: str, steps: int, lr: float, batch_size: int, alpha: float, seed: int,
+               prune: Optional[bool]) -> None:
     """Measure the importance of every allowed segment (resumable; shards across torchrun processes)."""
     from dpcompress.training import distributed
     from dpcompress.training.data import load_data, parse_input_size
     from dpcompress.search.importance import ImportanceSettings, compute_importance
     from dpcompress.graph.trace import parse_input_shape
 
-    settings = ImportanceSettings(method=method, steps=steps, lr=lr, batch_size=batch_size, alpha=alpha, seed=seed)
     data = load_data(data_spec, parse_input_size(parse_input_shape(input_shape))) if data_spec else None
     traced = _traced_model(model_spec, weights, input_shape)
+    settings = ImportanceSettings(method=method, steps=steps, lr=lr, batch_size=batch_size, alpha=alpha, seed=seed,
+                                  prune=prune_default(prune, traced.chain))
     rows = compute_importance(traced, settings, out, data=data, model_spec=model_spec, progress=_progress())
     if distributed.is_main():
-        click.echo(f"wrote {out} ({len(rows)} segments, method {method})")
+        click.echo(f"wrote {out} ({len(rows)} rows, method {method})")
 
 
 @main.command()

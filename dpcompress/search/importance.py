@@ -13,6 +13,30 @@ positions (or 0 and L) and every activation strictly inside is removed. Methods:
   when no data is given).
 - ``uniform``: every segment 1.
 
+With pruning (``prune``, LayerMerge's search space) a segment also has rows with convs pruned
+(the ``pruned`` column), measured the same way with those convs replaced by identity. The pruned
+sets of segment (i, j) are the pruning options (``pruning_options``) of the blocks it can be
+merged into as one piece: of (i, j) itself where it is a valid block, else of every valid block
+lying on some split of it into valid blocks. Each such set is reached by a plan (that block takes
+the option, the others none), so no row is measured in vain; sets spread over several blocks of a
+segment that is no valid block get no row, and the solver, which allows a (segment, pruned set) only
+where it has a row, never picks them: a smaller search space, never a wrong price. Rows stay few:
+about the options of one block per segment, not the combinations of its blocks' options.
+
+Pricing pruned rows:
+
+- ``uniform`` knows nothing of accuracy; it prices what a plan removes by counting: one
+  activation removed costs one segment (importance 1 each), so one conv pruned costs 1 as well,
+  ``1 - len(pruned)``. Pruning a conv removes a whole layer, at least what removing its
+  activation removes; pricing them alike lets latency alone choose between them.
+- ``finetune``: the offset subtracted is that of the base segments with nothing pruned, for all
+  rows alike. The offset estimates what the brief fine-tuning does by itself to an unmodified
+  network, which does not depend on what a row removes; taking pruned base segments into it would
+  count pruning damage as fine-tuning noise, lower the offset's bar, and so make pruning look
+  cheaper for every row. A pruned row is trained with its segment's seed (same batches), so it
+  differs from the unpruned row only by what is pruned.
+- ``proxy``: as for any row, minus the KL divergence.
+
 Each segment is independent and seeded by its position, so results do not depend on the
 order or the process that measures it. Rows are flushed to ``<name>.partial-<rank>.csv`` as
 they finish; a run with the same model, weights and settings (``<name>.meta.json``) resumes
@@ -38,8 +62,10 @@ from dpcompress.training import distributed
 from dpcompress.graph.chain import Chain
 from dpcompress.errors import UserError
 from dpcompress.fileio import PathLike, write_json_atomic
+from dpcompress.graph.geometry import pruning_options
 from dpcompress.search.plan import Plan
-from dpcompress.tables import ImportanceTable, meta_path_for, read_importance_table, write_importance_table
+from dpcompress.tables import (PRUNED_COLUMN, ImportanceTable, Pruned, format_pruned, meta_path_for,
+                               read_importance_table, write_importance_table)
 
 IMPORTANCE_FORMAT = "dpcompress-importance/1"
 METHODS = ("uniform", "proxy", "finetune")
@@ -49,6 +75,7 @@ RAW_COLUMNS = {
     "finetune": ["removed_acc", "holdout_acc", "acc_change", "seconds"],
 }
 Segment = Tuple[int, int]
+SegmentOption = Tuple[int, int, Pruned]  # a segment and the convs pruned in it (() for none)
 Row = Dict[str, Any]
 
 
@@ -61,6 +88,7 @@ class ImportanceSettings:
     alpha: float = 1.0  # weight of the base-segment mean subtracted (finetune)
     calibration_size: int = 64  # images in the proxy's calibration batch
     seed: int = 0
+    prune: bool = False  # also rows with convs pruned (module doc)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -84,13 +112,39 @@ def allowed_segments(chain: Chain) -> List[Segment]:
     return segments
 
 
-def segment_plan(chain: Chain, segment: Segment) -> Plan:
-    """The plan that removes exactly the activations strictly inside ``segment``; single-conv blocks."""
+def segment_pruning_options(chain: Chain, segment: Segment) -> List[Pruned]:
+    """The pruned sets of ``segment`` that get a row (module doc): the empty set first, then the
+    options of (start, end) where it is a valid block, else of every valid block on a split of it."""
+    start, end = segment
+    if chain.is_valid_block(start, end):
+        return pruning_options(chain, start, end)
+    inside = [(a, b) for a, b in chain.valid_blocks() if start <= a and b <= end]
+    reached, reaching = {start}, {end}  # positions a split can reach from start, and reach end from
+    for a, b in inside:  # sorted by start
+        if a in reached:
+            reached.add(b)
+    for a, b in sorted(inside, key=lambda block: -block[1]):
+        if b in reaching:
+            reaching.add(a)
+    options = {pruned for a, b in inside if a in reached and b in reaching
+               for pruned in pruning_options(chain, a, b)}
+    return sorted(options, key=lambda pruned: (len(pruned), pruned))
+
+
+def segment_options(chain: Chain, prune: bool) -> List[SegmentOption]:
+    """Every allowed segment with each pruned set that gets a row (only the empty one without ``prune``)."""
+    return [(start, end, pruned) for start, end in allowed_segments(chain)
+            for pruned in (segment_pruning_options(chain, (start, end)) if prune else [()])]
+
+
+def segment_plan(chain: Chain, segment: Segment, pruned: Sequence[int] = ()) -> Plan:
+    """The plan that removes exactly the activations strictly inside ``segment`` and replaces the convs
+    at ``pruned`` by identity; single-conv blocks."""
     start, end = segment
     L = chain.num_positions
     kept = [p for p in chain.activation_positions if not start < p < end]
     return Plan(activations=kept, boundaries=list(range(L + 1)), num_positions=L,
-                model=chain.model, chain_fingerprint=chain.fingerprint())
+                model=chain.model, chain_fingerprint=chain.fingerprint(), pruned=sorted(pruned))
 
 
 def base_segments(chain: Chain, segments: Sequence[Segment]) -> List[Segment]:
@@ -112,19 +166,22 @@ def model_fingerprint(model: Any) -> str:
     return digest.hexdigest()[:16]
 
 
-def measure_segment(traced: Any, segment: Segment, settings: ImportanceSettings, data: Any,
+def measure_segment(traced: Any, option: SegmentOption, settings: ImportanceSettings, data: Any,
                     context: Dict[str, Any]) -> Row:
-    """Raw measurements for one segment (see RAW_COLUMNS); ``context`` holds what all segments share."""
+    """Raw measurements for one segment with its pruned convs (see RAW_COLUMNS); ``context`` holds what
+    all segments share."""
     import torch
 
     from dpcompress.graph.rewrite import reference_model
     from dpcompress.training.train import evaluate, train
 
-    row: Row = {"start": segment[0], "end": segment[1]}
+    start, end, pruned = option
+    segment = (start, end)
+    row: Row = {"start": start, "end": end, PRUNED_COLUMN: format_pruned(pruned)}
     if settings.method == "uniform":
         return row
     # A copy: training must never touch the weights another segment starts from.
-    network = copy.deepcopy(reference_model(traced, segment_plan(traced.chain, segment))).eval()
+    network = copy.deepcopy(reference_model(traced, segment_plan(traced.chain, segment, pruned))).eval()
     device = distributed.device()
     if settings.method == "proxy":
         batch, reference_logits = context["calibration"], context["reference_logits"]
@@ -146,14 +203,15 @@ def measure_segment(traced: Any, segment: Segment, settings: ImportanceSettings,
 
 
 def normalise(rows: Sequence[Row], chain: Chain, settings: ImportanceSettings) -> List[Row]:
-    """Rows with their ``importance`` column, sorted by segment."""
-    rows = sorted(rows, key=lambda r: (r["start"], r["end"]))
+    """Rows with their ``importance`` column, sorted by segment and pruned convs (pricing: module doc)."""
+    rows = sorted(rows, key=_row_option)
     if settings.method == "uniform":
-        return [{**r, "importance": 1.0} for r in rows]
+        return [{**r, "importance": 1.0 - len(_row_option(r)[2])} for r in rows]
     if settings.method == "proxy":
         return [{**r, "importance": -r["kl"]} for r in rows]
-    base = set(base_segments(chain, [(r["start"], r["end"]) for r in rows]))
-    changes = [r["acc_change"] for r in rows if (r["start"], r["end"]) in base]
+    unpruned = [r for r in rows if not r[PRUNED_COLUMN]]
+    base = set(base_segments(chain, [(r["start"], r["end"]) for r in unpruned]))
+    changes = [r["acc_change"] for r in unpruned if (r["start"], r["end"]) in base]
     offset = settings.alpha * sum(changes) / len(changes) if changes else 0.0
     return [{**r, "importance": r["acc_change"] - offset} for r in rows]
 
@@ -161,7 +219,8 @@ def normalise(rows: Sequence[Row], chain: Chain, settings: ImportanceSettings) -
 def compute_importance(traced: Any, settings: ImportanceSettings, out: PathLike, *, data: Any = None,
                        model_spec: Optional[str] = None,
                        progress: Optional[Callable[[str], None]] = None) -> List[Row]:
-    """Measure every allowed segment of ``traced`` and write the table ``out`` (+ meta); return its rows.
+    """Measure every allowed segment of ``traced`` (with each of its pruned sets where ``settings.prune``)
+    and write the table ``out`` (+ meta); return its rows.
 
     Resumes from the rows of an interrupted run with the same settings. Under torchrun every
     rank must call this; rank 0 writes the files and every rank returns the full rows.
@@ -176,7 +235,7 @@ def compute_importance(traced: Any, settings: ImportanceSettings, out: PathLike,
     if settings.method == "finetune" and data is None:
         raise UserError("--method finetune needs --data (it fine-tunes and measures holdout accuracy); "
                         "use --method proxy or uniform without data")
-    segments = allowed_segments(chain)
+    options = segment_options(chain, settings.prune)
     meta = {
         "format": IMPORTANCE_FORMAT,
         "model": model_spec if model_spec is not None else chain.model,
@@ -185,7 +244,8 @@ def compute_importance(traced: Any, settings: ImportanceSettings, out: PathLike,
         "weights_fingerprint": model_fingerprint(traced.gm),
         "data": getattr(data, "spec", None),
         "settings": asdict(settings),
-        "num_segments": len(segments),
+        "num_segments": len(allowed_segments(chain)),
+        "num_rows": len(options),
     }
     # Rank 0 decides what is pending (or fails) and tells the others, so no rank waits forever.
     decision: Any = None
@@ -199,11 +259,11 @@ def compute_importance(traced: Any, settings: ImportanceSettings, out: PathLike,
     decision = distributed.broadcast(decision)
     if "error" in decision:
         raise UserError(decision["error"])
-    done_rows = {(r["start"], r["end"]): r for r in decision["done"] if (r["start"], r["end"]) in set(segments)}
-    pending = [s for s in segments if s not in done_rows]
+    done_rows = {_row_option(r): r for r in decision["done"] if _row_option(r) in set(options)}
+    pending = [o for o in options if o not in done_rows]
     mine = distributed.shard(pending)
     if progress and distributed.is_main():
-        progress(f"{len(segments)} segments, {len(done_rows)} done before, {len(pending)} to measure"
+        progress(f"{len(options)} rows, {len(done_rows)} done before, {len(pending)} to measure"
                  + (f" on {distributed.world_size()} processes" if distributed.world_size() > 1 else ""))
 
     context: Dict[str, Any] = {}
@@ -214,11 +274,11 @@ def compute_importance(traced: Any, settings: ImportanceSettings, out: PathLike,
         context["calibration"] = _calibration_batch(chain, data, settings)
         with torch.no_grad():
             context["reference_logits"] = traced.gm.to(device)(context["calibration"].to(device)).float().cpu()
-    columns = ["start", "end", *RAW_COLUMNS[settings.method]]
+    columns = ["start", "end", PRUNED_COLUMN, *RAW_COLUMNS[settings.method]]
     new_rows: List[Row] = []
     journal = _journal_path(out, distributed.rank())
-    for count, segment in enumerate(mine, start=1):
-        row = measure_segment(traced, segment, settings, data, context)
+    for count, option in enumerate(mine, start=1):
+        row = measure_segment(traced, option, settings, data, context)
         _append_row(journal, columns, row)
         new_rows.append(row)
         if progress:
@@ -229,10 +289,12 @@ def compute_importance(traced: Any, settings: ImportanceSettings, out: PathLike,
     gathered = distributed.all_gather(new_rows)
     all_rows = dict(done_rows)
     for rows in gathered:
-        all_rows.update({(r["start"], r["end"]): r for r in rows})
+        all_rows.update({_row_option(r): r for r in rows})
     table = normalise(list(all_rows.values()), chain, settings)
     if distributed.is_main():
-        write_importance_table(out, table, extra_columns=RAW_COLUMNS[settings.method])
+        # A table without pruning has no pruned column, as before pruning existed.
+        extra = [*([PRUNED_COLUMN] if settings.prune else []), *RAW_COLUMNS[settings.method]]
+        write_importance_table(out, [_without_empty_pruned(r, settings.prune) for r in table], extra_columns=extra)
         write_json_atomic(meta_path_for(out), {**meta, "complete": True})
         for path in _journals(out):
             path.unlink()
@@ -254,7 +316,7 @@ def check_importance_table(path: PathLike, chain: Chain) -> ImportanceTable:
             raise UserError(f"importance table {path} was made for another model (chain fingerprint {made_for}, "
                             f"this model has {chain.fingerprint()}); run `dpcompress importance` for this model")
     allowed = set(allowed_segments(chain))
-    foreign = sorted(set(table.importance) - allowed)
+    foreign = sorted((set(table.importance) | {(s, e) for s, e, _ in table.pruned_importance}) - allowed)
     if foreign:
         raise UserError(f"importance table {path} has segment {foreign[0]}, which this model does not have "
                         f"(its positions run 0..{chain.num_positions}); it was made for another model")
@@ -325,10 +387,20 @@ def _read_rows(path: Path, columns: Sequence[str]) -> List[Row]:
     with open(path, newline="") as handle:
         for raw in csv.DictReader(handle):
             try:
-                row: Row = {"start": int(raw["start"]), "end": int(raw["end"])}
+                row: Row = {"start": int(raw["start"]), "end": int(raw["end"]),
+                            PRUNED_COLUMN: raw.get(PRUNED_COLUMN) or ""}
+                _row_option(row)  # a pruned cell cut short fails here, as other cells do below
                 for column in columns:
                     row[column] = float(raw[column])
             except (KeyError, TypeError, ValueError):
                 continue
             rows.append(row)
     return rows
+
+
+def _row_option(row: Row) -> SegmentOption:
+    return (row["start"], row["end"], tuple(int(p) for p in row[PRUNED_COLUMN].split()))
+
+
+def _without_empty_pruned(row: Row, prune: bool) -> Row:
+    return row if prune else {k: v for k, v in row.items() if k != PRUNED_COLUMN}
