@@ -200,6 +200,8 @@ def plan_summary(plan: Any, eligible: Optional[list] = None) -> str:
     of = f" of {len(eligible)}" if eligible is not None else ""
     lines = [f"kept activations: {len(plan.activations)}{of} ({kept})",
              f"blocks: {len(plan.boundaries) - 1} merged convs for {plan.num_positions} original convs"]
+    if plan.pruned:
+        lines.append(f"pruned convs: {len(plan.pruned)} replaced by identity ({' '.join(map(str, plan.pruned))})")
     latency = f"predicted latency: {plan.latency_ms:.4f} ms (budget {plan.budget_ms:.4f} ms"
     if plan.original_latency_ms:
         latency += (f", original {plan.original_latency_ms:.4f} ms, "
@@ -217,11 +219,6 @@ prune_option = click.option(
     "--prune/--no-prune", default=None,
     help="LayerMerge's search space: convs that keep their input's shape may also be replaced by identity "
          "inside merged blocks.  [default: on where the model has such convs]")
-
-
-def prune_default(prune: Optional[bool], chain: Any) -> bool:
-    """``--prune/--no-prune`` as given, else on where any conv of the chain is reducible."""
-    return bool(chain.reducible_positions()) if prune is None else prune
 
 
 def backend_options(func: Any) -> Any:
@@ -279,6 +276,7 @@ def profile(model_spec: str, weights: Optional[str], input_shape: str, submodule
             time_all: bool, max_block_seconds: float, timing: Optional[str], prune: Optional[bool]) -> None:
     """Time every valid block as its merged convolution and write the latency table (resumable)."""
     from dpcompress.latency.profile import profile_table
+    from dpcompress.pipeline import prune_default
     from dpcompress.progress import profile_lines
 
     backend = _backend(backend_name, gpu, device, threads, cuda_graphs, channels_last)
@@ -365,6 +363,7 @@ def importance(model_spec: str, weights: Optional[str], input_shape: str, method
     from dpcompress.training.data import load_data, parse_input_size
     from dpcompress.search.importance import ImportanceSettings, compute_importance
     from dpcompress.graph.trace import parse_input_shape
+    from dpcompress.pipeline import prune_default
 
     data = load_data(data_spec, parse_input_size(parse_input_shape(input_shape))) if data_spec else None
     traced = _traced_model(model_spec, weights, input_shape)
@@ -435,12 +434,13 @@ def finetune(model_spec: str, weights: Optional[str], input_shape: str, plan_pat
               help="Closed loop: bench the most important candidate plans around the budget on the backend and "
                    "keep the best one measured within it (or the original where none is).")
 @click.option("--candidates", type=int, default=3, show_default=True, help="Plans the closed loop benches.")
+@prune_option
 def compress(model_spec: str, weights: Optional[str], input_shape: str, submodule: Optional[str], out_dir: str,
              budget_ms: Optional[float],
              budget_ratio: Optional[float], data_spec: Optional[str], importance_method: Optional[str],
              importance_steps: int, backend: Optional[str], gpu: bool, batch_size: Optional[int], precision: str,
              threads: Optional[int], epochs: int, distill: float, tables_dir: Optional[str], measure: bool,
-             candidates: int) -> None:
+             candidates: int, prune: Optional[bool]) -> None:
     """Everything in one go: trace, table, importance, solve, fine-tune, export --verify, bench, report."""
     from dpcompress.pipeline import CompressSettings, compress_from_spec as run_compress
     from dpcompress.graph.trace import parse_input_shape
@@ -452,7 +452,7 @@ def compress(model_spec: str, weights: Optional[str], input_shape: str, submodul
         else (None if budget_ms is not None else 0.7),
         importance=importance_method, importance_steps=importance_steps, backend=backend, gpu=gpu,
         batch_size=batch_size, precision=precision, threads=threads, epochs=epochs, distill=distill, tables_dir=tables_dir,
-        measure=measure, candidates=candidates)
+        measure=measure, candidates=candidates, prune=prune)
     report = run_compress(model_spec, weights, parse_input_shape(input_shape), out_dir, settings, data_spec,
                           submodule=submodule, say=_progress())
     if report["kept_original"]:

@@ -39,6 +39,12 @@ class CompressSettings:
     tables_dir: Optional[str] = None  # where to look for a matching table before profiling
     measure: bool = True  # the closed loop: bench the best candidates, keep one measured within the budget
     candidates: int = 3
+    prune: Optional[bool] = None  # pruning options (LayerMerge's search space); None: on where a conv is reducible
+
+
+def prune_default(prune: Optional[bool], chain: Any) -> bool:
+    """``prune`` as given, else on where any conv of the chain is reducible (keeps its input's shape)."""
+    return bool(chain.reducible_positions()) if prune is None else prune
 
 
 def _shown(path: Path) -> str:
@@ -50,10 +56,11 @@ def _shown(path: Path) -> str:
 
 
 def find_table(tables_dir: Path, fingerprint: str, backend: str, precision: str, batch_size: int,
-               threads: Optional[int] = None, timing: Optional[str] = None) -> Optional[Path]:
-    """A latency table under ``tables_dir`` made for this chain, backend, precision and batch size
-    (and with ``threads`` CPU threads and rows timed the way ``timing`` says, where given; a table
-    from before timings were recorded counts as ``standalone``)."""
+               threads: Optional[int] = None, timing: Optional[str] = None, prune: bool = False) -> Optional[Path]:
+    """A latency table under ``tables_dir`` made for this chain, backend, precision, batch size and
+    pruning setting (and with ``threads`` CPU threads and rows timed the way ``timing`` says, where
+    given; a table from before timings were recorded counts as ``standalone``, one from before
+    pruning options as made without them)."""
     for meta_path in sorted(tables_dir.rglob("*.meta.json")):
         try:
             meta = json.loads(meta_path.read_text())
@@ -65,7 +72,8 @@ def find_table(tables_dir: Path, fingerprint: str, backend: str, precision: str,
         if (meta.get("chain_fingerprint") == fingerprint and meta.get("backend") == backend
                 and meta.get("precision") == precision and meta.get("batch_size") == batch_size
                 and (threads is None or meta.get("threads") == threads)
-                and (timing is None or meta.get("timing", "standalone") == timing) and table.is_file()):
+                and (timing is None or meta.get("timing", "standalone") == timing)
+                and meta.get("prune", False) == prune and table.is_file()):
             return table
     return None
 
@@ -141,8 +149,9 @@ def compress_model(model: Any, input_shape: Sequence[int], out_dir: "str | Path"
     batch_size = settings.batch_size or int(chain_shape[0])
     tables_dir = Path(settings.tables_dir) if settings.tables_dir else DEFAULT_TABLES
     timing = default_timing(backend, traced)
+    prune = prune_default(settings.prune, chain)
     table_path = find_table(tables_dir, chain.fingerprint(), backend.name, settings.precision, batch_size,
-                            settings.threads, timing) if tables_dir.is_dir() else None
+                            settings.threads, timing, prune) if tables_dir.is_dir() else None
     if table_path is not None:
         say(f"[2/7] latency table: reusing {_shown(table_path)}")
     else:
@@ -150,13 +159,15 @@ def compress_model(model: Any, input_shape: Sequence[int], out_dir: "str | Path"
         say(f"[2/7] latency table: profiling {len(chain.valid_blocks())} blocks on {backend.name} -> {table_path}")
         profile_table(chain, backend, table_path, model_spec=model_spec, input_shape=chain_shape,
                       batch_size=batch_size, precision=settings.precision, warmup=settings.warmup,
-                      iters=settings.iters, traced=traced, timing=timing, progress=profile_lines(say))
+                      iters=settings.iters, traced=traced, timing=timing, progress=profile_lines(say), prune=prune)
     table = read_latency_table(table_path)
 
-    say(f"[3/7] importance: {'given' if method == 'table' else method}")
-    if method not in ("uniform", "table"):
+    say(f"[3/7] importance: {'given' if method == 'table' else method}"
+        + ("" if method == "table" else f", pruning {'on' if prune else 'off'}"))
+    # Uniform importance needs no table, except to price pruned convs (without a row the solver prunes none).
+    if method not in ("uniform", "table") or (method == "uniform" and prune):
         importance_path = out / "importance.csv"
-        compute_importance(traced, ImportanceSettings(method=method, steps=settings.importance_steps),
+        compute_importance(traced, ImportanceSettings(method=method, steps=settings.importance_steps, prune=prune),
                            importance_path, data=data, model_spec=model_spec, progress=say)
         importance_table = read_importance_table(importance_path)
 
@@ -230,7 +241,7 @@ def compress_model(model: Any, input_shape: Sequence[int], out_dir: "str | Path"
         "model": model_spec, "weights": weights, "input_shape": list(input_shape), "submodule": submodule,
         "submodule_input_shape": list(site.input_shape) if site is not None else None,
         "data": data.spec if data is not None else None,
-        "importance_method": method, "latency_table": str(table_path), "budget_ms": budget,
+        "importance_method": method, "latency_table": str(table_path), "budget_ms": budget, "prune": prune,
         "plan": plan.to_json(), "predicted_latency_ms": plan.latency_ms,
         "predicted_speedup": bench.predicted_speedup, "measured_speedup": bench.measured_speedup,
         "measured_original_ms": bench.original.median_ms,
@@ -304,6 +315,7 @@ def report_markdown(report: Dict[str, Any]) -> str:
         f"- input shape: {'x'.join(map(str, report['input_shape']))}; latency table: `{_shown(Path(report['latency_table']))}`",
         f"- importance: {report['importance_method']}; budget: {report['budget_ms']:.4g} ms",
         f"- kept activations: {len(report['plan']['activations'])}; blocks: {len(report['plan']['boundaries']) - 1}",
+        f"- pruning: {pruning_text(report['prune'], report['plan'].get('pruned') or [])}",
         "", "| | before | after |", "|---|---|---|",
         f"| predicted latency (ms) | {report['plan']['original_latency_ms']:.4g} | "
         f"{report['predicted_latency_ms']:.4g} |",
@@ -347,6 +359,14 @@ def report_markdown(report: Dict[str, Any]) -> str:
         lines.append("- accuracy: not measured (no --data given)")
     lines += ["", "![frontier](frontier.png)", ""]
     return "\n".join(lines)
+
+
+def pruning_text(prune: bool, pruned: Sequence[int]) -> str:
+    """How the report and the plan summary say what was pruned."""
+    if not prune:
+        return "off (no conv may be replaced by identity)"
+    return (f"on; {len(pruned)} conv(s) replaced by identity ({' '.join(map(str, pruned))})" if pruned
+            else "on; no conv replaced by identity")
 
 
 def traced_from_spec(model_spec: str, weights: Optional[str], input_shape: Sequence[int],

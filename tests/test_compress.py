@@ -28,7 +28,7 @@ def test_compress_with_data_produces_verified_export_and_report(tmp_path):
     table = read_latency_table(tables / "latency.csv")
     budget = (frontier(table, None, traced.chain.activation_positions)[0][0] + table.original_latency_ms()) / 2
     settings = CompressSettings(budget_ms=budget, budget_ratio=None, importance="proxy", warmup=2, iters=5, epochs=1,
-                                threads=1, tables_dir=str(tables), measure=False)
+                                threads=1, tables_dir=str(tables), measure=False, prune=False)
     report = compress(TINY_SPEC, str(weights), INPUT_SHAPE, str(tmp_path / "out"), settings, data_spec="digits",
                       say=lambda line: None)
     out = tmp_path / "out"
@@ -55,7 +55,10 @@ def test_compress_with_data_produces_verified_export_and_report(tmp_path):
     # ... and only when its rows were timed the way asked for (tables from before count as standalone).
     assert find_table(out, report["plan"]["chain_fingerprint"], "onnxruntime", "fp32", 1, timing="in-network")
     assert find_table(out, report["plan"]["chain_fingerprint"], "onnxruntime", "fp32", 1, timing="standalone") is None
+    # ... and only with the pruning setting it was made with.
+    assert find_table(out, report["plan"]["chain_fingerprint"], "onnxruntime", "fp32", 1, prune=True) is None
     assert report["bench"]["backend"]["threads"] == 1
+    assert report["prune"] is False and "pruning: off" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_compress_cli_without_data_says_accuracy_not_measured(tmp_path):
@@ -103,3 +106,5 @@ def test_a_table_without_a_timing_counts_as_standalone(tmp_path):
     (tmp_path / "old.meta.json").write_text(json.dumps(meta))
     assert find_table(tmp_path, "f", "onnxruntime", "fp32", 1, timing="in-network") is None
     assert find_table(tmp_path, "f", "onnxruntime", "fp32", 1, timing="standalone") == tmp_path / "old.csv"
+    # ... and as made without pruning options.
+    assert find_table(tmp_path, "f", "onnxruntime", "fp32", 1, prune=True) is None
