@@ -434,7 +434,9 @@ def finetune(model_spec: str, weights: Optional[str], input_shape: str, plan_pat
               help="Closed loop: bench the most important candidate plans around the budget on the backend and "
                    "keep the best one measured within it (or the original where none is).")
 @click.option("--candidates", type=int, default=3, show_default=True, help="Plans the closed loop benches.")
-@prune_option
+@click.option("--prune/--no-prune", default=False, show_default=True,
+              help="LayerMerge's search space: convs that keep their input's shape may also be replaced by identity "
+                   "inside merged blocks (profiles anew: the shipped tables have no pruning options).")
 def compress(model_spec: str, weights: Optional[str], input_shape: str, submodule: Optional[str], out_dir: str,
              budget_ms: Optional[float],
              budget_ratio: Optional[float], data_spec: Optional[str], importance_method: Optional[str],

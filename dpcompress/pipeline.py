@@ -39,7 +39,9 @@ class CompressSettings:
     tables_dir: Optional[str] = None  # where to look for a matching table before profiling
     measure: bool = True  # the closed loop: bench the best candidates, keep one measured within the budget
     candidates: int = 3
-    prune: Optional[bool] = None  # pruning options (LayerMerge's search space); None: on where a conv is reducible
+    # Pruning options (LayerMerge's search space); None: on where a conv is reducible. Off by default until
+    # the shipped tables carry pruning options: on, compress would profile every model anew.
+    prune: Optional[bool] = False
 
 
 def prune_default(prune: Optional[bool], chain: Any) -> bool:
