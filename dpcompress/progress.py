@@ -3,8 +3,8 @@
 Stage functions report through a plain ``Callable[[str], None]``; a line that knows how far the
 work is comes as :class:`Counted` (a ``str`` carrying ``done`` and ``total``), so any callback
 that takes lines still works. :class:`ProgressBar` turns counted lines into a tqdm bar with the
-time left on a terminal, and into a plain line at most every few seconds where stderr is a log
-(a file, a pipe, CI), so logs stay readable. Nothing goes to stdout, where ``--json`` output goes.
+time left on a terminal, and into plain lines where stderr is a log (a file, a pipe, CI): one per
+item of a short task, else one every few seconds, so logs stay readable. Nothing goes to stdout, where ``--json`` output goes.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from __future__ import annotations
 import sys
 import time
 from typing import Any, Callable, Optional, TextIO
+
+
+FEW_ITEMS = 20
 
 
 class Counted(str):
@@ -77,7 +80,8 @@ class ProgressBar:
             self._bar.set_postfix_str(note[:60], refresh=True)
             return
         now = time.monotonic()
-        if line.done >= line.total or now - self._last_line >= self.interval_s:
+        # A log gets every line of a short task (a few candidates, epochs), else one every interval_s.
+        if line.total <= FEW_ITEMS or line.done >= line.total or now - self._last_line >= self.interval_s:
             self._last_line = now
             meter = tqdm.format_meter(line.done - self._first_done, line.total - self._first_done,
                                       now - self._started, prefix=line.task, ncols=0)
