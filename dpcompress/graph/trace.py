@@ -10,7 +10,9 @@ between two trunk convs is a barrier, described in the chain's notes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 
 import operator
 from dataclasses import dataclass, field
@@ -126,11 +128,13 @@ def trace_model(model: nn.Module, input_shape: Sequence[int], spec: Optional[str
                         "dpcompress needs an fx-traceable model") from err
     sample = torch.randn(*input_shape, dtype=next(model.parameters()).dtype)
     try:
-        with torch.no_grad():
+        # ShapeProp prints the traceback of a failing op itself; the one line below says it.
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(sample)
     except Exception as err:
+        cause = err.__cause__ or err  # ShapeProp wraps the op's own error in a description of the node
         raise UserError(f"the model does not run on input shape {tuple(input_shape)}: "
-                        f"{type(err).__name__}: {str(err).splitlines()[0]}") from err
+                        f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]}") from err
     return _Tracer(model, gm, tuple(input_shape), spec).run()
 
 
