@@ -128,3 +128,18 @@ def test_reducible_convs_of_known_models(torchvision_chain):
         assert chain.to_json()["reducible_positions"] == chain.reducible_positions()
         for u in chain.units:
             assert u.reducible == (u.stride == (1, 1) and u.in_shape[1:] == u.out_shape[1:])
+
+
+def test_a_model_that_cannot_run_at_the_input_size_is_one_line_naming_the_op_error(capfd):
+    import pytest
+    from torch import nn
+
+    from dpcompress.errors import UserError
+    from dpcompress.graph.trace import trace_model
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 5))
+    with pytest.raises(UserError) as caught:
+        trace_model(model, (1, 3, 5, 5))
+    message = str(caught.value)
+    assert "input shape (1, 3, 5, 5)" in message and "Kernel size" in message and "\n" not in message
+    assert "Traceback" not in capfd.readouterr().err
