@@ -197,9 +197,12 @@ def solve(latency_table_path: str, importance_source: str, budget_ms: Optional[f
 
 def plan_summary(plan: Any, eligible: Optional[list] = None) -> str:
     kept = " ".join(map(str, plan.activations)) or "none"
+    pruned = set(plan.pruned)
+    emptied = [b for b in plan.blocks if all(p in pruned for p in range(b[0] + 1, b[1] + 1))]
     of = f" of {len(eligible)}" if eligible is not None else ""
     lines = [f"kept activations: {len(plan.activations)}{of} ({kept})",
-             f"blocks: {len(plan.boundaries) - 1} merged convs for {plan.num_positions} original convs"]
+             f"blocks: {len(plan.boundaries) - 1} merged convs for {plan.num_positions} original convs"
+             + (f" ({len(emptied)} of them with every conv pruned)" if emptied else "")]
     if plan.pruned:
         lines.append(f"pruned convs: {len(plan.pruned)} replaced by identity ({' '.join(map(str, plan.pruned))})")
     latency = f"predicted latency: {plan.latency_ms:.4f} ms (budget {plan.budget_ms:.4f} ms"

@@ -75,3 +75,14 @@ def test_bad_pruning_rows_exit_2_with_one_line(tmp_path, latency, importance, me
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert message in result.stderr and not out.exists()
+
+
+def test_plan_summary_counts_blocks_left_with_no_conv():
+    from dpcompress.cli import plan_summary
+    from dpcompress.search.plan import Plan
+
+    plan = Plan(activations=[2], boundaries=[0, 1, 2, 4], num_positions=4, pruned=[2, 3], budget_ms=2.0,
+                latency_ms=1.5, importance=1.0)
+    summary = plan_summary(plan)
+    assert "blocks: 3 merged convs for 4 original convs (1 of them with every conv pruned)" in summary
+    assert "pruned convs: 2 replaced by identity (2 3)" in summary
