@@ -27,14 +27,9 @@ PathLike = Union[str, Path]
 def _traced(model: "nn.Module", input_shape: Sequence[int], submodule: Optional[str]
             ) -> Tuple["TracedModel", Any]:
     """The traced model, or its submodule at the input it receives inside the model, and the site."""
-    from dpcompress.graph.trace import trace_model
+    from dpcompress.graph.submodule import trace_target
 
-    if submodule is None:
-        return trace_model(model, input_shape), None
-    from dpcompress.graph.submodule import submodule_site
-
-    site = submodule_site(model, submodule, input_shape)
-    return trace_model(site.module, site.input_shape), site
+    return trace_target(model, input_shape, submodule)
 
 
 def trace(model: "nn.Module", input_shape: Sequence[int], *, submodule: Optional[str] = None) -> "Chain":

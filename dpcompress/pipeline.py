@@ -12,7 +12,7 @@ from dpcompress.errors import UserError
 from dpcompress.export import ExportReport, export_plan
 from dpcompress.fileio import write_json_atomic, write_text_atomic
 from dpcompress.graph.rewrite import merge_reference, reference_model
-from dpcompress.graph.trace import parse_input_shape, trace_model
+from dpcompress.graph.trace import parse_input_shape
 from dpcompress.models import build_model
 from dpcompress.progress import profile_lines
 from dpcompress.search.plan import check_plan_against_chain, load_plan
@@ -122,21 +122,15 @@ def compress_model(model: Any, input_shape: Sequence[int], out_dir: "str | Path"
                         "the returned reference model in your own training loop")
     model = model.eval()
     label = model_spec or type(model).__name__
-    site = None
-    if submodule is not None:
-        from dpcompress.graph.submodule import submodule_site
+    from dpcompress.graph.submodule import trace_target
 
-        say(f"[1/7] trace {label}, submodule {submodule}")
-        site = submodule_site(model, submodule, input_shape)
+    say(f"[1/7] trace {label}" + (f", submodule {submodule}" if submodule else ""))
+    traced, site = trace_target(model, input_shape, submodule, spec=model_spec)
+    if site is not None:
         say(f"      {submodule} receives {'x'.join(map(str, site.input_shape))}"
             + (" (its children, chained)" if site.chained_children else ""))
-        traced = trace_model(site.module, site.input_shape, spec=model_spec)
-        chain_shape: Sequence[int] = site.input_shape
-    else:
-        say(f"[1/7] trace {label}")
-        traced = trace_model(model, input_shape, spec=model_spec)
-        chain_shape = input_shape
     chain = traced.chain
+    chain_shape = chain.input_shape
 
     from dpcompress.backends import Backend
 
@@ -375,13 +369,10 @@ def traced_from_spec(model_spec: str, weights: Optional[str], input_shape: Seque
                      submodule: Optional[str] = None) -> "tuple[Any, Any, Any]":
     """The model a spec names, its traced chain (of ``submodule`` where given, at the input it receives inside
     the model) and the submodule's site (None without one)."""
-    model = build_model(model_spec, weights)
-    if submodule is None:
-        return model, trace_model(model, input_shape, spec=model_spec), None
-    from dpcompress.graph.submodule import submodule_site
+    from dpcompress.graph.submodule import trace_target
 
-    site = submodule_site(model, submodule, input_shape)
-    return model, trace_model(site.module, site.input_shape, spec=model_spec), site
+    model = build_model(model_spec, weights)
+    return (model, *trace_target(model, input_shape, submodule, spec=model_spec))
 
 
 def export_from_spec(model_spec: str, weights: Optional[str], input_shape: str, plan_path: str, fmt: str,

@@ -63,7 +63,8 @@ def _coverable(chain, start, end):
         return False
 
 
-def assert_merged_matches(traced, plan, size=64):
+def merged_equal_to_reference(traced, plan, size):
+    """The plan's merged network, checked against its reference in float64 (no block left unmerged)."""
     reference = reference_model(traced, plan).double().eval()
     merged = merge_reference(reference).eval()
     x = torch.randn(2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -72,8 +73,13 @@ def assert_merged_matches(traced, plan, size=64):
     scale = expected.abs().max().item()
     assert scale > 1e-3, "reference output too small to compare meaningfully"
     assert (got - expected).abs().max().item() <= 1e-7 * scale
-    merged_convs = sum(isinstance(m, torch.nn.Conv2d) for m in merged.modules())
     assert not any(isinstance(m, ReorderedBlock) for m in merged.modules())
+    return merged
+
+
+def assert_merged_matches(traced, plan, size=64):
+    merged = merged_equal_to_reference(traced, plan, size)
+    merged_convs = sum(isinstance(m, torch.nn.Conv2d) for m in merged.modules())
     assert_geometry_matches(traced.chain, plan, merged)
     return merged_convs
 

@@ -11,12 +11,12 @@ import torch
 import torch.nn as nn
 
 from dpcompress.graph.geometry import block_geometry
-from dpcompress.graph.rewrite import ReorderedBlock, merge_reference, reference_model
+from dpcompress.graph.rewrite import merge_reference, reference_model
 from dpcompress.graph.trace import trace_model
 from dpcompress.models import build_model
 from dpcompress.search.plan import Plan
 from tests.bn_calibration import calibrate_batchnorm, randomize_batchnorm_affine
-from tests.test_rewrite import random_plan
+from tests.test_rewrite import merged_equal_to_reference, random_plan
 
 ZOO = ["dpcompress.zoo:tiny_mobilenet_v2", "dpcompress.zoo:digits_mobilenet_v2"]
 TORCHVISION = ["resnet18", "mobilenet_v2", "vgg11", "efficientnet_b0", "regnet_x_400mf"]
@@ -44,15 +44,7 @@ def with_random_pruning(chain, plan, seed):
 
 
 def assert_pruned_merged_matches(traced, plan, size):
-    reference = reference_model(traced, plan).double().eval()
-    merged = merge_reference(reference).eval()
-    x = torch.randn(2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected, got = reference(x), merged(x)
-    scale = expected.abs().max().item()
-    assert scale > 1e-3, "reference output too small to compare meaningfully"
-    assert (got - expected).abs().max().item() <= 1e-7 * scale
-    assert not any(isinstance(m, ReorderedBlock) for m in merged.modules())
+    merged = merged_equal_to_reference(traced, plan, size)
     assert_pruned_geometry_matches(traced.chain, plan, merged)
 
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, List, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from dpcompress.errors import UserError
+from dpcompress.graph.trace import TracedModel, trace_model
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,16 @@ def _describe_inputs(args: tuple, kwargs: dict) -> str:
     parts = [f"a tensor of shape {tuple(a.shape)}" if isinstance(a, torch.Tensor) else type(a).__name__
              for a in args] + [f"{k}=" for k in kwargs]
     return f"{len(parts)} inputs ({', '.join(parts)})" if len(parts) != 1 else parts[0]
+
+
+def trace_target(model: nn.Module, input_shape: Sequence[int], submodule: Optional[str] = None,
+                 spec: Optional[str] = None) -> Tuple[TracedModel, Optional[SubmoduleSite]]:
+    """``model`` traced at ``input_shape``, or with ``submodule`` that part traced at the input it receives
+    inside the model; and the submodule's site (None without one)."""
+    if submodule is None:
+        return trace_model(model, input_shape, spec=spec), None
+    site = submodule_site(model, submodule, input_shape)
+    return trace_model(site.module, site.input_shape, spec=spec), site
 
 
 def put_back(model: nn.Module, site: SubmoduleSite, compressed: fx.GraphModule) -> nn.Module:
