@@ -1,8 +1,9 @@
-"""The digits MobileNetV2 that the benchmarks compress: trained once, seeded, then reloaded."""
+"""The digits models that the benchmarks compress: trained once, seeded, then reloaded."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.data import Dataset
@@ -13,13 +14,16 @@ from dpcompress.training.train import train
 SPEC = "dpcompress.zoo:digits_mobilenet_v2"
 
 
-def trained_digits_model(weights: Path, train_set: Dataset, epochs: int) -> "tuple[torch.nn.Module, bool]":
-    """The model at ``weights`` if that file exists, else trained (SGD lr 0.1 cosine) and saved there.
+def trained_digits_model(weights: Path, train_set: Dataset, epochs: int,
+                         factory: Callable[[], torch.nn.Module] = zoo.digits_mobilenet_v2,
+                         ) -> "tuple[torch.nn.Module, bool]":
+    """The model ``factory`` builds, with the weights at ``weights`` if that file exists, else trained
+    (SGD lr 0.1 cosine) and saved there.
 
     Returns the model in eval mode and whether it was trained now.
     """
     torch.manual_seed(0)  # the initial weights too: train() seeds only the data order and dropout
-    model = zoo.digits_mobilenet_v2()
+    model = factory()
     trained = not weights.exists()
     if trained:
         train(model, train_set, epochs=epochs, lr=0.1, seed=0)
