@@ -278,6 +278,7 @@ def profile(model_spec: str, weights: Optional[str], input_shape: str, submodule
             warmup: int, batch_size: Optional[int], iters: int, out: str, overwrite: bool, prune_margin: float,
             time_all: bool, max_block_seconds: float, timing: Optional[str], prune: Optional[bool]) -> None:
     """Time every valid block as its merged convolution and write the latency table (resumable)."""
+    from dpcompress.graph.geometry import size_text
     from dpcompress.latency.profile import profile_table
     from dpcompress.pipeline import prune_default
     from dpcompress.progress import profile_lines
@@ -289,9 +290,14 @@ def profile(model_spec: str, weights: Optional[str], input_shape: str, submodule
                            overwrite=overwrite, prune_margin=None if time_all else prune_margin,
                            progress=profile_lines(_progress()), traced=traced, timing=timing,
                            max_block_seconds=max_block_seconds, prune=prune_default(prune, traced.chain))
+    unbuildable = len(result.meta["unbuildable_blocks"])
+    capped = len(result.meta["capped_blocks"])
     click.echo(f"wrote {result.table_path} ({len(result.rows)} rows, {result.timed_shapes} shapes timed now, "
-               f"{result.meta['bounded_blocks']} bounded as dominated, {result.resumed_blocks} rows resumed) "
-               f"and {result.meta_path}")
+               f"{result.meta['bounded_blocks']} bounded as dominated, "
+               + (f"{capped} bounded by --max-block-seconds, " if capped else "")
+               + (f"{unbuildable} left out as their merge needs more than {size_text(result.meta['max_merge_bytes'])} "
+                  "(DPCOMPRESS_MAX_MERGE_BYTES), " if unbuildable else "")
+               + f"{result.resumed_blocks} rows resumed) and {result.meta_path}")
 
 
 @main.command()

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from dpcompress.graph import merge
 from dpcompress.graph.chain import Chain, ConvUnit, Residual
-from dpcompress.graph.geometry import (block_geometry, compose_connectivity, connectivity, crop_taps,
-                                 largest_exact_groups)
+from dpcompress.graph.geometry import (block_geometry, compose_connectivity, composed_connectivity, composition_cost,
+                                       connectivity, crop_taps, largest_exact_groups)
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEWER = settings(SETTINGS, max_examples=50)  # for properties that other tests already exercise in part
@@ -212,7 +212,7 @@ def test_composed_connectivity_equals_channel_product(mid: int, data: st.DataObj
     out_channels = second_groups * data.draw(st.integers(1, 3))
     expected = compose_connectivity(connectivity(in_channels, mid, first_groups),
                                     connectivity(mid, out_channels, second_groups))
-    got = merge.composed_connectivity(in_channels, mid, out_channels, first_groups, second_groups)
+    got = composed_connectivity(in_channels, mid, out_channels, first_groups, second_groups)
     np.testing.assert_array_equal(got, expected)
 
 
@@ -347,7 +347,7 @@ def test_cropping_a_kernel_larger_than_its_input() -> None:
 @given(specs=conv_chains(min_len=1))
 def test_composition_cost_predicts_compose_all(specs: List[Spec]) -> None:
     convs = [s.affine() for s in specs]
-    cost = merge.composition_cost(convs)
+    cost = composition_cost(convs)
     merged = merge.compose_all(convs)
     assert (cost.kernel, cost.groups) == (merged.kernel, merged.groups)
     # The last step holds at least the result; a single conv composes nothing.

@@ -11,12 +11,43 @@ padding at the block's input size, and the merged conv leaves them out.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
+from dpcompress.errors import UserError
 from dpcompress.graph.chain import Chain
+
+MAX_MERGE_BYTES_ENV = "DPCOMPRESS_MAX_MERGE_BYTES"
+DEFAULT_MAX_MERGE_BYTES = 2 * 2**30  # with the rest of a run, under 4 GB
+
+
+def max_merge_bytes() -> int:
+    """The most memory composing one block may take: ``$DPCOMPRESS_MAX_MERGE_BYTES`` or 2 GiB."""
+    value = os.environ.get(MAX_MERGE_BYTES_ENV)
+    if value is None:
+        return DEFAULT_MAX_MERGE_BYTES
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise UserError(f"{MAX_MERGE_BYTES_ENV}={value!r} must be a positive number of bytes")
+    return limit
+
+
+def size_text(n_bytes: int) -> str:
+    """``n_bytes`` for a message: bytes, KiB, MiB, GiB or TiB."""
+    if n_bytes < 1024:
+        return f"{n_bytes} bytes"
+    size = n_bytes / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
 
 
 def connectivity(in_channels: int, out_channels: int, groups: int) -> np.ndarray:
@@ -42,6 +73,47 @@ def largest_exact_groups(mask: np.ndarray) -> int:
         if np.array_equal(rows // (out_channels // g), cols // (in_channels // g)):
             return g
     return 1
+
+
+def _composed_group_links(mid_channels: int, first_groups: int, second_groups: int) -> np.ndarray:
+    """Boolean [second_groups, first_groups]: second's group a reads some middle channel of first's group b.
+
+    The middle channels of group a form one interval, and so do first's group b's
+    outputs; the groups link iff the intervals overlap.
+    """
+    second_width = mid_channels // second_groups
+    first_width = mid_channels // first_groups
+    a = np.arange(second_groups)[:, None]
+    b = np.arange(first_groups)[None, :]
+    return (a * second_width < (b + 1) * first_width) & (b * first_width < (a + 1) * second_width)
+
+
+def composed_connectivity(
+    in_channels: int, mid_channels: int, out_channels: int, first_groups: int, second_groups: int
+) -> np.ndarray:
+    """Structural [out, in] mask of a ``second_groups`` conv after a ``first_groups`` conv.
+
+    Equal to ``compose_connectivity(connectivity(...), connectivity(...))``,
+    built from group intervals in O(out*in) rather than a channel-by-channel product
+    (which takes tens of seconds at 2048 channels).
+    """
+    links = _composed_group_links(mid_channels, first_groups, second_groups)
+    return np.repeat(np.repeat(links, out_channels // second_groups, axis=0), in_channels // first_groups, axis=1)
+
+
+def composed_groups(in_channels: int, mid_channels: int, out_channels: int, first_groups: int,
+                    second_groups: int) -> int:
+    """The largest exact grouping of a ``second_groups`` conv after a ``first_groups`` conv.
+
+    A dense conv on either side makes it dense and depthwise after depthwise stays depthwise,
+    without the [out, in] mask (whose group search takes seconds at thousands of channels).
+    """
+    if first_groups == 1 or second_groups == 1:
+        return 1
+    if first_groups == in_channels == mid_channels and second_groups == mid_channels == out_channels:
+        return in_channels
+    return largest_exact_groups(
+        composed_connectivity(in_channels, mid_channels, out_channels, first_groups, second_groups))
 
 
 def crop_taps(kernel: int, stride: int, padding: int, size: int) -> Tuple[int, int]:
@@ -73,6 +145,108 @@ def crop_taps(kernel: int, stride: int, padding: int, size: int) -> Tuple[int, i
     return (lead, min(trail, lead + stride - 1 - unread))
 
 
+class ConvShape(Protocol):
+    """What composing a conv costs depends on: ``merge.AffineConv`` has these, and so does :class:`ShapeOnly`."""
+
+    @property
+    def in_channels(self) -> int: ...
+    @property
+    def out_channels(self) -> int: ...
+    @property
+    def kernel(self) -> Tuple[int, int]: ...
+    @property
+    def stride(self) -> Tuple[int, int]: ...
+    @property
+    def padding(self) -> Tuple[int, int]: ...
+    @property
+    def groups(self) -> int: ...
+
+
+class ShapeOnly(NamedTuple):
+    """A conv's shape without weights (dilation already expanded into ``kernel``)."""
+
+    in_channels: int
+    out_channels: int
+    kernel: Tuple[int, int]
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    groups: int
+
+
+@dataclass(frozen=True)
+class CompositionCost:
+    """What composing some convs builds, known before building it."""
+
+    kernel: Tuple[int, int]  # of the composed conv, before any cropping
+    groups: int
+    bytes: int  # float64 weights held at the costliest step
+
+
+def total_padding(convs: Sequence[ConvShape]) -> Tuple[int, int]:
+    """The padding at the input of the composed conv: ``p1 + s1*(p2 + s2*(...))`` per axis."""
+    padding, scale = [0, 0], [1, 1]
+    for conv in convs:
+        for axis in range(2):
+            padding[axis] += scale[axis] * conv.padding[axis]
+            scale[axis] *= conv.stride[axis]
+    return padding[0], padding[1]
+
+
+def composition_cost(convs: Sequence[ConvShape], in_size: Optional[Tuple[int, int]] = None) -> CompositionCost:
+    """The composed kernel, grouping and peak memory of composing ``convs`` in order, from shapes alone.
+
+    Each step holds the kernel composed so far, its copy laid out in the step's grouping,
+    and the step's result, all in float64; the peak is the costliest step. Without ``in_size``
+    that is ``merge.compose_all``; with it, ``merge.compose_cropped``, which crops the kernel
+    composed so far to the taps that can meet an input of that size after every step, so that
+    a long block costs what its cropped kernels hold, not its full kernel.
+    """
+    first = convs[0]
+    in_channels, out_channels = first.in_channels, first.out_channels
+    kernel, stride, groups = tuple(first.kernel), tuple(first.stride), first.groups
+    full = kernel
+    padding = total_padding(convs)
+
+    def cropped(kernel: Tuple[int, ...], padding: Tuple[int, ...]) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+        if in_size is None:
+            return (kernel[0], kernel[1]), (padding[0], padding[1])
+        crops = [crop_taps(kernel[axis], stride[axis], padding[axis], in_size[axis]) for axis in range(2)]
+        return ((kernel[0] - sum(crops[0]), kernel[1] - sum(crops[1])),
+                (padding[0] - crops[0][0], padding[1] - crops[1][0]))
+
+    kernel, padding = cropped(kernel, padding)
+    peak = 0
+    for conv in convs[1:]:
+        step_groups = composed_groups(in_channels, out_channels, conv.out_channels, groups, conv.groups)
+        step_kernel = (kernel[0] + stride[0] * (conv.kernel[0] - 1), kernel[1] + stride[1] * (conv.kernel[1] - 1))
+        held = out_channels * kernel[0] * kernel[1] * (in_channels // groups + in_channels // step_groups) \
+            + conv.out_channels * step_kernel[0] * step_kernel[1] * (in_channels // step_groups)
+        peak = max(peak, held)
+        full = (full[0] + stride[0] * (conv.kernel[0] - 1), full[1] + stride[1] * (conv.kernel[1] - 1))
+        out_channels, groups = conv.out_channels, step_groups
+        stride = (stride[0] * conv.stride[0], stride[1] * conv.stride[1])
+        kernel, padding = cropped(step_kernel, padding)
+    return CompositionCost((full[0], full[1]), groups, 8 * peak)
+
+
+def block_merge_bytes(convs: Sequence[Tuple[int, ConvShape]], residuals: Sequence[Tuple[int, int]],
+                      in_size: Tuple[int, int]) -> int:
+    """Peak memory of merging a block: ``convs`` are its kept convs by local position (1..length),
+    ``residuals`` its identity shortcuts as (start, end) local positions.
+
+    As ``rewrite.ReorderedBlock.merged`` builds it: each shortcut's body composed in full, then
+    the block's convs composed with cropping to ``in_size``. The whole block is costed from its
+    convs one by one (the shortcuts only add an identity tap to their composed body), so a
+    residual's inner steps are costed at their own, widest, channels: that errs high, not low.
+    """
+    if not convs:
+        return 0
+    bodies = [[conv for position, conv in convs if start < position <= end] for start, end in residuals]
+    costs = [composition_cost(body).bytes for body in bodies if body]
+    costs.append(composition_cost([conv for _, conv in convs], in_size).bytes)
+    return max(costs)
+
+
 @dataclass(frozen=True)
 class BlockGeometry:
     """What block (start, end) becomes: one convolution, plus the activation at ``end``.
@@ -102,6 +276,7 @@ class BlockGeometry:
     bias: bool
     composed_kernel: Tuple[int, int]
     identity: bool = False
+    merge_bytes: int = 0  # peak memory of composing the block's weights (block_merge_bytes)
 
     @property
     def conv_key(self) -> Tuple:
@@ -199,7 +374,12 @@ def block_geometry(chain: Chain, start: int, end: int, pruned: Sequence[int] = (
             composed.add_shortcut(at[shortcuts[p]])
         at[p] = composed.copy()
     last = chain.unit(end)
-    crops = [crop_taps(kernel[axis], stride[axis], padding[axis], first.in_shape[2 + axis]) for axis in range(2)]
+    in_size = (first.in_shape[2], first.in_shape[3])
+    crops = [crop_taps(kernel[axis], stride[axis], padding[axis], in_size[axis]) for axis in range(2)]
+    kept = [(p - start, ShapeOnly(u.in_channels, u.out_channels, effective_kernel(u.kernel, u.dilation),
+                                  tuple(u.stride), tuple(u.padding), u.groups))
+            for p, u in ((p, chain.unit(p)) for p in range(start + 1, end + 1)) if p not in pruned]
+    residuals = [(r.start - start, r.end - start) for r in chain.residuals_inside(start, end)]
     return BlockGeometry(
         start=start, end=end,
         in_channels=first.in_channels, out_channels=last.out_channels,
@@ -209,6 +389,7 @@ def block_geometry(chain: Chain, start: int, end: int, pruned: Sequence[int] = (
         in_shape=first.in_shape, out_shape=last.out_shape,
         activation=last.activation, bias=has_bias, composed_kernel=(kernel[0], kernel[1]),
         identity=len(pruned) == end - start and not shortcuts,
+        merge_bytes=block_merge_bytes(kept, residuals, in_size),
     )
 
 

@@ -9,14 +9,13 @@ Everything outside the trunk (pooling, squeeze-excitation, the head) is kept as 
 Merged kernels are cropped to the taps that can meet the block's input at the traced
 input size, so the merged network is exact at that size (its convs are fixed for it).
 Composing a block is refused, as a UserError, when it would take more than
-``DPCOMPRESS_MAX_MERGE_BYTES`` bytes (default 4 GiB).
+``DPCOMPRESS_MAX_MERGE_BYTES`` bytes (default 2 GiB); ``profile`` gives such blocks no row.
 """
 
 from __future__ import annotations
 
 import copy
 import operator
-import os
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -24,40 +23,14 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dpcompress.graph import merge
+from dpcompress.graph import geometry, merge
 from dpcompress.graph.chain import Chain
+from dpcompress.graph.geometry import MAX_MERGE_BYTES_ENV, block_merge_bytes, max_merge_bytes, size_text
 from dpcompress.errors import UserError
 from dpcompress.search.plan import Plan, check_plan_against_chain
 from dpcompress.graph.trace import TracedModel
 
 BLOCK_PREFIX = "dpc_block_"
-MAX_MERGE_BYTES_ENV = "DPCOMPRESS_MAX_MERGE_BYTES"
-DEFAULT_MAX_MERGE_BYTES = 4 * 2**30
-
-
-def max_merge_bytes() -> int:
-    """The most memory composing one block may take: ``$DPCOMPRESS_MAX_MERGE_BYTES`` or 4 GiB."""
-    value = os.environ.get(MAX_MERGE_BYTES_ENV)
-    if value is None:
-        return DEFAULT_MAX_MERGE_BYTES
-    try:
-        limit = int(value)
-    except ValueError:
-        limit = 0
-    if limit < 1:
-        raise UserError(f"{MAX_MERGE_BYTES_ENV}={value!r} must be a positive number of bytes")
-    return limit
-
-
-def _size_text(n_bytes: int) -> str:
-    if n_bytes < 1024:
-        return f"{n_bytes} bytes"
-    size = n_bytes / 1024
-    for unit in ("KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
 
 
 class ReorderedBlock(nn.Module):
@@ -127,14 +100,14 @@ class ReorderedBlock(nn.Module):
                                                 tuple(conv.dilation), conv.groups)
             pieces.append((position - 1, position, affine))
         if pieces:
-            self._check_cost([p[2] for p in pieces])
+            self._check_cost(pieces)
         # Innermost residuals first, so nested shortcuts compose correctly.
         for start, end in sorted(self.residuals, key=lambda r: r[1] - r[0]):
             inside = [p for p in pieces if start <= p[0] and p[1] <= end]
             body = merge.compose_all([p[2] for p in inside]) if inside else self._identity(self.channels[start])
             first = sum(1 for p in pieces if p[1] <= start)
             pieces[first:first + len(inside)] = [(start, end, merge.add_identity(body))]
-        result = merge.crop_to_input(merge.compose_all([p[2] for p in pieces]), self.in_size)
+        result = merge.compose_cropped([p[2] for p in pieces], self.in_size)
         conv = merge.to_conv2d(result)
         return conv.to(dtype=self.dtype_anchor.dtype, device=self.dtype_anchor.device)
 
@@ -143,15 +116,17 @@ class ReorderedBlock(nn.Module):
         weight = torch.ones(channels, 1, 1, 1, dtype=torch.float64, device=self.dtype_anchor.device)
         return merge.AffineConv(weight, weight.new_zeros(channels), (1, 1), (0, 0), channels)
 
-    def _check_cost(self, convs: Sequence[merge.AffineConv]) -> None:
-        """UserError, before any work, when composing ``convs`` would take more memory than allowed."""
-        cost = merge.composition_cost(convs)
+    def _check_cost(self, pieces: Sequence[Tuple[int, int, merge.AffineConv]]) -> None:
+        """UserError, before any work, when merging the block would take more memory than allowed."""
+        convs = [conv for _, _, conv in pieces]
+        needed = block_merge_bytes([(end, conv) for _, end, conv in pieces], self.residuals, self.in_size)
         limit = max_merge_bytes()
-        if cost.bytes > limit:
+        if needed > limit:
+            kernel = geometry.composition_cost(convs).kernel
             raise UserError(
                 f"block {self.block} merges into a {convs[0].in_channels}->{convs[-1].out_channels} conv with a "
-                f"{cost.kernel[0]}x{cost.kernel[1]} kernel (groups {cost.groups}); composing it needs about "
-                f"{_size_text(cost.bytes)}, over the {_size_text(limit)} limit ({MAX_MERGE_BYTES_ENV}); "
+                f"{kernel[0]}x{kernel[1]} kernel before cropping; composing it needs about {size_text(needed)}, "
+                f"over the {size_text(limit)} limit ({MAX_MERGE_BYTES_ENV}); "
                 "use a plan with shorter blocks there, or raise the limit")
 
 

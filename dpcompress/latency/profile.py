@@ -49,6 +49,11 @@ split has the same importance) is written with that bound as its latency: a lowe
 latency that is already too slow to matter, so the DP gives the same plans as with the
 true value.
 
+A block whose merge would take more memory than ``DPCOMPRESS_MAX_MERGE_BYTES`` allows
+(``BlockGeometry.merge_bytes``: composing its weights, as export and bench would) gets no row,
+so the DP never chooses a block that cannot be built; the meta lists them (``unbuildable_blocks``)
+with the limit used (``max_merge_bytes``).
+
 ``max_block_seconds`` caps the time spent timing one block (single convs excepted: every
 plan is built on them). A block that would take longer is written with the same lower
 bound, ``timed`` = 0, and listed in the meta's ``capped_blocks``; the profile moves on.
@@ -78,7 +83,7 @@ from dpcompress import __version__
 from dpcompress.graph.chain import Chain
 from dpcompress.errors import UserError
 from dpcompress.fileio import write_json_atomic, write_text_atomic
-from dpcompress.graph.geometry import BlockGeometry, block_geometry, pruning_options
+from dpcompress.graph.geometry import BlockGeometry, block_geometry, max_merge_bytes, pruning_options
 from dpcompress.tables import PRUNED_COLUMN, Pruned, format_pruned, meta_path_for
 from dpcompress.latency.timing import time_runner
 
@@ -413,6 +418,14 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
     columns = PRUNED_TABLE_COLUMNS if prune else TABLE_COLUMNS
     blocks = [(start, end, pruned) for start, end in chain.valid_blocks()
               for pruned in (pruning_options(chain, start, end) if prune else [()])]
+    geometries = {option: block_geometry(chain, *option) for option in blocks}  # computed once: not cheap
+    # A block whose merge would take more memory than allowed gets no row: the DP cannot choose it.
+    limit = max_merge_bytes()
+    unbuildable = sorted(option for option, geometry in geometries.items() if geometry.merge_bytes > limit)
+    for option in unbuildable:
+        del geometries[option]
+    blocks = [option for option in blocks if option in geometries]
+    meta = dict(meta, max_merge_bytes=limit, unbuildable_blocks=_option_entries(unbuildable))
     valid = set(blocks)
     existing, found = _existing_rows(table_path, meta, overwrite)
     overhead_by_shape: Dict[str, float] = dict(found.get("call_overhead_ms") or {})
@@ -420,7 +433,6 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
     rows = {b: r for b, r in existing.items() if b in valid}
     capped = {_capped_option(entry) for entry in found.get("capped_blocks") or []} & set(rows)
     resumed = len(rows)
-    geometries = {option: block_geometry(chain, *option) for option in blocks}  # computed once: not cheap
     # Identity options are no node at all: latency 0, exact without timing.
     for option, geometry in geometries.items():
         if geometry.identity and option not in rows:
@@ -513,7 +525,7 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
     for shape_in in sorted(overhead_shapes):
         if _shape_key(shape_in) not in overhead_by_shape:
             overhead_by_shape[_shape_key(shape_in)] = backend.call_overhead_ms(shape_in, precision, warmup, iters)
-    meta = dict(meta, call_overhead_ms=overhead_by_shape, capped_blocks=_capped_entries(capped))
+    meta = dict(meta, call_overhead_ms=overhead_by_shape, capped_blocks=_option_entries(capped))
     if rest_ms is not None:
         meta["rest_ms"] = rest_ms
 
@@ -545,7 +557,7 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
         """Write ``shape``'s rows as bounds over the cap; the partial meta lists them, for a resumed run."""
         nonlocal handled
         capped.update(write(sink, shape, bound, float("nan"), False))
-        meta["capped_blocks"] = _capped_entries(capped)
+        meta["capped_blocks"] = _option_entries(capped)
         write_json_atomic(partial_meta, meta)
         handled += 1
 
@@ -678,7 +690,7 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
     meta = dict(meta, num_blocks=len(chain.valid_blocks()), num_rows=len(blocks), unique_shapes=len(groups),
                 identity_rows=sum(1 for g in geometries.values() if g.identity),
                 bounded_blocks=sum(1 for b, r in rows.items() if not r["timed"] and b not in capped),
-                capped_blocks=_capped_entries(capped),
+                capped_blocks=_option_entries(capped),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     write_json_atomic(meta_path_for(table_path), meta)
     write_text_atomic(table_path, table_text(rows.values(), columns))
@@ -688,9 +700,10 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                          sorted(rows.values(), key=row_option), timed, resumed)
 
 
-def _capped_entries(capped: Iterable[Option]) -> List[List[Any]]:
-    """The meta's capped_blocks: ``[start, end]``, with the pruned convs third where there are any."""
-    return [[s, e, list(pruned)] if pruned else [s, e] for s, e, pruned in sorted(capped)]
+def _option_entries(options: Iterable[Option]) -> List[List[Any]]:
+    """Blocks listed in the meta (capped_blocks, unbuildable_blocks): ``[start, end]``, with the pruned
+    convs third where there are any."""
+    return [[s, e, list(pruned)] if pruned else [s, e] for s, e, pruned in sorted(options)]
 
 
 def _capped_option(entry: Sequence[Any]) -> Option:
