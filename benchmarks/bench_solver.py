@@ -1,6 +1,7 @@
 """Solver speed and memory on synthetic latency/importance tables (numpy only, no model).
 
     .venv/bin/python benchmarks/bench_solver.py [--repeats 5] [--sizes 100,300,1000]
+        [--latency-table LAT.csv --importance IMP.csv [--name NAME]]
 
 Instances:
 - ``mobilenet_v2-sized``: L=50 convs, ~170 valid blocks (spans up to 4 convs, a few
@@ -17,21 +18,26 @@ Instances:
   and 34 activations. Each block gets one option per number of pruned convs (a random subset;
   profiling keeps one subset per merged geometry), and the importance table has every segment
   and every pruned set of at most N convs that its splits reach.
-The blocks column counts the latency rows with their options; segments, the (segment, pruned
-set) pairs that stage 2 chooses from, and of how many importance rows where pruning drops the
-dominated ones.
+- ``--latency-table``/``--importance``: real tables, e.g. mobilenet_v2's from ``dpcompress profile
+  --prune`` and ``dpcompress importance --method uniform --prune`` (made once, outside the bench:
+  profiling takes minutes), benchmarked first.
+The blocks column counts the latency rows with their options (and, where there are options, how
+many blocks have one); segments, the (segment, pruned set) pairs that stage 2 chooses from, and of
+how many importance rows where pruning drops the dominated ones.
 
 "segments ms" is building the segments from the importance table, which includes stage 1 for
 each pruned segment. Each instance is solved at a budget of 70% of the original latency (budget-pruned
 DP, what ``dpcompress solve`` runs) and, separately, for the whole frontier. Time is
-the median of ``--repeats`` runs of stage 1 + stage 2 in-process; memory is the
-tracemalloc peak of one run (numpy allocations included).
+the median of ``--repeats`` runs of stage 1 + stage 2 in-process (solve@70%: with the fastest and
+slowest run, and the 1-minute load average when the instance began: the machine may be shared);
+memory is the tracemalloc peak of one run (numpy allocations included).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import statistics
 import subprocess
 import sys
@@ -55,6 +61,7 @@ from dpcompress.search.solver import (  # noqa: E402
 from dpcompress.tables import (  # noqa: E402
     ImportanceTable,
     LatencyTable,
+    read_importance_table,
     read_latency_table,
     write_importance_table,
     write_latency_table,
@@ -145,8 +152,8 @@ def mobilenet_v2_with_pruning(max_pruned: Sequence[int], seed: int = 0
             for most in max_pruned]
 
 
-def measure(func: Callable[[], object], repeats: int) -> Tuple[float, float]:
-    """Median seconds over ``repeats`` runs and the tracemalloc peak (MiB) of one more."""
+def measure(func: Callable[[], object], repeats: int) -> Tuple[List[float], float]:
+    """Seconds of each of ``repeats`` runs and the tracemalloc peak (MiB) of one more."""
     func()  # warm-up
     times = []
     for _ in range(repeats):
@@ -157,10 +164,15 @@ def measure(func: Callable[[], object], repeats: int) -> Tuple[float, float]:
     func()
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    return statistics.median(times), peak / 2**20
+    return times, peak / 2**20
+
+
+def ms(times: Sequence[float]) -> str:
+    return f"{statistics.median(times) * 1e3:.1f}"
 
 
 def bench_instance(name: str, table: LatencyTable, importance: Optional[ImportanceTable], repeats: int) -> None:
+    load = os.getloadavg()[0]
     budget = 0.7 * table.original_latency_ms()
     s1 = run_stage1(table)
     segments = build_segments(s1, importance, table)
@@ -176,10 +188,12 @@ def bench_instance(name: str, table: LatencyTable, importance: Optional[Importan
     t_frontier, mem_frontier = measure(whole_frontier, repeats)
     rows = "" if importance is None or not importance.pruned_importance else \
         f" of {len(importance.importance) + len(importance.pruned_importance)}"
-    print(f"| {name} | {table.num_positions} | {len(table.latency_ms) + len(table.pruned_latency_ms)} | "
-          f"{segments.count()}{rows} | "
-          f"{t_stage1 * 1e3:.1f} | {t_segments * 1e3:.1f} | {t_budget * 1e3:.1f} | {mem_budget:.1f} | "
-          f"{t_frontier * 1e3:.1f} | {mem_frontier:.1f} | {frontier_size} |", flush=True)
+    with_options = "" if not table.pruned_latency_ms else \
+        f" ({len({(start, end) for start, end, _ in table.pruned_latency_ms})} with options)"
+    print(f"| {name} | {table.num_positions} | {len(table.latency_ms) + len(table.pruned_latency_ms)}{with_options} | "
+          f"{segments.count()}{rows} | {ms(t_stage1)} | {ms(t_segments)} | "
+          f"{ms(t_budget)} ({min(t_budget) * 1e3:.1f}-{max(t_budget) * 1e3:.1f}) | {mem_budget:.1f} | "
+          f"{ms(t_frontier)} | {mem_frontier:.1f} | {frontier_size} | {load:.1f} |", flush=True)
 
 
 def bench_cli(repeats: int) -> None:
@@ -207,13 +221,21 @@ def bench_cli(repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--sizes", default="100,300,1000")
+    parser.add_argument("--sizes", default="100,300,1000", help="scaling instances' L, comma-separated ('' for none)")
+    parser.add_argument("--latency-table", type=Path, help="a real latency table to benchmark first")
+    parser.add_argument("--importance", type=Path, help="its importance table (with --latency-table)")
+    parser.add_argument("--name", default="table", help="the real tables' row name")
     parser.add_argument("--skip-uniform-above", type=int, default=1000,
                         help="skip the uniform-importance runs for larger L")
     args = parser.parse_args()
-    print("| instance | L | blocks | segments | stage 1 ms | segments ms | solve@70% ms | solve MiB | "
-          "whole frontier ms | frontier MiB | frontier points |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    if (args.latency_table is None) != (args.importance is None):
+        parser.error("give --latency-table and --importance together")
+    print("| instance | L | blocks | segments | stage 1 ms | segments ms | solve@70% ms (min-max) | solve MiB | "
+          "whole frontier ms | frontier MiB | frontier points | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    if args.latency_table is not None:
+        bench_instance(args.name, read_latency_table(args.latency_table), read_importance_table(args.importance),
+                       args.repeats)
     bench_instance("mobilenet_v2-sized, table", *synthetic_tables(50, 4, 6, 0.1, seed=0), args.repeats)
     table, _ = synthetic_tables(50, 4, None, 0.1, seed=0)
     bench_instance("mobilenet_v2-sized, uniform", table, None, args.repeats)
@@ -222,7 +244,7 @@ def main() -> None:
     bench_instance("mobilenet_v2-sized, table, pruning", *with_pruning(table, importance, seed=0), args.repeats)
     for most, table, importance in mobilenet_v2_with_pruning((1, 2)):
         bench_instance(f"mobilenet_v2 blocks, pruning <= {most}", table, importance, args.repeats)
-    for size in (int(s) for s in args.sizes.split(",")):
+    for size in (int(s) for s in args.sizes.split(",") if s):
         repeats = args.repeats if size <= 300 else 1
         bench_instance("scaling, table", *synthetic_tables(size, 40, 40, 0.2, seed=size), repeats)
         if size <= args.skip_uniform_above:

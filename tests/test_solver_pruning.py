@@ -256,6 +256,21 @@ def test_pruned_importance_row_the_latency_table_cannot_cover():
         solve(table, importance, 10.0, allowed_positions=[])
 
 
+
+def test_a_block_holding_an_earlier_pruned_conv_unpruned_cannot_extend_the_set():
+    """Pruning (2, 3) needs a block pruning 2 and then one pruning 3 that starts at or after 2: the only
+    block pruning 3, (1, 3), holds conv 2 unpruned, so no split prunes exactly {2, 3}, as brute force says."""
+    table = LatencyTable(3, {(0, 1): 1.0, (1, 2): 1.0, (2, 3): 1.0, (1, 3): 1.5},
+                         pruned_latency_ms={(1, 2, (2,)): 0.5, (1, 3, (3,)): 0.5})
+    assert (2, 3) not in pruned_sets(table, 0, 3)
+    importance = ImportanceTable({(0, 3): 1.0}, pruned_importance={(0, 3, (2,)): 0.5, (0, 3, (2, 3)): 0.5})
+    with pytest.raises(UserError, match=r"segment \(0, 3\) pruned '2 3' cannot be split into blocks"):
+        solve(table, importance, 10.0)
+    importance = ImportanceTable({(0, 3): 1.0}, pruned_importance={(0, 3, (2,)): 0.5, (0, 3, (3,)): 0.25})
+    plan = solve(table, importance, 2.0)  # only pruning 3 alone, by that block, fits
+    assert (plan.boundaries, plan.pruned, plan.latency_ms, plan.importance) == ([0, 1, 3], [3], 1.5, 0.25)
+
+
 def test_frontier_csv_has_the_pruned_convs(tmp_path):
     table = LatencyTable(2, {(0, 1): 1.0, (1, 2): 1.0, (0, 2): 2.5}, pruned_latency_ms={(1, 2, (2,)): 0.0})
     importance = ImportanceTable({(0, 1): 0.5, (1, 2): 0.5}, pruned_importance={(1, 2, (2,)): 0.25})
@@ -265,3 +280,17 @@ def test_frontier_csv_has_the_pruned_convs(tmp_path):
     lines = path.read_text().splitlines()
     assert lines[0].endswith(",pruned")
     assert [line.rsplit(",", 1)[1] for line in lines[1:]] == ["2", ""]
+
+
+@pytest.mark.parametrize("first_option, split", [((1, 2), [0, 1, 2, 3]), ((0, 2), [0, 2, 3])])
+def test_equal_splits_of_a_pruned_segment_break_ties_as_recorded(first_option, split):
+    """Three splits of (0, 3) with conv 2 pruned cost 2.5: (0,1) (1,2)p (2,3), (0,2)p (2,3) and (0,1) (1,3)p.
+    Of the pruning blocks' ends the first wins (2, not 3), and of the blocks reaching it at equal cost the
+    first in the table. This pins the choice the solver made before it was made fast (issue 14)."""
+    options = {(1, 2, (2,)): 0.5, (0, 2, (2,)): 1.5}
+    pruned_latency = {first_option + ((2,),): options[first_option + ((2,),)]}
+    pruned_latency.update({**options, (1, 3, (2,)): 1.5})
+    table = LatencyTable(3, {(0, 1): 1.0, (1, 2): 1.0, (2, 3): 1.0}, pruned_latency_ms=pruned_latency)
+    importance = ImportanceTable({(0, 3): 1.0}, pruned_importance={(0, 3, (2,)): 1.0})
+    plan = solve(table, importance, 3.0, [])
+    assert (plan.boundaries, plan.pruned, plan.latency_ms) == (split, [2], 2.5)

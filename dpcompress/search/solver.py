@@ -32,9 +32,11 @@ numpy only: no torch, no model; it works on tables alone.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
+from operator import itemgetter
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
@@ -93,21 +95,28 @@ class Stage1Result:
 def stage1(latency: Mapping[Block, float], num_positions: int) -> Stage1Result:
     """Cheapest split of every segment (i, j) of positions 0..L into the blocks of ``latency``."""
     n = num_positions + 1
-    starts_by_end: Dict[int, List[int]] = {}
-    for (start, end) in latency:
-        if end > num_positions:
-            raise ValueError(f"block ({start}, {end}) ends past position {num_positions}")
-        starts_by_end.setdefault(end, []).append(start)
+    blocks = list(latency)
+    block_start = np.fromiter(map(itemgetter(0), blocks), dtype=np.int64, count=len(blocks))
+    block_end = np.fromiter(map(itemgetter(1), blocks), dtype=np.int64, count=len(blocks))
+    block_latency = np.fromiter(latency.values(), dtype=np.float64, count=len(blocks))
+    past = np.flatnonzero(block_end > num_positions)
+    if past.size:
+        start, end = blocks[past[0]]
+        raise ValueError(f"block ({start}, {end}) ends past position {num_positions}")
+    # By end, then by start: the blocks ending at one position are one run, starts ascending.
+    order = np.lexsort((block_start, block_end))
+    block_start, block_end, block_latency = block_start[order], block_end[order], block_latency[order]
+    bounds = np.flatnonzero(np.diff(block_end, prepend=-1)).tolist()
     # Stored transposed (row = end position) so that gathering the rows of all block
     # starts for one end is a contiguous read.
     topt_by_end = np.full((n, n), np.inf)
     np.fill_diagonal(topt_by_end, 0.0)
     last_by_end = np.full((n, n), -1, dtype=np.int32)
-    for end in range(1, n):
-        starts = np.array(sorted(starts_by_end.get(end, ())), dtype=np.int64)
-        if starts.size == 0:
+    for first, stop in zip(bounds, [*bounds[1:], len(blocks)]):
+        end = int(block_end[first])
+        if end < 1:
             continue
-        costs = np.array([latency[(int(s), end)] for s in starts])
+        starts, costs = block_start[first:stop], block_latency[first:stop]
         width = int(starts[-1]) + 1  # segments starting after the last block start cannot end here
         candidates = topt_by_end[starts, :width] + costs[:, None]
         best = candidates.argmin(axis=0)
@@ -127,52 +136,160 @@ class PrunedStage1:
     where that is empty): the blocks are disjoint, so these are all the splits whose options
     together prune P. Such a split is a chain of pruning blocks, each pruning the next run of P,
     with unpruned stretches between them whose cheapest splits stage 1 has in ``topt``. So for
-    every prefix ``done`` of P the DP keeps, per segment start and per end of the block that
-    prunes ``done[-1]``, the cheapest cost: a min-plus product of the previous prefix's costs, the
-    unpruned stretches and the table's rows for the run. Sets sharing leading convs share the work.
+    every prefix ``done`` of a pruned set (a node of the prefixes' trie: sets sharing leading convs
+    share the work) the DP keeps, per segment start and per end of the block that prunes
+    ``done[-1]``, the cheapest cost. A block pruning the run ``done[first:]`` extends the prefix
+    ``done[:first]`` after an unpruned stretch; the cheapest way from that prefix to every block start
+    (a min-plus product of its costs and ``topt``) is taken once per prefix and shared by all the
+    blocks and longer prefixes that extend it. All prefixes of one length are computed at once.
+    Only the costs are kept: the few splits a plan needs are traced back afterwards by redoing the
+    same comparisons for one segment start, in the same order, so ties break the same way.
     """
 
-    def __init__(self, table: LatencyTable, s1: Stage1Result, starts: Iterable[int]) -> None:
+    def __init__(self, table: LatencyTable, s1: Stage1Result, starts: Iterable[int],
+                 pruned_sets: Iterable[Pruned]) -> None:
         self.s1 = s1
         self.starts = np.array(sorted(set(starts)), dtype=np.int64)  # the segment starts computed for
         self._row_of_start = {int(start): row for row, start in enumerate(self.starts)}
-        self._rows_by_option: Dict[Pruned, List[Tuple[int, int, float]]] = {}
-        for (block_start, block_end, option), latency in table.pruned_latency_ms.items():
-            self._rows_by_option.setdefault(option, []).append((block_start, block_end, latency))
         n = s1.topt.shape[0]
-        identity = np.full((self.starts.size, n), np.inf)
-        identity[np.arange(self.starts.size), self.starts] = 0.0
-        # _reached[done]: cost[start row, block end] of reaching the end of a block whose option prunes
-        # done[-1], having pruned exactly ``done``; and its links back: how many of ``done`` were
-        # pruned before that block, where the unpruned stretch before it began, and the block's start.
-        self._reached: Dict[Pruned, Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {
-            (): (identity, *(np.full(identity.shape, -1, dtype=np.int32) for _ in range(3)))}
+        rows = self.starts.size
+        # Position n stands for "no block end": nothing reaches it, so it pads each prefix's list of
+        # reached block ends to a common length.
+        self._topt = np.full((n + 1, n + 1), np.inf)
+        self._topt[:n, :n] = s1.topt
+        # The table's pruning options as arrays, and each option's rows in the table's order.
+        options = list(table.pruned_latency_ms)
+        self._block_start = np.fromiter(map(itemgetter(0), options), dtype=np.int64, count=len(options))
+        self._block_end = np.fromiter(map(itemgetter(1), options), dtype=np.int64, count=len(options))
+        self._block_latency = np.fromiter(table.pruned_latency_ms.values(), dtype=np.float64, count=len(options))
+        first_row_of_option: Dict[Pruned, int] = {}
+        option_code = np.fromiter(map(first_row_of_option.setdefault, map(itemgetter(2), options), itertools.count()),
+                                  dtype=np.int64, count=len(options))
+        by_option = np.argsort(option_code, kind="stable")
+        bounds = np.flatnonzero(np.diff(option_code[by_option], prepend=-1)).tolist()
+        # option -> (first, stop): its rows are by_option[first:stop]
+        rows_of_option = dict(zip(map(itemgetter(2), map(options.__getitem__, by_option[bounds].tolist())),
+                                  zip(bounds, [*bounds[1:], len(options)])))
+        # The trie's nodes by length (every node's proper prefixes come before it); node 0 is ().
+        prefixes = sorted({convs[:length] for convs in pruned_sets for length in range(len(convs) + 1)},
+                          key=lambda convs: (len(convs), convs))
+        self._node_of = {convs: node for node, convs in enumerate(prefixes)}
+        # The arrays below are by (node, position, segment start's row), so that what one block or block end
+        # needs for every row is contiguous.
+        # _reach_of_node[node][k, row]: the cheapest cost of reaching the end _ends_of_node[node][k] (the
+        # node's reached block ends, ascending) of a block whose option prunes node[-1], having pruned
+        # exactly the node's convs, from the row's segment start (rows past its length: inf).
+        self._ends_of_node: List[np.ndarray] = [np.empty(0, dtype=np.int64) for _ in prefixes]
+        self._reach_of_node: List[np.ndarray] = [np.empty((0, 0)) for _ in prefixes]
+        # _to_block_start[node, b, row]: the cheapest cost of going on unpruned from there to position b:
+        # where longer prefixes go on with a block starting at b, or where a segment with the node's convs
+        # pruned ends at b (then the segment's cost).
+        self._to_block_start = np.full((len(prefixes), n, rows), np.inf)
+        self._to_block_start[0] = s1.topt[self.starts].T
+        # Each node's candidate blocks in the order ties break in (by the run's start in the node, then
+        # the table's order): the node each extends and its row in the table.
+        self._candidates: List[Tuple[np.ndarray, np.ndarray]] = [(np.empty(0, dtype=np.int64),) * 2 for _ in prefixes]
+        lengths = np.array([len(convs) for convs in prefixes])
+        for length in range(1, int(lengths.max(initial=0)) + 1):
+            nodes = np.flatnonzero(lengths == length)
+            target, parent, option_rows, previous = [], [], [], []
+            # Only the rows whose segment starts before some node's first conv can prune it.
+            rows_used = int(np.searchsorted(self.starts, max(prefixes[node][0] for node in nodes.tolist())))
+            for node in nodes.tolist():
+                convs = prefixes[node]
+                for first in range(length):  # the block prunes convs[first:]
+                    if convs[first:] in rows_of_option:
+                        target.append(node)
+                        parent.append(self._node_of[convs[:first]])
+                        option_rows.append(rows_of_option[convs[first:]])
+                        previous.append(convs[first - 1] if first else -1)
+            if not option_rows:
+                continue
+            first_rows, stop_rows = np.array(option_rows, dtype=np.int64).T
+            num_blocks = stop_rows - first_rows
+            targets, parents = np.repeat(target, num_blocks), np.repeat(parent, num_blocks)
+            block_rows = by_option[np.arange(int(num_blocks.sum()))
+                                   + np.repeat(first_rows - (np.cumsum(num_blocks) - num_blocks), num_blocks)]
+            # A block starting before the conv its prefix pruned last would hold that conv unpruned: every
+            # end its prefix reached lies past the block's start, so the block costs inf from every row.
+            possible = self._block_start[block_rows] >= np.repeat(previous, num_blocks)
+            if not possible.any():
+                continue
+            targets, parents, block_rows = targets[possible], parents[possible], block_rows[possible]
+            block_starts, block_ends = self._block_start[block_rows], self._block_end[block_rows]
+            cost = self._to_block_start[parents, block_starts, :rows_used] + self._block_latency[block_rows][:, None]
+            # The cheapest candidate per (node, block end), for every row at once.
+            order = np.lexsort((block_ends, targets))
+            sorted_targets, sorted_ends = targets[order], block_ends[order]
+            group_start = np.flatnonzero(np.concatenate(
+                ([True], (sorted_targets[1:] != sorted_targets[:-1]) | (sorted_ends[1:] != sorted_ends[:-1]))))
+            group_nodes, group_ends = sorted_targets[group_start], sorted_ends[group_start]
+            # Each group's place among its node's reached ends (ascending).
+            node_bounds = np.flatnonzero(np.diff(group_nodes, prepend=-1))
+            num_ends = np.diff(np.append(node_bounds, group_nodes.size))
+            place = np.arange(group_nodes.size) - np.repeat(node_bounds, num_ends)
+            reach = np.full((nodes.size, int(num_ends.max()), rows_used), np.inf)  # (node in level, end, row)
+            reach[group_nodes - nodes[0], place] = np.minimum.reduceat(cost[order], group_start, axis=0)
+            for lo, hi in zip(node_bounds.tolist(), [*node_bounds[1:].tolist(), group_nodes.size]):
+                node = int(group_nodes[lo])
+                self._ends_of_node[node] = group_ends[lo:hi]
+                self._reach_of_node[node] = reach[node - nodes[0], :hi - lo]
+            # The candidates are by node already (built node by node).
+            node_bounds = np.flatnonzero(np.diff(targets, prepend=-1)).tolist()
+            for lo, hi in zip(node_bounds, [*node_bounds[1:], targets.size]):
+                self._candidates[int(targets[lo])] = (parents[lo:hi], block_rows[lo:hi])
+            self._extend(nodes, reach)
 
-    def costs(self, starts: np.ndarray, ends: np.ndarray, pruned: Sequence[Pruned]) -> np.ndarray:
-        """The cheapest split's latency of each segment (starts[k], ends[k]) with pruned[k] (not empty)
-        pruned; inf where no split exists."""
-        codes: Dict[Pruned, int] = {}
-        code = np.array([codes.setdefault(convs, len(codes)) for convs in pruned], dtype=np.int64)
-        order = np.argsort(code, kind="stable")
-        group_start = np.flatnonzero(np.diff(code[order], prepend=-1))
-        rows = np.searchsorted(self.starts, starts)
-        costs = np.empty(len(pruned))
-        for convs, a, b in zip(codes, group_start, [*group_start[1:], order.size]):
-            segments = order[a:b]
-            costs[segments] = (self._reach(convs)[0][rows[segments]] + self.s1.topt[:, ends[segments]].T).min(axis=1)
-        return costs
+    def _extend(self, nodes: np.ndarray, reach: np.ndarray) -> None:
+        """_to_block_start of one length's ``nodes`` (ids ascending, consecutive) from their ``reach`` (node,
+        reached end, row): for every position b and row (the rows past reach's stay inf), the cheapest of the
+        node's reached block ends e plus ``topt[e, b]``."""
+        n = self._to_block_start.shape[1]
+        rows_used = reach.shape[2]
+        # Nodes with the most ends first, so that each step of the running minimum over the ends works
+        # on the leading nodes that still have one.
+        num_ends = np.array([self._ends_of_node[node].size for node in nodes.tolist()])
+        by_num_ends = np.argsort(-num_ends, kind="stable")
+        nodes, num_ends, reach = nodes[by_num_ends], num_ends[by_num_ends], reach[by_num_ends]
+        ends = _padded([self._ends_of_node[node] for node in nodes.tolist()], n)  # (node, end), as reach
+        onward = self._topt[ends, :n]  # (node, end, b)
+        best = reach[:, 0, None, :] + onward[:, 0, :, None]  # (node, b, row)
+        for column in range(1, ends.shape[1]):
+            active = int(np.count_nonzero(num_ends > column))
+            np.minimum(best[:active], reach[:active, column, None, :] + onward[:active, column, :, None],
+                       out=best[:active])
+        self._to_block_start[nodes, :, :rows_used] = best
+
+    def _cheapest_end(self, node: int, row: int, position: int) -> int:
+        """The node's reached block end from which going on unpruned to ``position`` is cheapest (the
+        first of equals): where the unpruned stretch to ``position`` starts."""
+        ends = self._ends_of_node[node]
+        return int(ends[(self._reach_of_node[node][:, row] + self._topt[ends, position]).argmin()])
+
+    def costs(self, starts: np.ndarray, ends: np.ndarray, pruned_set: np.ndarray,
+              pruned_sets: Sequence[Pruned]) -> np.ndarray:
+        """The cheapest split's latency of each segment (starts[k], ends[k]) with pruned_sets[pruned_set[k]]
+        (not empty) pruned; inf where no split exists."""
+        nodes = np.array([self._node_of[convs] for convs in pruned_sets], dtype=np.int64)[pruned_set]
+        return self._to_block_start[nodes, ends, np.searchsorted(self.starts, starts)]
 
     def split_points(self, start: int, end: int, pruned: Pruned) -> List[int]:
         """The inner block boundaries of the cheapest split of (start, end) with ``pruned`` pruned."""
         row = self._row_of_start[start]
-        # The end of the last pruning block: where the unpruned stretch to ``end`` is cheapest to start.
-        position = int((self._reach(pruned)[0][row] + self.s1.topt[:, end]).argmin())
+        node = self._node_of[pruned]
+        position = self._cheapest_end(node, row, end)  # the end of the last pruning block
         pruning_blocks = []
-        done = pruned
-        while done:
-            _, count_before, stretch_start, block_start = self._reach(done)
-            pruning_blocks.append((int(stretch_start[row, position]), int(block_start[row, position]), position))
-            done, position = done[:count_before[row, position]], int(stretch_start[row, position])
+        while node != 0:
+            # The block that reached ``position``: the first cheapest candidate ending there.
+            parents, block_rows = self._candidates[node]
+            here = np.flatnonzero(self._block_end[block_rows] == position)
+            cost = (self._to_block_start[parents[here], self._block_start[block_rows[here]], row]
+                    + self._block_latency[block_rows[here]])
+            chosen = here[cost.argmin()]
+            node, block_start = int(parents[chosen]), int(self._block_start[block_rows[chosen]])
+            stretch_start = start if node == 0 else self._cheapest_end(node, row, block_start)
+            pruning_blocks.append((stretch_start, block_start, position))
+            position = stretch_start
         boundaries = [start]
         for stretch_start_at, block_start_at, block_end in reversed(pruning_blocks):
             if block_start_at != stretch_start_at:
@@ -182,43 +299,15 @@ class PrunedStage1:
             boundaries += [*self.s1.split_points(boundaries[-1], end), end]
         return boundaries[1:-1]
 
-    def _reach(self, done: Pruned) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        if done in self._reached:
-            return self._reached[done]
-        # Per run of ``done`` that the last block prunes: (the run's start in done, block starts, block ends,
-        # cost per segment start and block, where the stretch before the block starts).
-        parts = []
-        for first in range(len(done)):  # the last block prunes done[first:]
-            if done[first:] not in self._rows_by_option:
-                continue
-            starts, ends, latency = (np.array(column) for column in zip(*self._rows_by_option[done[first:]]))
-            # Ends of earlier blocks past done[first] would hold it unpruned.
-            before = self._reach(done[:first])[0][:, :done[first]]
-            through = before[:, :, None] + self.s1.topt[:done[first], starts][None, :, :]
-            best_stretch = through.argmin(axis=1)
-            cost = np.take_along_axis(through, best_stretch[:, None, :], axis=1)[:, 0, :] + latency
-            parts.append((np.full(starts.size, first, dtype=np.int32), starts, ends, cost, best_stretch))
-        shape = self._reached[()][0].shape
-        reached_cost = np.full(shape, np.inf)
-        count_before, stretch_start, block_start = (np.full(shape, -1, dtype=np.int32) for _ in range(3))
-        if parts:
-            firsts, starts, ends = (np.concatenate([part[k] for part in parts]) for k in range(3))
-            cost, stretch = (np.concatenate([part[k] for part in parts], axis=1) for k in (3, 4))
-            # The cheapest candidate per block end, for every segment start at once.
-            order = np.argsort(ends, kind="stable")
-            sorted_ends, sorted_cost = ends[order], cost[:, order]
-            group_start = np.flatnonzero(np.concatenate(([True], sorted_ends[1:] != sorted_ends[:-1])))
-            group_min = np.minimum.reduceat(sorted_cost, group_start, axis=1)
-            is_min = sorted_cost == np.repeat(group_min, np.diff(np.append(group_start, order.size)), axis=1)
-            first_min = np.minimum.reduceat(np.where(is_min, np.arange(order.size), order.size), group_start, axis=1)
-            column = order[first_min]
-            block_ends = sorted_ends[group_start]
-            reached_cost[:, block_ends] = group_min
-            count_before[:, block_ends] = firsts[column]
-            stretch_start[:, block_ends] = np.take_along_axis(stretch, column, axis=1)
-            block_start[:, block_ends] = starts[column]
-        self._reached[done] = (reached_cost, count_before, stretch_start, block_start)
-        return self._reached[done]
+
+def _padded(rows: Sequence[np.ndarray], pad: int) -> np.ndarray:
+    """The rows as one array, each filled up with ``pad`` to the longest's length (at least 1)."""
+    sizes = np.array([row.size for row in rows], dtype=np.int64)
+    padded = np.full((len(rows), max(int(sizes.max(initial=0)), 1)), pad, dtype=np.int64)
+    offsets = np.cumsum(sizes) - sizes
+    padded[np.repeat(np.arange(len(rows)), sizes), np.arange(int(sizes.sum())) - np.repeat(offsets, sizes)] = \
+        np.concatenate([np.empty(0, dtype=np.int64), *rows])
+    return padded
 
 
 @dataclass
@@ -270,56 +359,73 @@ def segments_from_table(importance_table: ImportanceTable, s1: Stage1Result, lat
     """The importance table's rows as segments, checked against stage 1 and the allowed ends."""
     L = s1.num_positions
     source = importance_table.source
-    keys: List[Tuple[int, int, Pruned]] = [*((start, end, ()) for start, end in importance_table.importance),
-                                          *importance_table.pruned_importance]
-    values = np.array([*importance_table.importance.values(), *importance_table.pruned_importance.values()],
-                      dtype=np.float64)
-    starts = np.array([key[0] for key in keys], dtype=np.int64)
-    ends = np.array([key[1] for key in keys], dtype=np.int64)
-    is_pruned = np.arange(len(keys)) >= len(importance_table.importance)
+    unpruned, pruned = importance_table.importance, importance_table.pruned_importance
+    # Each row as integers (start, end, index of its pruned set in ``sets``; 0 for none), so that the work
+    # below is on arrays, whatever the number of rows. The loops over rows run in C (map, fromiter).
+    # (The rows are many small objects: each is read once, by the transposing zips.)
+    unpruned_starts, unpruned_ends = zip(*unpruned) if unpruned else ((), ())
+    pruned_starts, pruned_ends, pruned_convs = zip(*pruned) if pruned else ((), (), ())
+    first_row_of_set: Dict[Pruned, int] = {}
+    first_row = np.fromiter(map(first_row_of_set.setdefault, pruned_convs, itertools.count()),
+                            dtype=np.int64, count=len(pruned_convs))
+    set_rows, set_of_row = np.unique(first_row, return_inverse=True)
+    sets: List[Pruned] = [(), *(pruned_convs[row] for row in set_rows.tolist())]
+    starts = np.array(unpruned_starts + pruned_starts, dtype=np.int64)
+    ends = np.array(unpruned_ends + pruned_ends, dtype=np.int64)
+    pruned_set = np.concatenate((np.zeros(len(unpruned), dtype=np.int64), set_of_row.reshape(-1) + 1))
+    values = np.fromiter(itertools.chain(unpruned.values(), pruned.values()), dtype=np.float64,
+                         count=len(unpruned) + len(pruned))
+    is_pruned = pruned_set > 0
     # By end, unpruned first, then by start: with no pruning the DP meets its candidates, and breaks
     # ties among them, exactly as the two-stage DP did; at an exact tie an unpruned segment wins.
     order = np.lexsort((starts, is_pruned, ends))
-    keys = [keys[i] for i in order]
-    values, starts, ends, is_pruned = values[order], starts[order], ends[order], is_pruned[order]
+    values, starts, ends, pruned_set, is_pruned = (
+        values[order], starts[order], ends[order], pruned_set[order], is_pruned[order])
+
+    def name(row: int) -> str:
+        return _segment_name(int(starts[row]), int(ends[row]), sets[pruned_set[row]])
+
     past = np.flatnonzero(ends > L)
     if past.size:
-        raise UserError(f"{source}: {_segment_name(*keys[past[0]])} ends past the latency table's last "
+        raise UserError(f"{source}: {name(past[0])} ends past the latency table's last "
                         f"position {L}; the tables are for different models")
     if allowed_positions is not None:
         allowed = np.zeros(L + 1, dtype=bool)
         allowed[[0, L, *allowed_positions]] = True
         outside = np.flatnonzero(~(allowed[starts] & allowed[ends]))
         if outside.size:
-            start, end, pruned = keys[outside[0]]
-            raise UserError(f"{source}: {_segment_name(start, end, pruned)} ends at position "
-                            f"{start if not allowed[start] else end}, which holds no removable activation in the model")
+            row = outside[0]
+            raise UserError(f"{source}: {name(row)} ends at position "
+                            f"{starts[row] if not allowed[starts[row]] else ends[row]}, which holds no removable "
+                            "activation in the model")
     latency = s1.topt[starts, ends]
     pruned_stage1 = None
     if is_pruned.any():
-        pruned_stage1 = PrunedStage1(latency_table, s1, starts[is_pruned].tolist())
-        latency[is_pruned] = pruned_stage1.costs(starts[is_pruned], ends[is_pruned],
-                                                 [key[2] for key, pruned in zip(keys, is_pruned) if pruned])
+        pruned_stage1 = PrunedStage1(latency_table, s1, starts[is_pruned].tolist(), sets[1:])
+        latency[is_pruned] = pruned_stage1.costs(starts[is_pruned], ends[is_pruned], pruned_set[is_pruned], sets)
     unsplittable = np.flatnonzero(~np.isfinite(latency))
     if unsplittable.size:
-        start, end, pruned = keys[unsplittable[0]]
-        if pruned:
-            raise UserError(f"{source}: {_segment_name(start, end, pruned)} cannot be split into blocks of the "
+        row = unsplittable[0]
+        if is_pruned[row]:
+            raise UserError(f"{source}: {name(row)} cannot be split into blocks of the "
                             "latency table with those convs pruned; profile the blocks' pruning options or drop "
                             "the row")
-        raise UserError(f"{source}: segment ({start}, {end}) cannot be split into blocks of the "
+        raise UserError(f"{source}: segment ({starts[row]}, {ends[row]}) cannot be split into blocks of the "
                         "latency table; profile its blocks or drop the row")
     if is_pruned.any():
         keep = _undominated_within_segments(starts, ends, latency, values, is_pruned)
-        keys = [key for key, kept in zip(keys, keep) if kept]
-        values, starts, ends, latency = values[keep], starts[keep], ends[keep], latency[keep]
+        values, starts, ends, latency, pruned_set = (
+            values[keep], starts[keep], ends[keep], latency[keep], pruned_set[keep])
+    set_of_index = np.empty(len(sets), dtype=object)
+    for index, convs in enumerate(sets):
+        set_of_index[index] = convs
     group_start = np.flatnonzero(np.diff(ends, prepend=-1))
-    groups = [(int(ends[a]), slice(a, b)) for a, b in zip(group_start, [*group_start[1:], len(keys)])]
+    groups = [(int(ends[a]), slice(a, b)) for a, b in zip(group_start, [*group_start[1:], ends.size])]
     return Segments(num_positions=L,
                     starts_by_end={end: starts[rows] for end, rows in groups},
                     importance_by_end={end: values[rows] for end, rows in groups},
                     latency_by_end={end: latency[rows] for end, rows in groups},
-                    pruned_by_end={end: [key[2] for key in keys[rows]] for end, rows in groups},
+                    pruned_by_end={end: set_of_index[pruned_set[rows]].tolist() for end, rows in groups},
                     pruned_stage1=pruned_stage1)
 
 
@@ -328,9 +434,9 @@ def _undominated_within_segments(starts: np.ndarray, ends: np.ndarray, latency: 
     """Mask of the rows that no other row of the same segment (start, end) dominates (as fast or faster
     and as important or more; of equal rows, the unpruned or else the first). A plan using a dominated
     row does no better than the same plan with the row dominating it, so stage 2 never needs it."""
-    order = np.lexsort((is_pruned, -importance, latency, starts, ends))  # stable: the first of equals first
-    group = np.cumsum(np.concatenate(([True], (starts[order][1:] != starts[order][:-1])
-                                      | (ends[order][1:] != ends[order][:-1])))) - 1
+    segment = ends * (int(starts.max(initial=0)) + 1) + starts  # one integer per (start, end)
+    order = np.lexsort((is_pruned, -importance, latency, segment))  # stable: the first of equals first
+    group = np.cumsum(np.concatenate(([True], segment[order][1:] != segment[order][:-1]))) - 1
     # Integer keys that order the rows by segment, then by importance (dense ranks, so exact), so that one
     # running maximum gives each row the best importance of the faster rows of its segment before it.
     rank = np.unique(importance, return_inverse=True)[1].reshape(-1)
