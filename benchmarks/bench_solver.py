@@ -13,11 +13,12 @@ Instances:
   4th conv is reducible; each block gets one option per non-empty subset of its reducible
   convs, and the importance table one row per segment and pruned set that its splits reach
   (``pruned_sets``).
-- ``mobilenet_v2 blocks, pruning <= N``: the 578 blocks of the shipped ONNX Runtime table of
-  mobilenet_v2 (spans up to 48 convs), its 13 reducible convs (the stride-1 depthwise ones)
-  and 34 activations. Each block gets one option per number of pruned convs (a random subset;
-  profiling keeps one subset per merged geometry), and the importance table has every segment
-  and every pruned set of at most N convs that its splits reach.
+- ``mobilenet_v2 blocks, pruning <= N``: the blocks of the shipped ONNX Runtime table of
+  mobilenet_v2 (456, spans up to 40 convs, since edde401 dropped those over the merge memory
+  limit; 578 up to 52 before), its 13 reducible convs (the stride-1 depthwise ones) and 34
+  activations. Each block gets one option per number of pruned convs (a random subset; profiling
+  keeps one subset per merged geometry), and the importance table has every segment and every
+  pruned set of at most N convs that its splits reach.
 - ``--latency-table``/``--importance``: real tables, e.g. mobilenet_v2's from ``dpcompress profile
   --prune`` and ``dpcompress importance --method uniform --prune`` (made once, outside the bench:
   profiling takes minutes), benchmarked first.
