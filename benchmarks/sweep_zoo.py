@@ -25,6 +25,7 @@ import argparse
 import collections
 import json
 import os
+import resource
 import re
 import signal
 import subprocess
@@ -159,6 +160,9 @@ def worker(args: argparse.Namespace) -> int:
     record: Dict[str, Any] = {"stage": "started"}
 
     def save() -> None:
+        # The peak so far at the end of each stage shows which stage set the peak (ru_maxrss only grows).
+        record.setdefault("peak_rss_mb_by_stage", {})[record["stage"]] = \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         result_path.write_text(json.dumps(record))
 
     try:
