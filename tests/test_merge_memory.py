@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import List, Tuple
 
 import pytest
@@ -16,7 +17,7 @@ from dpcompress.graph.geometry import ShapeOnly, block_geometry, composition_cos
 from dpcompress.graph.rewrite import merged_model
 from dpcompress.latency.profile import profile_table
 from dpcompress.search.plan import Plan
-from dpcompress.search.solver import frontier
+from dpcompress.search.solver import frontier, solve_for_model
 from dpcompress.tables import meta_path_for, read_latency_table
 from tests.test_merge import FEWER, Spec, conv_chains, min_input, random_input, run_sequence
 from tests.test_profile_bounds import FlopBackend
@@ -112,3 +113,20 @@ def test_profile_gives_no_row_to_a_block_it_could_not_build_and_solve_never_pick
     for _, _, plan in frontier(table):
         assert not set(plan.blocks) & set(over)
         merged_model(traced, plan)  # every plan on the frontier builds within the limit
+
+
+def test_solve_leaves_out_the_unbuildable_rows_of_a_table_profiled_under_a_larger_limit(tmp_path, monkeypatch):
+    traced = traced_strided((12, 7))
+    chain = traced.chain
+    result = profile_table(chain, FlopBackend(), tmp_path / "t.csv", timing="standalone", prune_margin=None,
+                           max_block_seconds=None)
+    table = read_latency_table(result.table_path)
+    fastest = min((plan for _, _, plan in frontier(table)), key=lambda plan: plan.latency_ms)
+    largest = max(block_geometry(chain, *b).merge_bytes for b in fastest.blocks)
+    monkeypatch.setenv("DPCOMPRESS_MAX_MERGE_BYTES", str(largest - 1))
+    for meta in [dict(table.meta, max_merge_bytes=largest), {k: v for k, v in table.meta.items()
+                                                           if k != "max_merge_bytes"}]:
+        old = replace(table, meta=meta)
+        plans = solve_for_model(old, None, table.original_latency_ms(), chain=chain, with_frontier=True)[1]
+        assert plans and all(block_geometry(chain, *b).merge_bytes < largest for p in plans for b in p.blocks)
+        assert min(p.latency_ms for p in plans) > fastest.latency_ms

@@ -38,7 +38,7 @@ import math
 import time
 from operator import itemgetter
 from pathlib import Path
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
@@ -743,6 +743,25 @@ def resolve_budget(table: LatencyTable, budget_ms: Optional[float], budget_ratio
     return budget_ms
 
 
+def buildable_rows(table: LatencyTable, chain: Chain) -> LatencyTable:
+    """``table`` without the rows of blocks whose merge needs more memory than ``DPCOMPRESS_MAX_MERGE_BYTES``
+    allows, so that no plan holds a block that export cannot build. A table profiled under a limit no
+    larger (meta ``max_merge_bytes``) has no such row and is returned as is; older tables are checked
+    row by row from the chain (``BlockGeometry.merge_bytes``)."""
+    from dpcompress.graph.geometry import block_geometry, max_merge_bytes
+
+    limit = max_merge_bytes()
+    profiled_under = table.meta.get("max_merge_bytes")
+    if isinstance(profiled_under, int) and profiled_under <= limit:
+        return table
+
+    def buildable(start: int, end: int, pruned: Pruned = ()) -> bool:
+        return end - start == 1 or block_geometry(chain, start, end, pruned).merge_bytes <= limit
+
+    return replace(table, latency_ms={b: v for b, v in table.latency_ms.items() if buildable(*b)},
+                   pruned_latency_ms={b: v for b, v in table.pruned_latency_ms.items() if buildable(*b)})
+
+
 def solve_for_model(latency_table: LatencyTable, importance_table: Optional[ImportanceTable], budget_ms: float,
                     chain: Optional[Chain] = None, with_frontier: bool = False) -> Tuple[Plan, List[Plan]]:
     """Solve, with segment ends restricted to the chain's activations and the plan tagged with
@@ -758,6 +777,7 @@ def solve_for_model(latency_table: LatencyTable, importance_table: Optional[Impo
             raise UserError(f"{latency_table.source} covers {latency_table.num_positions} positions but the "
                             f"model has {chain.num_positions} convs; profile this model")
         allowed = chain.activation_positions
+        latency_table = buildable_rows(latency_table, chain)
     elif isinstance(latency_table.meta.get("activation_positions"), list):
         allowed = [int(p) for p in latency_table.meta["activation_positions"]]
     if with_frontier:
