@@ -13,9 +13,9 @@ from torch import nn
 from dpcompress import zoo
 from dpcompress.backends import export_onnx_bytes, get_backend
 from dpcompress.backends.onnxruntime_backend import _owner_of, part_owners
-from dpcompress.latency.network_timing import pack, packed_network, packed_plan
+from dpcompress.latency.network_timing import pack, packed_network, packed_plan, time_networks
 from dpcompress.graph.geometry import block_geometry
-from dpcompress.latency.profile import profile_table
+from dpcompress.latency.profile import MIN_KEPT_FRACTION, profile_table
 from dpcompress.search.solver import frontier, solve_for_model
 from dpcompress.tables import read_latency_table
 from dpcompress.graph.trace import trace_model
@@ -161,3 +161,14 @@ def test_an_interrupted_in_network_profile_resumes_without_retiming(tiny_traced,
     # The network of single convs (one part per conv) was not profiled again; the others were.
     assert resumed.parts and len(singles) not in resumed.parts
     assert not partial_rows.exists() and set(read_latency_table(out).latency_ms) == set(tiny_traced.chain.valid_blocks())
+
+
+def test_a_call_overhead_larger_than_the_network_never_zeroes_its_blocks(tiny_traced):
+    # Under load the measured call overhead of a tiny network can exceed its wall time.
+    chain = tiny_traced.chain
+    plan = packed_plan(chain, [])
+    geometries = {(s, e, ()): block_geometry(chain, s, e) for s, e in plan.blocks}
+    [timing] = time_networks(get_backend("onnxruntime", threads=1), tiny_traced, [plan], geometries,
+                             chain.input_shape, "fp32", 1, 3, call_overhead_ms=1e6)
+    assert all(latency > 0 for latency, _ in timing.blocks.values())
+    assert sum(latency for latency, _ in timing.blocks.values()) <= MIN_KEPT_FRACTION * timing.wall_ms * (1 + 1e-9)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from dpcompress.graph.chain import Chain
 from dpcompress.graph.geometry import BlockGeometry
+from dpcompress.latency.profile import MIN_KEPT_FRACTION
 from dpcompress.search.plan import Plan
 from dpcompress.tables import Pruned
 
@@ -170,7 +171,10 @@ def time_networks(backend: "Backend", traced: "TracedModel", plans: Sequence[Pla
         parts, totals = profiled.part_times()
         wall = summarize(walls).median_ms
         node_ms = statistics.median(totals)
-        scale = max(wall - call_overhead_ms, 0.0) / node_ms if node_ms > 0 else 1.0
+        # The call overhead is itself a noisy measurement: on a tiny network under load it can exceed
+        # the wall, which would zero every block; the network is never credited below a floor of it.
+        kept_ms = max(wall - call_overhead_ms, MIN_KEPT_FRACTION * wall)
+        scale = kept_ms / node_ms if node_ms > 0 else 1.0
         blocks = {}
         for name, block in names.items():
             stats = summarize(parts.get(name) or [0.0])
