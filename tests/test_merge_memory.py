@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from dpcompress.errors import UserError
 from dpcompress.graph import merge
-from dpcompress.graph.geometry import ShapeOnly, block_geometry, composition_cost
+from dpcompress.graph.geometry import ShapeOnly, block_merge_bytes, composition_cost
 from dpcompress.graph.rewrite import merged_model
 from dpcompress.latency.profile import profile_table
 from dpcompress.search.plan import Plan
@@ -82,10 +82,10 @@ def test_a_window_moves_taps_and_refuses_to_drop_a_tap_that_meets_the_input() ->
         merge.with_window(conv, (2, 3), (1, 1), size)  # drops the last row of taps
 
 
-def test_the_block_geometry_memory_is_what_merging_checks(monkeypatch) -> None:
+def test_the_block_merge_memory_is_what_merging_checks(monkeypatch) -> None:
     traced = traced_strided((6, 9))
     plan = Plan(activations=[], boundaries=[0, 6], num_positions=traced.chain.num_positions)
-    needed = block_geometry(traced.chain, 0, 6).merge_bytes
+    needed = block_merge_bytes(traced.chain, 0, 6)
     assert needed > 0
     monkeypatch.setenv("DPCOMPRESS_MAX_MERGE_BYTES", str(needed))
     merged_model(traced, plan)
@@ -97,7 +97,7 @@ def test_the_block_geometry_memory_is_what_merging_checks(monkeypatch) -> None:
 def test_profile_gives_no_row_to_a_block_it_could_not_build_and_solve_never_picks_one(tmp_path, monkeypatch):
     traced = traced_strided((12, 7))
     chain = traced.chain
-    needed = {block: block_geometry(chain, *block).merge_bytes for block in chain.valid_blocks()}
+    needed = {block: block_merge_bytes(chain, *block) for block in chain.valid_blocks()}
     limit = sorted(set(needed.values()))[-2]  # the costliest merges are over it
     over = sorted(block for block, value in needed.items() if value > limit)
     assert over and all(e - s > 1 for s, e in over)
@@ -122,11 +122,11 @@ def test_solve_leaves_out_the_unbuildable_rows_of_a_table_profiled_under_a_large
                            max_block_seconds=None)
     table = read_latency_table(result.table_path)
     fastest = min((plan for _, _, plan in frontier(table)), key=lambda plan: plan.latency_ms)
-    largest = max(block_geometry(chain, *b).merge_bytes for b in fastest.blocks)
+    largest = max(block_merge_bytes(chain, *b) for b in fastest.blocks)
     monkeypatch.setenv("DPCOMPRESS_MAX_MERGE_BYTES", str(largest - 1))
     for meta in [dict(table.meta, max_merge_bytes=largest), {k: v for k, v in table.meta.items()
                                                            if k != "max_merge_bytes"}]:
         old = replace(table, meta=meta)
         plans = solve_for_model(old, None, table.original_latency_ms(), chain=chain, with_frontier=True)[1]
-        assert plans and all(block_geometry(chain, *b).merge_bytes < largest for p in plans for b in p.blocks)
+        assert plans and all(block_merge_bytes(chain, *b) < largest for p in plans for b in p.blocks)
         assert min(p.latency_ms for p in plans) > fastest.latency_ms

@@ -229,8 +229,8 @@ def composition_cost(convs: Sequence[ConvShape], in_size: Optional[Tuple[int, in
     return CompositionCost((full[0], full[1]), groups, 8 * peak)
 
 
-def block_merge_bytes(convs: Sequence[Tuple[int, ConvShape]], residuals: Sequence[Tuple[int, int]],
-                      in_size: Tuple[int, int]) -> int:
+def merge_bytes(convs: Sequence[Tuple[int, ConvShape]], residuals: Sequence[Tuple[int, int]],
+                in_size: Tuple[int, int]) -> int:
     """Peak memory of merging a block: ``convs`` are its kept convs by local position (1..length),
     ``residuals`` its identity shortcuts as (start, end) local positions.
 
@@ -276,7 +276,6 @@ class BlockGeometry:
     bias: bool
     composed_kernel: Tuple[int, int]
     identity: bool = False
-    merge_bytes: int = 0  # peak memory of composing the block's weights (block_merge_bytes)
 
     @property
     def conv_key(self) -> Tuple:
@@ -374,12 +373,7 @@ def block_geometry(chain: Chain, start: int, end: int, pruned: Sequence[int] = (
             composed.add_shortcut(at[shortcuts[p]])
         at[p] = composed.copy()
     last = chain.unit(end)
-    in_size = (first.in_shape[2], first.in_shape[3])
-    crops = [crop_taps(kernel[axis], stride[axis], padding[axis], in_size[axis]) for axis in range(2)]
-    kept = [(p - start, ShapeOnly(u.in_channels, u.out_channels, effective_kernel(u.kernel, u.dilation),
-                                  tuple(u.stride), tuple(u.padding), u.groups))
-            for p, u in ((p, chain.unit(p)) for p in range(start + 1, end + 1)) if p not in pruned]
-    residuals = [(r.start - start, r.end - start) for r in chain.residuals_inside(start, end)]
+    crops = [crop_taps(kernel[axis], stride[axis], padding[axis], first.in_shape[2 + axis]) for axis in range(2)]
     return BlockGeometry(
         start=start, end=end,
         in_channels=first.in_channels, out_channels=last.out_channels,
@@ -389,8 +383,18 @@ def block_geometry(chain: Chain, start: int, end: int, pruned: Sequence[int] = (
         in_shape=first.in_shape, out_shape=last.out_shape,
         activation=last.activation, bias=has_bias, composed_kernel=(kernel[0], kernel[1]),
         identity=len(pruned) == end - start and not shortcuts,
-        merge_bytes=block_merge_bytes(kept, residuals, in_size),
     )
+
+
+def block_merge_bytes(chain: Chain, start: int, end: int, pruned: Sequence[int] = ()) -> int:
+    """Peak memory of merging valid block (start, end) of ``chain`` with the convs at ``pruned``
+    replaced by identity (:func:`merge_bytes`): what export and bench would take to build it."""
+    first = chain.unit(start + 1)
+    kept = [(p - start, ShapeOnly(u.in_channels, u.out_channels, effective_kernel(u.kernel, u.dilation),
+                                  tuple(u.stride), tuple(u.padding), u.groups))
+            for p, u in ((p, chain.unit(p)) for p in range(start + 1, end + 1)) if p not in pruned]
+    residuals = [(r.start - start, r.end - start) for r in chain.residuals_inside(start, end)]
+    return merge_bytes(kept, residuals, (first.in_shape[2], first.in_shape[3]))
 
 
 # Non-empty pruned sets listed per block, at most (see pruning_options).

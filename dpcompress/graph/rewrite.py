@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from dpcompress.graph import geometry, merge
 from dpcompress.graph.chain import Chain
-from dpcompress.graph.geometry import MAX_MERGE_BYTES_ENV, block_merge_bytes, max_merge_bytes, size_text
+from dpcompress.graph.geometry import MAX_MERGE_BYTES_ENV, max_merge_bytes, merge_bytes, size_text
 from dpcompress.errors import UserError
 from dpcompress.search.plan import Plan, check_plan_against_chain
 from dpcompress.graph.trace import TracedModel
@@ -119,7 +119,7 @@ class ReorderedBlock(nn.Module):
     def _check_cost(self, pieces: Sequence[Tuple[int, int, merge.AffineConv]]) -> None:
         """UserError, before any work, when merging the block would take more memory than allowed."""
         convs = [conv for _, _, conv in pieces]
-        needed = block_merge_bytes([(end, conv) for _, end, conv in pieces], self.residuals, self.in_size)
+        needed = merge_bytes([(end, conv) for _, end, conv in pieces], self.residuals, self.in_size)
         limit = max_merge_bytes()
         if needed > limit:
             kernel = geometry.composition_cost(convs).kernel

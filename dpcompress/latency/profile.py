@@ -50,7 +50,7 @@ latency that is already too slow to matter, so the DP gives the same plans as wi
 true value.
 
 A block whose merge would take more memory than ``DPCOMPRESS_MAX_MERGE_BYTES`` allows
-(``BlockGeometry.merge_bytes``: composing its weights, as export and bench would) gets no row,
+(``geometry.block_merge_bytes``: composing its weights, as export and bench would) gets no row,
 so the DP never chooses a block that cannot be built; the meta lists them (``unbuildable_blocks``)
 with the limit used (``max_merge_bytes``).
 
@@ -83,7 +83,7 @@ from dpcompress import __version__
 from dpcompress.graph.chain import Chain
 from dpcompress.errors import UserError
 from dpcompress.fileio import write_json_atomic, write_text_atomic
-from dpcompress.graph.geometry import BlockGeometry, block_geometry, max_merge_bytes, pruning_options
+from dpcompress.graph.geometry import BlockGeometry, block_geometry, block_merge_bytes, max_merge_bytes, pruning_options
 from dpcompress.tables import PRUNED_COLUMN, Pruned, format_pruned, meta_path_for
 from dpcompress.latency.timing import time_runner
 
@@ -421,7 +421,8 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
     geometries = {option: block_geometry(chain, *option) for option in blocks}  # computed once: not cheap
     # A block whose merge would take more memory than allowed gets no row: the DP cannot choose it.
     limit = max_merge_bytes()
-    unbuildable = sorted(option for option, geometry in geometries.items() if geometry.merge_bytes > limit)
+    unbuildable = sorted(option for option in geometries
+                         if option[1] - option[0] > 1 and block_merge_bytes(chain, *option) > limit)
     for option in unbuildable:
         del geometries[option]
     blocks = [option for option in blocks if option in geometries]

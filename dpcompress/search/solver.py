@@ -747,8 +747,8 @@ def buildable_rows(table: LatencyTable, chain: Chain) -> LatencyTable:
     """``table`` without the rows of blocks whose merge needs more memory than ``DPCOMPRESS_MAX_MERGE_BYTES``
     allows, so that no plan holds a block that export cannot build. A table profiled under a limit no
     larger (meta ``max_merge_bytes``) has no such row and is returned as is; older tables are checked
-    row by row from the chain (``BlockGeometry.merge_bytes``)."""
-    from dpcompress.graph.geometry import block_geometry, max_merge_bytes
+    row by row from the chain (``geometry.block_merge_bytes``)."""
+    from dpcompress.graph.geometry import block_merge_bytes, max_merge_bytes
 
     limit = max_merge_bytes()
     profiled_under = table.meta.get("max_merge_bytes")
@@ -756,7 +756,7 @@ def buildable_rows(table: LatencyTable, chain: Chain) -> LatencyTable:
         return table
 
     def buildable(start: int, end: int, pruned: Pruned = ()) -> bool:
-        return end - start == 1 or block_geometry(chain, start, end, pruned).merge_bytes <= limit
+        return end - start == 1 or block_merge_bytes(chain, start, end, pruned) <= limit
 
     return replace(table, latency_ms={b: v for b, v in table.latency_ms.items() if buildable(*b)},
                    pruned_latency_ms={b: v for b, v in table.pruned_latency_ms.items() if buildable(*b)})
