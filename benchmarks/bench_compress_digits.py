@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-from digits_model import SPEC, trained_digits_model
+from digits_model import SPEC, run_log, trained_digits_model
 
 from dpcompress.pipeline import CompressSettings, compress_from_spec as compress
 from dpcompress.training.data import load_data
@@ -124,12 +124,7 @@ def main() -> None:
         args.out_dir = args.out_dir.rstrip("/") + "_quick"
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "log.txt", "a")
-
-    def say(line: str) -> None:
-        print(line, flush=True)
-        log.write(line + "\n")
-        log.flush()
+    say = run_log(out)
 
     weights = train_model(out, args.train_epochs, say)
     methods = args.methods.split(",")

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from digits_model import trained_digits_model
+from digits_model import run_log, trained_digits_model
 
 from dpcompress.errors import UserError
 from dpcompress.graph.trace import trace_model
@@ -189,12 +189,7 @@ def main() -> None:
         args.out_dir = args.out_dir.rstrip("/") + "_quick"
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "log.txt", "a")
-
-    def say(line: str) -> None:
-        print(line, flush=True)
-        log.write(line + "\n")
-        log.flush()
+    say = run_log(out)
 
     say(f"{time.strftime('%Y-%m-%d %H:%M:%S')} load average {os.getloadavg()}, OMP_NUM_THREADS="
         f"{os.environ.get('OMP_NUM_THREADS')}, args {vars(args)}")

@@ -14,6 +14,18 @@ from dpcompress.training.train import train
 SPEC = "dpcompress.zoo:digits_mobilenet_v2"
 
 
+def run_log(out: Path) -> Callable[[str], None]:
+    """A ``say`` for a benchmark run: each line printed and appended to ``out``/log.txt at once."""
+    log = open(out / "log.txt", "a")
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        log.write(line + "\n")
+        log.flush()
+
+    return say
+
+
 def trained_digits_model(weights: Path, train_set: Dataset, epochs: int,
                          factory: Callable[[], torch.nn.Module] = zoo.digits_mobilenet_v2,
                          ) -> "tuple[torch.nn.Module, bool]":
