@@ -51,31 +51,36 @@ def model_stats(model: nn.Module, input_shape: Sequence[int]) -> ModelStats:
     return ModelStats(parameters=sum(p.numel() for p in model.parameters()), flops=2 * macs, conv_layers=convs)
 
 
-def onnx_bytes(model: nn.Module, input_shape: Sequence[int], dynamic_batch: bool = False) -> bytes:
-    """The model as one self-contained ONNX file (static shapes unless ``dynamic_batch``)."""
+def write_onnx(model: nn.Module, path: PathLike, input_shape: Sequence[int], dynamic_batch: bool = False) -> None:
+    """The model as one self-contained ONNX file at ``path`` (static shapes unless ``dynamic_batch``).
+    Written straight to the file: the weights are not held in memory once more as bytes."""
     sample = torch.randn(*input_shape)
     with torch.no_grad():
         count = len(flat_tensors(model.eval()(sample)))
     output_names = ["output"] if count == 1 else [f"output_{index}" for index in range(count)]
     dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
-    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        path = Path(folder) / "model.onnx"
         # The exporter prints progress lines, and on failure the whole captured graph.
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             torch.onnx.export(model.eval(), (sample,), str(path), dynamo=True, external_data=False,
                               input_names=["input"], output_names=output_names, dynamic_shapes=dynamic_shapes)
+
+
+def onnx_bytes(model: nn.Module, input_shape: Sequence[int], dynamic_batch: bool = False) -> bytes:
+    """:func:`write_onnx` as bytes (what a TensorRT build takes)."""
+    with tempfile.TemporaryDirectory(prefix="dpcompress_onnx_") as folder:
+        path = Path(folder) / "model.onnx"
+        write_onnx(model, path, input_shape, dynamic_batch)
         return path.read_bytes()
 
 
 def export_bytes(model: nn.Module, fmt: str, input_shape: Sequence[int], dynamic_batch: bool = False,
                  precision: str = "fp32", onnx_model: Optional[bytes] = None) -> bytes:
-    """``model`` serialised in format ``fmt``: TorchScript (torch), ONNX or a TensorRT engine
-    (OpenVINO IR is two files: :func:`write_openvino_ir`)."""
-    if fmt not in FORMATS:
-        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if fmt == "openvino":
-        raise ValueError("OpenVINO IR is an .xml and a .bin: use write_openvino_ir")
+    """``model`` serialised as TorchScript (``torch``) or a TensorRT engine (``tensorrt``); ONNX and
+    OpenVINO IR are written to files by :func:`export_plan`."""
+    if fmt not in ("torch", "tensorrt"):
+        raise ValueError(f"export_bytes writes torch or tensorrt, not {fmt!r}")
     model = model.eval()
     if fmt == "torch":
         with warnings.catch_warnings(), torch.no_grad():
@@ -84,14 +89,9 @@ def export_bytes(model: nn.Module, fmt: str, input_shape: Sequence[int], dynamic
         buffer = io.BytesIO()
         torch.jit.save(scripted, buffer)
         return buffer.getvalue()
-    data = onnx_model if onnx_model is not None else onnx_bytes(model, input_shape, dynamic_batch)
-    if fmt == "onnx":
-        import onnx
-
-        onnx.checker.check_model(onnx.load_from_string(data))
-        return data
     from dpcompress.backends.tensorrt_backend import TensorRTBackend
 
+    data = onnx_model if onnx_model is not None else onnx_bytes(model, input_shape, dynamic_batch)
     return TensorRTBackend().build_engine(data, precision)
 
 
@@ -111,9 +111,10 @@ class Verification:
         return asdict(self)
 
 
-def verify_onnx(onnx_model: bytes, reference: nn.Module, input_shape: Sequence[int],
+def verify_onnx(onnx_model: "bytes | str", reference: nn.Module, input_shape: Sequence[int],
                 tolerance: float = 1e-3, trials: int = 3, seed: int = 0) -> Verification:
-    """Run the exported model in ONNX Runtime and ``reference`` in torch on random inputs; compare."""
+    """Run the exported model (its bytes or its file) in ONNX Runtime and ``reference`` in torch on random
+    inputs; compare."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -181,7 +182,7 @@ def check_openvino_path(out: PathLike) -> None:
                         f"path ending in .xml (got {out})")
 
 
-def write_openvino_ir(onnx_model: bytes, out: PathLike, reference: Optional[nn.Module] = None,
+def write_openvino_ir(onnx_model: "bytes | PathLike", out: PathLike, reference: Optional[nn.Module] = None,
                       input_shape: Sequence[int] = (), tolerance: float = 1e-3) -> Tuple[int, Optional[Verification]]:
     """``onnx_model`` as OpenVINO IR: ``out`` (.xml) and its weights beside it (.bin, fp32). With ``reference``,
     the IR is first read back and run in OpenVINO against it, and nothing is written if it is off by more than
@@ -192,7 +193,8 @@ def write_openvino_ir(onnx_model: bytes, out: PathLike, reference: Optional[nn.M
     ov = import_openvino()
     with tempfile.TemporaryDirectory(prefix="dpcompress_ir_") as folder:
         xml = Path(folder) / "model.xml"
-        ov.save_model(ov.Core().read_model(onnx_model), str(xml), compress_to_fp16=False)
+        source = onnx_model if isinstance(onnx_model, bytes) else str(onnx_model)
+        ov.save_model(ov.Core().read_model(source), str(xml), compress_to_fp16=False)
         verification = None
         if reference is not None:
             verification = verify_openvino(xml, reference, input_shape, tolerance)
@@ -223,14 +225,31 @@ def export_plan(original: nn.Module, reference: nn.Module, merged: nn.Module, fm
     """Export ``merged`` (the plan applied to ``original``); with ``verify``, check it against ``reference``
     first (in OpenVINO for ``openvino``, else in ONNX Runtime) and write nothing if it is off by more than
     ``tolerance`` (relative)."""
-    onnx_model = None
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     verification = None
     if fmt == "openvino":
         check_openvino_path(out)
-        size, verification = write_openvino_ir(onnx_bytes(merged, input_shape, dynamic_batch), out,
-                                               reference if verify else None, input_shape, tolerance)
+        with tempfile.TemporaryDirectory(prefix="dpcompress_onnx_") as folder:
+            onnx_path = Path(folder) / "model.onnx"
+            write_onnx(merged, onnx_path, input_shape, dynamic_batch)
+            size, verification = write_openvino_ir(onnx_path, out, reference if verify else None, input_shape,
+                                                   tolerance)
         return ExportReport(before=model_stats(original, input_shape), after=model_stats(merged, input_shape),
                             verification=verification, size_bytes=size)
+    if fmt == "onnx":
+        import onnx
+
+        with atomic_path(out) as tmp:  # renamed onto ``out`` only once verified
+            write_onnx(merged, tmp, input_shape, dynamic_batch)
+            if verify:
+                verification = verify_onnx(str(tmp), reference, input_shape, tolerance)
+                check_verification(verification, tolerance)
+            onnx.checker.check_model(str(tmp))
+            size = tmp.stat().st_size
+        return ExportReport(before=model_stats(original, input_shape), after=model_stats(merged, input_shape),
+                            verification=verification, size_bytes=size)
+    onnx_model = None
     if verify:
         onnx_model = onnx_bytes(merged, input_shape, dynamic_batch)
         verification = verify_onnx(onnx_model, reference, input_shape, tolerance)

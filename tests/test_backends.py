@@ -51,6 +51,29 @@ def test_onnx_export_computes_what_the_module_computes():
         np.testing.assert_allclose(y, module(x).numpy(), rtol=1e-4, atol=1e-4)
 
 
+def test_an_op_the_torchscript_exporter_cannot_export_goes_to_dynamo_quietly(capfd):
+    import onnxruntime as ort
+
+    module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(7)).eval()  # 7x7 from 4x4
+    x = torch.randn(1, 3, 4, 4)
+    session = ort.InferenceSession(export_onnx_bytes(module, x), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(y, module(x).numpy(), rtol=1e-4, atol=1e-5)
+    assert "graph" not in capfd.readouterr().err  # torch dumps the graph it failed on unless told not to
+
+
+def test_onnxruntime_prepares_side_by_side_in_order_leaving_no_files(monkeypatch, tmp_path):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the exports' folders land here
+    (cheap, _), (expensive, shape) = CHEAP, EXPENSIVE
+    runners = get_backend("onnxruntime", threads=1).prepare_all([cheap, expensive], shape)
+    assert not list(tmp_path.iterdir())
+    medians = [time_runner(runner, warmup=2, iters=7).median_ms for runner in runners]
+    assert medians[0] < medians[1]
+
+
 def test_onnxruntime_threads_set_and_spinning_off():
     backend = get_backend("onnxruntime", threads=1)
     options = backend.session_options()

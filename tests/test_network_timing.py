@@ -54,6 +54,27 @@ def test_nodes_are_attributed_to_their_part_with_the_ops_fused_after_it():
     assert all(owners.get(n.name) != "part_c" for n in graph.node if n.op_type in ("ReduceMean", "Mul"))
 
 
+def test_a_network_is_exported_once_for_its_plain_and_profiled_sessions(monkeypatch, tmp_path):
+    import tempfile
+
+    import dpcompress.backends.onnxruntime_backend as onnxruntime_backend
+
+    exports = []
+    export = onnxruntime_backend.export_onnx_file
+    monkeypatch.setattr(onnxruntime_backend, "export_onnx_file", lambda *args: exports.append(args) or export(*args))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the export's and the profiler's folders land here
+    plain, profiled = get_backend("onnxruntime", threads=1).prepare_network_timing(
+        ThreeParts().eval(), (1, 4, 16, 16), "fp32", ["part_a", "part_b", "part_c"])
+    assert len(exports) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [p.name for p in tmp_path.glob("dpcompress_ort_profile_*")]
+    assert len(plain.time(1, 3)) == 3
+    profiled.run(2, warmup=1)
+    parts, totals = profiled.part_times()
+    assert set(parts) == {"part_a", "part_b", "part_c"} and len(totals) == 2
+    assert all(0 < sum(times[i] for times in parts.values()) <= totals[i] for i in range(2))
+    assert not list(tmp_path.iterdir())  # the ONNX file went once the sessions were built; the trace once read
+
+
 def test_profiled_node_names_map_back_to_their_part():
     owners = {"/part_a/Conv": "a", "/relu/Relu_output_0": "a", "/silu/Mul": "b"}
     assert _owner_of("/part_a/Conv_kernel_time", owners) == "a"
@@ -142,11 +163,11 @@ def test_an_interrupted_in_network_profile_resumes_without_retiming(tiny_traced,
             super().__init__(threads=1)
             self.parts, self.fail_at = [], fail_at
 
-        def prepare_network_profile(self, module, input_shape, precision, parts):
+        def prepare_network_timing(self, module, input_shape, precision, parts):
             self.parts.append(len(parts))
             if len(self.parts) == self.fail_at:
                 raise KeyboardInterrupt
-            return super().prepare_network_profile(module, input_shape, precision, parts)
+            return super().prepare_network_timing(module, input_shape, precision, parts)
 
     out = tmp_path / "t.csv"
     with pytest.raises(KeyboardInterrupt):

@@ -44,7 +44,7 @@ def test_openvino_compiles_with_its_settings_stated():
     assert backend.name == "openvino" and backend.device == "cpu" and backend.threads == 1
     assert backend.version == ov.get_version() and backend.device_name
     assert backend.options()["performance_hint"] == "LATENCY" and backend.options()["inference_precision"] == "f32"
-    compiled, _, _ = backend._compile(*EXPENSIVE, "fp32")
+    compiled = backend._request(*backend._exported(*EXPENSIVE, "fp32")).get_compiled_model()
     assert compiled.get_property("INFERENCE_NUM_THREADS") == 1
     assert str(compiled.get_property("PERFORMANCE_HINT")).endswith("LATENCY")  # an enum in some versions
     assert compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32  # not bf16, even where the CPU has it

@@ -8,10 +8,11 @@ when that backend is asked for, so the package works without any of them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from dpcompress.errors import UserError
 
@@ -74,6 +75,13 @@ class Backend(ABC):
     def prepare(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str = "fp32") -> Runner:
         """Build ``module`` for input ``input_shape`` (N, C, H, W) at ``precision`` ("fp32" or "fp16")."""
 
+    def prepare_all(self, modules: Sequence["torch.nn.Module"], input_shape: Sequence[int],
+                    precision: str = "fp32") -> List[Runner]:
+        """:meth:`prepare` of each module, to be timed side by side. Backends that build from an export
+        override this to export them all before building any: an export briefly holds its module's
+        weights twice over, best while no runtime holds a copy of its own yet."""
+        return [self.prepare(module, input_shape, precision) for module in modules]
+
     def options(self) -> Dict[str, Any]:
         """Settings that change the timings beyond name, device and threads (for the table's meta)."""
         return {}
@@ -87,6 +95,16 @@ class Backend(ABC):
                                 parts: Sequence[str]) -> NetworkProfile:
         """``module`` built with per-node profiling, its nodes attributed to the submodules ``parts``."""
         raise NotImplementedError(f"the {self.name} backend does not profile nodes inside a network")
+
+    def prepare_network_timing(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str,
+                               parts: Sequence[str]) -> Tuple[Runner, NetworkProfile]:
+        """``module`` built twice, plain and with per-node profiling (:meth:`prepare_network_profile`).
+
+        Backends that build from an export override this to export once: a network holds all of the
+        model's weights, and each export holds them again while it lasts.
+        """
+        return (self.prepare(module, input_shape, precision),
+                self.prepare_network_profile(module, input_shape, precision, parts))
 
     def call_overhead_ms(self, input_shape: Sequence[int], precision: str, warmup: int, iters: int) -> float:
         """Fixed cost of one timed call that a layer inside a whole network does not pay, in ms.
@@ -187,8 +205,12 @@ def select_gpu_backend(*, cuda_graphs: bool = False, channels_last: bool = False
     return backend, f"--gpu: using {backend.describe()}"
 
 
-def export_onnx_bytes(module: "torch.nn.Module", example: "torch.Tensor") -> bytes:
-    """``module`` as an in-memory single-file ONNX model with input ``x`` and output ``y``.
+def export_onnx_file(module: "torch.nn.Module", example: "torch.Tensor", path: "os.PathLike[str] | str") -> None:
+    """``module`` as an ONNX model at ``path`` with input ``x`` and output ``y``.
+
+    Written to a file, not to memory: a runtime reads it from there, so that no copy of the
+    weights is held in Python while the runtime builds its own. Over 2 GB the weights go to
+    files beside it, which runtimes read from the same folder.
 
     The TorchScript exporter (``dynamo=False``) is used: it is several times faster
     than the dynamo exporter for the small convolutions a latency table is made of.
@@ -196,39 +218,56 @@ def export_onnx_bytes(module: "torch.nn.Module", example: "torch.Tensor") -> byt
     small input), the dynamo exporter is used, its nodes named by module scope as the
     TorchScript exporter names them (``/<submodule>/...``), which in-network timing reads.
     """
-    import io
     import warnings
 
     import torch
 
-    buffer = io.BytesIO()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _no_graph_dump_on_failure(torch):
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-            torch.onnx.export(module, (example,), buffer, input_names=["x"], output_names=["y"],
+            torch.onnx.export(module, (example,), str(path), input_names=["x"], output_names=["y"],
                               opset_version=17, dynamo=False)
     except torch.onnx.OnnxExporterError:
-        return _dynamo_onnx_bytes(module, example)
-    return buffer.getvalue()
+        _dynamo_onnx_file(module, example, path)
 
 
-def _dynamo_onnx_bytes(module: "torch.nn.Module", example: "torch.Tensor") -> bytes:
-    import contextlib
-    import io
+def export_onnx_bytes(module: "torch.nn.Module", example: "torch.Tensor") -> bytes:
+    """:func:`export_onnx_file` as bytes, for runtimes that read ONNX from memory (weights embedded)."""
     import tempfile
-    import warnings
     from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="dpcompress_onnx_") as folder:
+        path = Path(folder) / "model.onnx"
+        export_onnx_file(module, example, path)
+        return path.read_bytes()
+
+
+@contextlib.contextmanager
+def _no_graph_dump_on_failure(torch: Any) -> Iterator[None]:
+    """Silence the TorchScript exporter's ONNX log while it runs. torch 2.13 turns that log on for every
+    export (it tests the function ``_jit_is_onnx_log_enabled`` instead of calling it), so an op it cannot
+    export prints the whole graph to stderr, though the caller goes on with the dynamo exporter."""
+    log = torch._C._jit_onnx_log
+    torch._C._jit_onnx_log = lambda *args: None
+    try:
+        yield
+    finally:
+        torch._C._jit_onnx_log = log
+
+
+def _dynamo_onnx_file(module: "torch.nn.Module", example: "torch.Tensor", path: "os.PathLike[str] | str") -> None:
+    import io
+    import warnings
 
     import onnx
     import torch
 
-    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        path = Path(folder) / "model.onnx"
         with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
             torch.onnx.export(module, (example,), str(path), input_names=["x"], output_names=["y"], dynamo=True,
                               external_data=False)
-        model = onnx.load(str(path))
+    model = onnx.load(str(path))
     for node in model.graph.node:
         # namespace ": pkg.Net/dpc_block_0: torch.nn.modules.conv.Conv2d/conv2d: aten.conv2d.default": the root,
         # then one "name: class" per submodule, then the op.
@@ -236,7 +275,7 @@ def _dynamo_onnx_bytes(module: "torch.nn.Module", example: "torch.Tensor") -> by
         scopes = [segment.split(":")[0].strip() for segment in namespace.split("/")[1:-1]]
         if scopes:
             node.name = "/" + "/".join(scopes) + "/" + node.name
-    return model.SerializeToString()
+    onnx.save(model, str(path))
 
 
 def choose_backend(name: Optional[str], *, gpu: bool = False, device: str = "cpu", threads: Optional[int] = None,

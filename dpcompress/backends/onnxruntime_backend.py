@@ -13,15 +13,16 @@ each profiled node came from.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import os
 import tempfile
 import time
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from dpcompress.backends import (Backend, NetworkProfile, Runner, check_precision, cpu_name, default_threads,
-                                 export_onnx_bytes)
+                                 export_onnx_file)
 from dpcompress.errors import UserError
 from dpcompress.latency.timing import time_runner
 
@@ -79,8 +80,11 @@ class OnnxRuntimeBackend(Backend):
         options.log_severity_level = 3  # errors only
         return options
 
-    def _exported(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str) -> Tuple[bytes, dict]:
-        """``module`` as ONNX bytes at ``precision``, and a random input feed for it."""
+    @contextlib.contextmanager
+    def _exported(self, module: "torch.nn.Module", input_shape: Sequence[int],
+                  precision: str) -> Iterator[Tuple[str, dict]]:
+        """``module`` as an ONNX file at ``precision`` (removed on leaving), and a random input feed for it.
+        Sessions read the file themselves: no copy of the weights is held in Python meanwhile."""
         import numpy as np
         import torch
 
@@ -89,12 +93,28 @@ class OnnxRuntimeBackend(Backend):
         example = torch.randn(*input_shape)
         if precision == "fp16":
             module, example = module.half(), example.half()
-        return export_onnx_bytes(module, example), {"x": np.ascontiguousarray(example.numpy())}
+        with tempfile.TemporaryDirectory(prefix="dpcompress_onnx_") as folder:
+            path = os.path.join(folder, "model.onnx")
+            export_onnx_file(module, example, path)
+            yield path, {"x": np.ascontiguousarray(example.numpy())}
 
     def prepare(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str = "fp32") -> Runner:
-        model_bytes, feed = self._exported(module, input_shape, precision)
-        session = self._ort.InferenceSession(model_bytes, self.session_options(), providers=self._providers)
-        return _OnnxRuntimeRunner(session, feed)
+        with self._exported(module, input_shape, precision) as (path, feed):
+            return _OnnxRuntimeRunner(self._session(path), feed)
+
+    def prepare_all(self, modules: Sequence["torch.nn.Module"], input_shape: Sequence[int],
+                    precision: str = "fp32") -> List[Runner]:
+        with contextlib.ExitStack() as exports:
+            files = [exports.enter_context(self._exported(module, input_shape, precision)) for module in modules]
+            return [_OnnxRuntimeRunner(self._session(path), feed) for path, feed in files]
+
+    def _session(self, path: str, profiling: bool = False) -> Any:
+        """A session of the ONNX file at ``path``; profiling writes its trace into a folder of its own."""
+        options = self.session_options()
+        if profiling:
+            options.enable_profiling = True
+            options.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="dpcompress_ort_profile_"), "profile")
+        return self._ort.InferenceSession(path, options, providers=self._providers)
 
     @property
     def profiles_networks(self) -> bool:
@@ -102,16 +122,15 @@ class OnnxRuntimeBackend(Backend):
 
     def prepare_network_profile(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str,
                                 parts: Sequence[str]) -> NetworkProfile:
-        import onnx
+        with self._exported(module, input_shape, precision) as (path, feed):
+            return _OnnxRuntimeNetworkProfile(self._session(path, profiling=True), feed, graph_part_owners(path, parts))
 
-        model_bytes, feed = self._exported(module, input_shape, precision)
-        owners = part_owners(onnx.load_from_string(model_bytes).graph, parts)
-        folder = tempfile.mkdtemp(prefix="dpcompress_ort_profile_")
-        options = self.session_options()
-        options.enable_profiling = True
-        options.profile_file_prefix = os.path.join(folder, "profile")
-        session = self._ort.InferenceSession(model_bytes, options, providers=self._providers)
-        return _OnnxRuntimeNetworkProfile(session, feed, owners, folder)
+    def prepare_network_timing(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str,
+                               parts: Sequence[str]) -> Tuple[Runner, NetworkProfile]:
+        with self._exported(module, input_shape, precision) as (path, feed):
+            owners = graph_part_owners(path, parts)
+            plain = _OnnxRuntimeRunner(self._session(path), feed)
+            return plain, _OnnxRuntimeNetworkProfile(self._session(path, profiling=True), feed, owners)
 
     def call_overhead_ms(self, input_shape: Sequence[int], precision: str, warmup: int, iters: int) -> float:
         """Median of ``session.run`` on a graph that only passes its input through, at ``input_shape``.
@@ -147,6 +166,16 @@ class _OnnxRuntimeRunner(Runner):
 # belong to the layer that ends there (its activation, a residual add at its output).
 _FOLLOWERS = {"Relu", "Clip", "LeakyRelu", "Elu", "Selu", "Celu", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh",
               "Softplus", "Mish", "Gelu", "PRelu", "Add"}
+
+
+def graph_part_owners(model: "bytes | str", parts: Sequence[str]) -> Dict[str, str]:
+    """:func:`part_owners` of the graph of an ONNX model (its bytes, or its file); the weights are
+    dropped as soon as it is read."""
+    import onnx
+
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model, load_external_data=False)
+    proto.graph.ClearField("initializer")
+    return part_owners(proto.graph, parts)
 
 
 def part_owners(graph: Any, parts: Sequence[str]) -> Dict[str, str]:
@@ -218,8 +247,8 @@ def scope_owner(name: str, owners: Dict[str, str]) -> Optional[str]:
 
 
 class _OnnxRuntimeNetworkProfile(NetworkProfile):
-    def __init__(self, session: Any, feed: dict, owners: Dict[str, str], folder: str) -> None:
-        self._session, self._feed, self._owners, self._folder = session, feed, owners, folder
+    def __init__(self, session: Any, feed: dict, owners: Dict[str, str]) -> None:
+        self._session, self._feed, self._owners = session, feed, owners
         self._recorded: List[bool] = []  # per run so far: recorded (True) or warm-up
 
     def run(self, iters: int, warmup: int = 0) -> None:
@@ -234,7 +263,7 @@ class _OnnxRuntimeNetworkProfile(NetworkProfile):
                 events = json.load(f)
         finally:
             os.unlink(path)
-            os.rmdir(self._folder)
+            os.rmdir(os.path.dirname(path))
         starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
         if len(starts) != len(self._recorded):
             raise RuntimeError(f"the profile holds {len(starts)} runs, {len(self._recorded)} were made")

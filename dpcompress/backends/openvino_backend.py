@@ -1,6 +1,6 @@
 """OpenVINO backend: Intel's runtime on the CPU, fp32, latency hint, threads set explicitly.
 
-A module goes through the same ONNX bytes as ONNX Runtime (``export_onnx_bytes``) and
+A module goes through the same ONNX export as ONNX Runtime (``export_onnx_bytes``) and
 is read from memory by ``Core.read_model``: OpenVINO's ONNX frontend takes the bytes as
 they are (about 10 ms for a block; ``openvino.convert_model`` takes no bytes, only a file
 or a stream, and goes through the model conversion tool, 40x slower). The compiled
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from dpcompress.backends import (Backend, NetworkProfile, Runner, check_precision, cpu_name, default_threads,
                                  export_onnx_bytes)
-from dpcompress.backends.onnxruntime_backend import part_owners, scope_owner
+from dpcompress.backends.onnxruntime_backend import graph_part_owners, scope_owner
 from dpcompress.errors import UserError
 from dpcompress.latency.timing import time_runner
 
@@ -76,24 +76,26 @@ class OpenVinoBackend(Backend):
                 props.hint.inference_precision: self._ov.Type.f32,
                 props.enable_profiling: profiling}
 
-    def _compile(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str,
-                 profiling: bool = False) -> Tuple[Any, Any, bytes]:
-        """``module`` compiled for the CPU, a request with its input set once, and the ONNX bytes."""
-        import numpy as np
+    def _exported(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str) -> Tuple[bytes, Any]:
+        """``module`` as ONNX bytes, and a random input for it."""
         import torch
 
         check_precision(precision, self.device)
         example = torch.randn(*input_shape)
-        model_bytes = export_onnx_bytes(module.eval(), example)
+        return export_onnx_bytes(module.eval(), example), example
+
+    def _request(self, model_bytes: bytes, example: "torch.Tensor", profiling: bool = False) -> Any:
+        """The model compiled for the CPU, as a request with its input set once."""
+        import numpy as np
+
         compiled = self._core.compile_model(self._core.read_model(model_bytes), "CPU",
                                             self.compile_config(profiling))
         request = compiled.create_infer_request()
         request.set_input_tensor(self._ov.Tensor(np.ascontiguousarray(example.numpy())))
-        return compiled, request, model_bytes
+        return request
 
     def prepare(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str = "fp32") -> Runner:
-        _, request, _ = self._compile(module, input_shape, precision)
-        return _OpenVinoRunner(request)
+        return _OpenVinoRunner(self._request(*self._exported(module, input_shape, precision)))
 
     @property
     def profiles_networks(self) -> bool:
@@ -101,11 +103,16 @@ class OpenVinoBackend(Backend):
 
     def prepare_network_profile(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str,
                                 parts: Sequence[str]) -> NetworkProfile:
-        import onnx
+        model_bytes, example = self._exported(module, input_shape, precision)
+        return _OpenVinoNetworkProfile(self._request(model_bytes, example, profiling=True),
+                                       graph_part_owners(model_bytes, parts))
 
-        _, request, model_bytes = self._compile(module, input_shape, precision, profiling=True)
-        owners = part_owners(onnx.load_from_string(model_bytes).graph, parts)
-        return _OpenVinoNetworkProfile(request, owners)
+    def prepare_network_timing(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str,
+                               parts: Sequence[str]) -> Tuple[Runner, NetworkProfile]:
+        model_bytes, example = self._exported(module, input_shape, precision)
+        owners = graph_part_owners(model_bytes, parts)
+        plain = _OpenVinoRunner(self._request(model_bytes, example))
+        return plain, _OpenVinoNetworkProfile(self._request(model_bytes, example, profiling=True), owners)
 
     def call_overhead_ms(self, input_shape: Sequence[int], precision: str, warmup: int, iters: int) -> float:
         """Median of a synchronous inference of a graph that only passes its input through, at ``input_shape``.

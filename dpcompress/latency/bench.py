@@ -118,9 +118,8 @@ def bench_modules(backend: "Backend", original: "torch.nn.Module", compressed: O
     With ``until_ci``, rounds go on past ``rounds`` (up to ``max_rounds``) until each median's
     95% interval is within ``until_ci`` of it (relative half-width).
     """
-    runners = [backend.prepare(original, input_shape, precision)]
-    if compressed is not None:
-        runners.append(backend.prepare(compressed, input_shape, precision))
+    runners = backend.prepare_all([original] if compressed is None else [original, compressed], input_shape,
+                                  precision)
     samples = alternate(runners, warmup, rounds, iters_per_round,
                         until=narrow_enough(until_ci) if until_ci else None, max_rounds=max_rounds)
     rounds = len(samples[0]) // iters_per_round

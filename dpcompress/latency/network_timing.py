@@ -147,13 +147,13 @@ def time_networks(backend: "Backend", traced: "TracedModel", plans: Sequence[Pla
         for plan in plans:
             began = time.perf_counter()
             network, names = packed_network(traced, plan, geometries)
-            plain = backend.prepare(network, input_shape, precision)
+            plain, profiled = backend.prepare_network_timing(network, input_shape, precision, list(names))
             if max_seconds is not None:
                 first = plain.time(0, 1)[0]  # cold: over what the others will take, which errs towards the cap
                 if time.perf_counter() - began + minimum_runs(warmup) * first / 1e3 > max_seconds:
+                    profiled.part_times()  # ends its profiling: no trace is left behind
                     kept.append(False)
                     continue
-            profiled = backend.prepare_network_profile(network, input_shape, precision, list(names))
             profiled.run(0, warmup=max(1, warmup))
             first = plain.time(max(1, warmup), 1)[0]
             per_round = max(1, min(MAX_ITERS_PER_ROUND, int(0.25 / max(first / 1e3, 1e-6))))
