@@ -247,6 +247,8 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/sweep_zoo.jsonl", help="JSONL file to append to.")
     parser.add_argument("--redo-failed", action="store_true",
                         help="Run again the models whose last record is not ok (after a fix); a new line is added.")
+    parser.add_argument("--redo", action="store_true",
+                        help="Run the models again even where recorded (after a change); a new line is added.")
     parser.add_argument("--table", action="store_true", help="Print the Markdown table of --out and stop.")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work-dir", default=None, help=argparse.SUPPRESS)
@@ -261,8 +263,8 @@ def main() -> int:
     specs = [model_spec(m) for m in args.models.split(",")] if args.models else \
         [model_spec(m) for m in torchvision_classifiers()]
     out = Path(args.out)
-    done = {spec for spec, record in latest_records(out, args.size).items()
-            if not args.redo_failed or record["status"] == "ok"}
+    done = set() if args.redo else {spec for spec, record in latest_records(out, args.size).items()
+                                     if not args.redo_failed or record["status"] == "ok"}
     args.commit = git_commit()
     for index, spec in enumerate(specs, 1):
         if spec in done:

@@ -17,6 +17,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from dpcompress.errors import UserError
 from dpcompress.fileio import PathLike, atomic_path
+from dpcompress.memory import release_freed_memory
 
 FORMATS = ("torch", "onnx", "openvino", "tensorrt")
 
@@ -247,6 +248,7 @@ def export_plan(original: nn.Module, reference: nn.Module, merged: nn.Module, fm
                 check_verification(verification, tolerance)
             onnx.checker.check_model(str(tmp))
             size = tmp.stat().st_size
+        release_freed_memory()  # the export's and the verifying session's copies of the weights
         return ExportReport(before=model_stats(original, input_shape), after=model_stats(merged, input_shape),
                             verification=verification, size_bytes=size)
     onnx_model = None

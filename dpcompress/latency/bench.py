@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 from dpcompress.latency.timing import TimingStats, alternate, narrow_enough, summarize
+from dpcompress.memory import release_freed_memory
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn
@@ -120,6 +121,7 @@ def bench_modules(backend: "Backend", original: "torch.nn.Module", compressed: O
     """
     runners = backend.prepare_all([original] if compressed is None else [original, compressed], input_shape,
                                   precision)
+    release_freed_memory()  # what the exports held
     samples = alternate(runners, warmup, rounds, iters_per_round,
                         until=narrow_enough(until_ci) if until_ci else None, max_rounds=max_rounds)
     rounds = len(samples[0]) // iters_per_round

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 from dpcompress.graph.chain import Chain
 from dpcompress.graph.geometry import BlockGeometry
 from dpcompress.latency.profile import MIN_KEPT_FRACTION
+from dpcompress.memory import release_freed_memory
 from dpcompress.search.plan import Plan
 from dpcompress.tables import Pruned
 
@@ -148,6 +149,8 @@ def time_networks(backend: "Backend", traced: "TracedModel", plans: Sequence[Pla
             began = time.perf_counter()
             network, names = packed_network(traced, plan, geometries)
             plain, profiled = backend.prepare_network_timing(network, input_shape, precision, list(names))
+            del network  # the runtime holds its own copy now: these weights (as many as the model's) and
+            release_freed_memory()  # the export's go before the next network is built
             if max_seconds is not None:
                 first = plain.time(0, 1)[0]  # cold: over what the others will take, which errs towards the cap
                 if time.perf_counter() - began + minimum_runs(warmup) * first / 1e3 > max_seconds:
@@ -180,5 +183,7 @@ def time_networks(backend: "Backend", traced: "TracedModel", plans: Sequence[Pla
             stats = summarize(parts.get(name) or [0.0])
             blocks[block] = (scale * stats.median_ms, scale * stats.std_ms)
         timings.append(NetworkTiming(blocks, wall, scale, len(walls)))
+    prepared.clear()  # the sessions
+    release_freed_memory()
     finished = iter(timings)
     return [next(finished) if ok else None for ok in kept]
