@@ -193,3 +193,20 @@ def test_a_call_overhead_larger_than_the_network_never_zeroes_its_blocks(tiny_tr
                              chain.input_shape, "fp32", 1, 3, call_overhead_ms=1e6)
     assert all(latency > 0 for latency, _ in timing.blocks.values())
     assert sum(latency for latency, _ in timing.blocks.values()) <= MIN_KEPT_FRACTION * timing.wall_ms * (1 + 1e-9)
+
+
+def test_a_backend_that_asks_for_more_runs_per_network_gets_them(tiny_traced):
+    from dpcompress.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    class NoisyCounters(OnnxRuntimeBackend):
+        @property
+        def min_network_runs(self) -> int:
+            return 100
+
+    chain = tiny_traced.chain
+    plan = packed_plan(chain, [])
+    geometries = {(s, e, ()): block_geometry(chain, s, e) for s, e in plan.blocks}
+    runs = [time_networks(backend, tiny_traced, [plan], geometries, chain.input_shape, "fp32", 1, 3,
+                          call_overhead_ms=0.0)[0].runs
+            for backend in (OnnxRuntimeBackend(threads=1), NoisyCounters(threads=1))]
+    assert runs[0] < 100 <= runs[1]

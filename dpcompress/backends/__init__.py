@@ -96,6 +96,13 @@ class Backend(ABC):
         """``module`` built with per-node profiling, its nodes attributed to the submodules ``parts``."""
         raise NotImplementedError(f"the {self.name} backend does not profile nodes inside a network")
 
+    @property
+    def min_network_runs(self) -> int:
+        """Fewest timed runs in-network timing gives a network (if its time allows: see
+        ``network_timing.SECONDS_PER_NETWORK``), however few ``iters`` asks for. Runtimes whose
+        per-node counters vary more from run to run ask for more."""
+        return 0
+
     def prepare_network_timing(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str,
                                parts: Sequence[str]) -> Tuple[Runner, NetworkProfile]:
         """``module`` built twice, plain and with per-node profiling (:meth:`prepare_network_profile`).

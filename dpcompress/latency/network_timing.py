@@ -160,7 +160,7 @@ def time_networks(backend: "Backend", traced: "TracedModel", plans: Sequence[Pla
             profiled.run(0, warmup=max(1, warmup))
             first = plain.time(max(1, warmup), 1)[0]
             per_round = max(1, min(MAX_ITERS_PER_ROUND, int(0.25 / max(first / 1e3, 1e-6))))
-            rounds = max(MIN_ROUNDS, min(math.ceil(iters / per_round),
+            rounds = max(MIN_ROUNDS, min(math.ceil(max(iters, backend.min_network_runs) / per_round),
                                          math.ceil(SECONDS_PER_NETWORK / (per_round * max(first / 1e3, 1e-6)))))
             prepared.append((names, profiled, plain, per_round, rounds, []))
             kept.append(True)

@@ -1,0 +1,97 @@
+"""How far apart two latency tables made minutes apart are, at default and at more timed runs (issue 15).
+
+For one model and backend, makes ``--tables`` tables in turn for each ``--iters`` value (in-network,
+alternating the iters values: A200, A50, B200, B50, ...), then prints each table's predicted
+speed-up of fixed plans: those solved from the shipped ONNX Runtime table at ``--ratios``. The
+spread of one plan's prediction over tables made alike is the table's own noise, which no method
+of attribution removes; a larger ``--iters`` buys more rounds per network (up to 3 s each). With
+``--bench N``, the plans are then benched N times each on the backend, to set beside the predictions.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/table_spread.py --backend openvino --iters 50,200 --tables 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from dpcompress.backends import get_backend
+from dpcompress.graph.rewrite import merged_model
+from dpcompress.graph.trace import trace_model
+from dpcompress.latency.bench import bench_modules
+from dpcompress.latency.profile import profile_table
+from dpcompress.models import build_model
+from dpcompress.search.solver import resolve_budget, solve_for_model
+from dpcompress.tables import read_latency_table
+
+PLANS_FROM = "latency_tables/cpu_onnxruntime/mobilenet_v2.csv"
+
+
+def predicted(table, plan) -> float:
+    latency = math.fsum([*(table.latency_ms[b] for b in plan.blocks), table.rest_ms])
+    return table.original_latency_ms() / latency
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="torchvision:mobilenet_v2")
+    parser.add_argument("--backend", default="openvino")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--iters", default="50,200", help="Timed runs per network, comma-separated values.")
+    parser.add_argument("--tables", type=int, default=2, help="Tables per iters value.")
+    parser.add_argument("--ratios", default="0.9,0.7,0.5")
+    parser.add_argument("--timing", default="in-network", choices=("in-network", "standalone"))
+    parser.add_argument("--bench", type=int, default=0,
+                        help="Then bench each plan on the backend this many times (median) to compare.")
+    parser.add_argument("--out-dir", default="out/table_spread")
+    args = parser.parse_args()
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shape = (1, 3, 224, 224)
+    torch.manual_seed(0)
+    model = build_model(args.model, None).eval()
+    traced = trace_model(model, shape, spec=args.model)
+    source = read_latency_table(PLANS_FROM)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    plans = [solve_for_model(source, None, resolve_budget(source, None, r), chain=traced.chain)[0] for r in ratios]
+    backend = get_backend(args.backend, threads=args.threads)
+    print(f"# {args.model} on {backend.describe()}, {args.timing}; plans from {PLANS_FROM}; "
+          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    print("| table | iters | load | seconds | " + " | ".join(f"plan {r:g}" for r in ratios) + " |")
+    print("|---|---|---|---|" + "---|" * len(ratios))
+    by_iters = {int(i): [] for i in args.iters.split(",")}
+    for index in range(args.tables):
+        for iters in by_iters:
+            path = out / f"{args.backend}_{iters}_{index}.csv"
+            load = os.getloadavg()[0]
+            began = time.perf_counter()
+            profile_table(traced.chain, backend, path, model_spec=args.model, input_shape=shape, traced=traced,
+                          iters=iters, overwrite=True, timing=args.timing)
+            seconds = time.perf_counter() - began
+            table = read_latency_table(path)
+            speedups = [predicted(table, plan) for plan in plans]
+            by_iters[iters].append(speedups)
+            print(f"| {index} | {iters} | {load:.2f} | {seconds:.0f} | "
+                  + " | ".join(f"{s:.2f}x" for s in speedups) + " |", flush=True)
+    for iters, rows in by_iters.items():
+        spreads = [max(col) / min(col) - 1 for col in zip(*rows)]
+        means = [statistics.mean(col) for col in zip(*rows)]
+        print(f"iters {iters}: mean " + ", ".join(f"{m:.2f}x" for m in means)
+              + "; spread (max/min - 1) " + ", ".join(f"{100 * s:.1f}%" for s in spreads))
+    if args.bench:
+        merged = [merged_model(traced, plan) for plan in plans]
+        measured = [[bench_modules(backend, model, m, input_shape=shape).measured_speedup for m in merged]
+                    for _ in range(args.bench)]  # the plans take turns, bench after bench
+        print(f"measured (median of {args.bench}, load {os.getloadavg()[0]:.2f}): " + ", ".join(
+            f"{statistics.median(col):.2f}x ({min(col):.2f}-{max(col):.2f})" for col in zip(*measured)))
+
+
+if __name__ == "__main__":
+    main()
