@@ -13,7 +13,6 @@ of attribution removes; a larger ``--iters`` buys more rounds per network (up to
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import time
@@ -30,12 +29,9 @@ from dpcompress.models import build_model
 from dpcompress.search.solver import resolve_budget, solve_for_model
 from dpcompress.tables import read_latency_table
 
+from bench_runtimes import predicted  # benchmarks/ is the script's folder, so on sys.path
+
 PLANS_FROM = "latency_tables/cpu_onnxruntime/mobilenet_v2.csv"
-
-
-def predicted(table, plan) -> float:
-    latency = math.fsum([*(table.latency_ms[b] for b in plan.blocks), table.rest_ms])
-    return table.original_latency_ms() / latency
 
 
 def main() -> None:
