@@ -80,7 +80,7 @@ def test_fused_node_names_map_back_to_their_block():
 def test_openvino_attributes_each_blocks_nodes_to_it():
     openvino()
     backend = get_backend("openvino", threads=1)
-    profiled = backend.prepare_network_profile(ThreeParts(), (1, 4, 16, 16), "fp32", PARTS)
+    _, profiled = backend.prepare_network_timing(ThreeParts(), (1, 4, 16, 16), "fp32", PARTS)
     profiled.run(3, warmup=1)
     executed = [(i.node_name, i.node_type) for i in profiled._request.get_profiling_info()
                 if i.status == i.Status.EXECUTED]
@@ -102,8 +102,8 @@ def test_openvino_attributes_a_packed_networks_blocks(tiny_traced):
     members = pack([b for b in chain.valid_blocks() if b[1] - b[0] > 1], 1)[0][0]
     plan = packed_plan(chain, members)
     network, names = packed_network(tiny_traced, plan, {(*b, ()): block_geometry(chain, *b) for b in plan.blocks})
-    profiled = get_backend("openvino", threads=1).prepare_network_profile(network, (1, 3, 16, 16), "fp32",
-                                                                          list(names))
+    _, profiled = get_backend("openvino", threads=1).prepare_network_timing(network, (1, 3, 16, 16), "fp32",
+                                                                            list(names))
     profiled.run(2, warmup=1)
     owners = {owner_of_node(i.node_name, i.node_type, profiled._owners)
               for i in profiled._request.get_profiling_info() if i.status == i.Status.EXECUTED}

@@ -88,13 +88,8 @@ class Backend(ABC):
 
     @property
     def profiles_networks(self) -> bool:
-        """Whether :meth:`prepare_network_profile` is available (the runtime reports per-node times)."""
+        """Whether :meth:`prepare_network_timing` is available (the runtime reports per-node times)."""
         return False
-
-    def prepare_network_profile(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str,
-                                parts: Sequence[str]) -> NetworkProfile:
-        """``module`` built with per-node profiling, its nodes attributed to the submodules ``parts``."""
-        raise NotImplementedError(f"the {self.name} backend does not profile nodes inside a network")
 
     @property
     def min_network_runs(self) -> int:
@@ -105,13 +100,10 @@ class Backend(ABC):
 
     def prepare_network_timing(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str,
                                parts: Sequence[str]) -> Tuple[Runner, NetworkProfile]:
-        """``module`` built twice, plain and with per-node profiling (:meth:`prepare_network_profile`).
-
-        Backends that build from an export override this to export once: a network holds all of the
-        model's weights, and each export holds them again while it lasts.
-        """
-        return (self.prepare(module, input_shape, precision),
-                self.prepare_network_profile(module, input_shape, precision, parts))
+        """``module`` built twice: plain, and with per-node profiling, its nodes attributed to the
+        submodules ``parts``. From one export: a network holds all of the model's weights, and each
+        export holds them again while it lasts."""
+        raise NotImplementedError(f"the {self.name} backend does not profile nodes inside a network")
 
     def call_overhead_ms(self, input_shape: Sequence[int], precision: str, warmup: int, iters: int) -> float:
         """Fixed cost of one timed call that a layer inside a whole network does not pay, in ms.

@@ -120,11 +120,6 @@ class OnnxRuntimeBackend(Backend):
     def profiles_networks(self) -> bool:
         return True
 
-    def prepare_network_profile(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str,
-                                parts: Sequence[str]) -> NetworkProfile:
-        with self._exported(module, input_shape, precision) as (path, feed):
-            return _OnnxRuntimeNetworkProfile(self._session(path, profiling=True), feed, graph_part_owners(path, parts))
-
     def prepare_network_timing(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str,
                                parts: Sequence[str]) -> Tuple[Runner, NetworkProfile]:
         with self._exported(module, input_shape, precision) as (path, feed):

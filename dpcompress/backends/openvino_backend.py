@@ -109,12 +109,6 @@ class OpenVinoBackend(Backend):
     def profiles_networks(self) -> bool:
         return True
 
-    def prepare_network_profile(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str,
-                                parts: Sequence[str]) -> NetworkProfile:
-        model_bytes, example = self._exported(module, input_shape, precision)
-        return _OpenVinoNetworkProfile(self._request(model_bytes, example, profiling=True),
-                                       graph_part_owners(model_bytes, parts))
-
     def prepare_network_timing(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str,
                                parts: Sequence[str]) -> Tuple[Runner, NetworkProfile]:
         model_bytes, example = self._exported(module, input_shape, precision)
