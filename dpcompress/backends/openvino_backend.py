@@ -1,7 +1,7 @@
 """OpenVINO backend: Intel's runtime on the CPU, fp32, latency hint, threads set explicitly.
 
-A module goes through the same ONNX export as ONNX Runtime (``export_onnx_bytes``) and
-is read from memory by ``Core.read_model``: OpenVINO's ONNX frontend takes the bytes as
+A module goes through the same ONNX export as ONNX Runtime, taken as bytes
+(``export_onnx_bytes``), and is read from memory by ``Core.read_model``: OpenVINO's ONNX frontend takes the bytes as
 they are (about 10 ms for a block; ``openvino.convert_model`` takes no bytes, only a file
 or a stream, and goes through the model conversion tool, 40x slower). The compiled
 model states every setting that changes its timings: the latency hint (one stream),
