@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import copy
 import json
 import os
 import tempfile
@@ -25,9 +26,14 @@ from dpcompress.backends import (Backend, NetworkProfile, Runner, check_precisio
                                  export_onnx_file)
 from dpcompress.errors import UserError
 from dpcompress.latency.timing import time_runner
+from dpcompress.memory import release_freed_memory
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn
+
+
+# The graph a session rewrote, saved beside its export (so removed with it).
+OPTIMIZED_SUFFIX = ".optimized.onnx"
 
 
 class OnnxRuntimeBackend(Backend):
@@ -91,8 +97,8 @@ class OnnxRuntimeBackend(Backend):
         check_precision(precision, self.device)
         module = module.eval()
         example = torch.randn(*input_shape)
-        if precision == "fp16":
-            module, example = module.half(), example.half()
+        if precision == "fp16":  # on a copy: the module may share its weights with the caller's model
+            module, example = copy.deepcopy(module).half(), example.half()
         with tempfile.TemporaryDirectory(prefix="dpcompress_onnx_") as folder:
             path = os.path.join(folder, "model.onnx")
             export_onnx_file(module, example, path)
@@ -106,11 +112,28 @@ class OnnxRuntimeBackend(Backend):
                     precision: str = "fp32") -> List[Runner]:
         with contextlib.ExitStack() as exports:
             files = [exports.enter_context(self._exported(module, input_shape, precision)) for module in modules]
-            return [_OnnxRuntimeRunner(self._session(path), feed) for path, feed in files]
+            # Each graph is rewritten in a session of its own, kept only as the file it saves; the
+            # sessions timed then load those without rewriting again: a rewrite's transient second
+            # copy of the weights never meets another network's session.
+            for path, _ in files:
+                self._session(path, save_optimized=path + OPTIMIZED_SUFFIX)
+                release_freed_memory()
+            return [_OnnxRuntimeRunner(self._session(path + OPTIMIZED_SUFFIX, optimized=True), feed)
+                    for path, feed in files]
 
-    def _session(self, path: str, profiling: bool = False) -> Any:
-        """A session of the ONNX file at ``path``; profiling writes its trace into a folder of its own."""
+    def _session(self, path: str, profiling: bool = False, save_optimized: Optional[str] = None,
+                 optimized: bool = False) -> Any:
+        """A session of the ONNX file at ``path``; profiling writes its trace into a folder of its own.
+
+        ``save_optimized`` writes the graph as the session rewrote it to that path; a session of
+        that file is then built ``optimized`` (no rewriting again): the same nodes and timings,
+        without the transient second copy of the weights that rewriting into the NCHWc layout
+        takes while a session is built."""
         options = self.session_options()
+        if save_optimized is not None:
+            options.optimized_model_filepath = save_optimized
+        if optimized:
+            options.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if profiling:
             options.enable_profiling = True
             options.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="dpcompress_ort_profile_"), "profile")
@@ -124,8 +147,10 @@ class OnnxRuntimeBackend(Backend):
                                parts: Sequence[str]) -> Tuple[Runner, NetworkProfile]:
         with self._exported(module, input_shape, precision) as (path, feed):
             owners = graph_part_owners(path, parts)
-            plain = _OnnxRuntimeRunner(self._session(path), feed)
-            return plain, _OnnxRuntimeNetworkProfile(self._session(path, profiling=True), feed, owners)
+            plain = _OnnxRuntimeRunner(self._session(path, save_optimized=path + OPTIMIZED_SUFFIX), feed)
+            release_freed_memory()
+            profiled = self._session(path + OPTIMIZED_SUFFIX, profiling=True, optimized=True)
+            return plain, _OnnxRuntimeNetworkProfile(profiled, feed, owners)
 
     def call_overhead_ms(self, input_shape: Sequence[int], precision: str, warmup: int, iters: int) -> float:
         """Median of ``session.run`` on a graph that only passes its input through, at ``input_shape``.
