@@ -116,6 +116,24 @@ def test_packed_network_computes_with_the_blocks_geometry(tiny_traced):
     assert not any(name.startswith("dpc_block_") for name in dict(tiny_traced.gm.named_children()))
 
 
+def test_single_conv_blocks_share_the_models_weights(tiny_traced):
+    """A network of single convs holds no weights of its own beyond zero biases (memory: issue 12);
+    a merged block's conv has its own, of the merged shape."""
+    chain = tiny_traced.chain
+    merged = [b for b in chain.valid_blocks() if b[1] - b[0] > 1][:1]
+    plan = packed_plan(chain, merged)
+    geometries = {(*b, ()): block_geometry(chain, *b) for b in plan.blocks}
+    network, names = packed_network(tiny_traced, plan, geometries)
+    model_weights = {id(p) for p in tiny_traced.gm.parameters()}
+    for name, (start, end, _) in names.items():
+        conv = network.get_submodule(name)
+        assert (id(conv.weight) in model_weights) == (end - start == 1), (start, end)
+        if conv.bias is not None and end - start == 1:
+            assert not conv.bias.any()
+    x = torch.randn(1, 3, 16, 16)
+    assert torch.isfinite(network(x)).all()
+
+
 def test_in_network_table_has_every_block_the_rest_and_says_how_it_was_timed(tiny_traced, tmp_path):
     backend = get_backend("onnxruntime", threads=1)
     out = tmp_path / "t.csv"

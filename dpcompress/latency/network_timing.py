@@ -63,13 +63,23 @@ def packed_plan(chain: Chain, blocks: Sequence[Block], pruned: Sequence[int] = (
     return Plan(activations=activations, boundaries=boundaries, num_positions=L, pruned=sorted(pruned))
 
 
-def geometry_conv(geometry: BlockGeometry) -> "torch.nn.Module":
-    """The merged convolution of a block as an ``nn.Conv2d`` with random weights."""
+def geometry_conv(geometry: BlockGeometry, weight: Optional["torch.nn.Parameter"] = None) -> "torch.nn.Module":
+    """The merged convolution of a block as an ``nn.Conv2d`` with random weights, or sharing
+    ``weight`` where that has the conv's weight shape (a zero bias then, where it has one)."""
+    import torch
     from torch import nn
 
     g = geometry
-    return nn.Conv2d(g.in_channels, g.out_channels, g.kernel, stride=g.stride, padding=g.padding,
-                     groups=g.groups, bias=g.bias).eval()
+    shape = (g.out_channels, g.in_channels // g.groups, *g.kernel)
+    if weight is None or tuple(weight.shape) != shape:
+        return nn.Conv2d(g.in_channels, g.out_channels, g.kernel, stride=g.stride, padding=g.padding,
+                         groups=g.groups, bias=g.bias).eval()
+    conv = nn.Conv2d(g.in_channels, g.out_channels, g.kernel, stride=g.stride, padding=g.padding,
+                     groups=g.groups, bias=g.bias, device="meta")
+    conv.weight = weight
+    if g.bias:
+        conv.bias = nn.Parameter(torch.zeros(g.out_channels, dtype=weight.dtype, device=weight.device))
+    return conv.eval()
 
 
 def packed_network(traced: "TracedModel", plan: Plan,
@@ -85,7 +95,12 @@ def packed_network(traced: "TracedModel", plan: Plan,
 
     def make_block(start: int, end: int) -> "torch.nn.Module":
         geometry = geometries[(start, end, plan.pruned_in(start, end))]
-        return nn.Identity() if geometry.identity else geometry_conv(geometry)
+        if geometry.identity:
+            return nn.Identity()
+        # A single conv's block shares the model's weight: then a network of single convs (the
+        # original) holds no weights beyond the model's, and the others only their merged convs'.
+        own = traced.gm.get_submodule(traced.unit_nodes(end).conv.target) if end - start == 1 else None
+        return geometry_conv(geometry, getattr(own, "weight", None))
 
     holder = copy.copy(traced.gm)
     holder._modules = dict(traced.gm._modules)  # new blocks go here, not into the traced model
