@@ -138,6 +138,7 @@ def run_model(spec: str, size: int, threads: int, max_block_seconds: float, work
     record.update(stage="exported", export_s=time.perf_counter() - started,
                   max_rel_error=report.verification.max_rel_error, verified=report.verification.passed)
     save()
+    del reference  # bench needs the original and the merged network only, as `dpcompress bench` loads them
 
     # Rounds go on until both medians are known to 1% (the machine is shared: one bench can wander).
     bench = bench_modules(backend, model, merged, input_shape=shape, plan=plan, rounds=10, iters_per_round=10,

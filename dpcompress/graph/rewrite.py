@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -172,11 +172,12 @@ def reference_model(traced: TracedModel, plan: Plan) -> fx.GraphModule:
 
 def merge_reference(reference: fx.GraphModule) -> fx.GraphModule:
     """Replace each ReorderedBlock of a reference network by its single merged convolution."""
-    merged = copy.deepcopy(reference)
     with torch.no_grad():
-        for name, module in list(merged.named_children()):
-            if isinstance(module, ReorderedBlock):
-                setattr(merged, name, module.merged())
+        # Each block's merged conv stands in for the block in the copy, so the copy never holds
+        # the block's convs (as many weights as the model's) beside the merged ones.
+        memo: Dict[int, Any] = {id(module): module.merged() for module in reference.children()
+                                if isinstance(module, ReorderedBlock)}
+    merged = copy.deepcopy(reference, memo)
     return merged.eval()
 
 
