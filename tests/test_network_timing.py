@@ -279,3 +279,27 @@ def test_passes_are_recorded_checked_and_only_for_in_network_timing(tiny_traced,
     assert meta["passes"] == 2 and "2 passes" in meta["statistic"]
     with pytest.raises(UserError):  # a table made with other passes is not reused silently
         profile_table(tiny_traced.chain, backend, out, traced=tiny_traced, warmup=1, iters=3, passes=1)
+
+
+def test_every_session_is_freed_before_the_memory_goes_back(tiny_traced, monkeypatch):
+    """The last trim of a timing pass comes after its last sessions are gone: otherwise their weights
+    stay in the heap after they are freed (780 MB after profiling wide_resnet101_2; issue 12)."""
+    import gc
+
+    import onnxruntime
+
+    import dpcompress.latency.network_timing as network_timing
+
+    def live_sessions() -> int:
+        return sum(isinstance(o, onnxruntime.InferenceSession) for o in gc.get_objects())
+
+    live_at_trim = []
+    monkeypatch.setattr(network_timing, "release_freed_memory",
+                        lambda: (gc.collect(), live_at_trim.append(live_sessions())))
+    chain = tiny_traced.chain
+    plans = [packed_plan(chain, []), packed_plan(chain, [b for b in chain.valid_blocks() if b[1] - b[0] > 1][:1])]
+    geometries = {(s, e, ()): block_geometry(chain, s, e) for plan in plans for s, e in plan.blocks}
+    before = live_sessions()
+    time_networks(get_backend("onnxruntime", threads=1), tiny_traced, plans, geometries, chain.input_shape,
+                  "fp32", 1, 3, call_overhead_ms=0.0)
+    assert live_at_trim[-1] == before

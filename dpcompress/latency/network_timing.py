@@ -228,7 +228,8 @@ def _time_networks_once(backend: "Backend", traced: "TracedModel", plans: Sequen
             stats = summarize(parts.get(name) or [0.0])
             blocks[block] = (scale * stats.median_ms, scale * stats.std_ms)
         timings.append(NetworkTiming(blocks, wall, scale, len(walls)))
-    prepared.clear()  # the sessions
+    prepared.clear()  # the sessions, and the loops' last ones: all freed before the memory goes back
+    plain = profiled = None  # type: ignore[assignment]
     release_freed_memory()
     finished = iter(timings)
     return [next(finished) if ok else None for ok in kept]
