@@ -102,6 +102,7 @@ class OnnxRuntimeBackend(Backend):
         with tempfile.TemporaryDirectory(prefix="dpcompress_onnx_") as folder:
             path = os.path.join(folder, "model.onnx")
             export_onnx_file(module, example, path)
+            release_freed_memory()  # the exporter's transient copies of the weights (several)
             yield path, {"x": np.ascontiguousarray(example.numpy())}
 
     def prepare(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str = "fp32") -> Runner:

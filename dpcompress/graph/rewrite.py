@@ -159,8 +159,9 @@ def reference_model(traced: TracedModel, plan: Plan) -> fx.GraphModule:
         if len(pruned) == end - start and not residuals:
             return nn.Identity()
         units = [chain.unit(p) for p in range(start + 1, end + 1) if p not in pruned]
-        convs = [copy.deepcopy(holder.get_submodule(u.name)) for u in units]
-        norms = [copy.deepcopy(holder.get_submodule(u.batchnorm)) if u.batchnorm else None for u in units]
+        convs = [_copy_sharing_parameters(holder.get_submodule(u.name)) for u in units]
+        norms = [_copy_sharing_parameters(holder.get_submodule(u.batchnorm)) if u.batchnorm else None
+                 for u in units]
         first = chain.unit(start + 1)
         channels = [first.in_channels, *(chain.unit(p).out_channels for p in range(start + 1, end + 1))]
         return ReorderedBlock(convs, norms, [u.padding for u in units], residuals,
@@ -168,6 +169,13 @@ def reference_model(traced: TracedModel, plan: Plan) -> fx.GraphModule:
                               positions=[u.position - start for u in units], channels=channels)
 
     return rewrite_blocks(traced, plan, holder, make_block)
+
+
+def _copy_sharing_parameters(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose attributes (a conv's padding) can change on their own, with the same
+    parameter tensors: ``holder`` is already the reference's private copy, and the module it replaces
+    is dropped with it, so copying the weights too would only hold them twice for a while."""
+    return copy.deepcopy(module, {id(p): p for p in module.parameters()})
 
 
 def merge_reference(reference: fx.GraphModule) -> fx.GraphModule:
