@@ -51,6 +51,38 @@ def test_onnx_export_computes_what_the_module_computes():
         np.testing.assert_allclose(y, module(x).numpy(), rtol=1e-4, atol=1e-4)
 
 
+def test_onnx_runtime_runs_the_same_graph_whether_or_not_the_exporter_folded_the_norms(tmp_path):
+    """Bench exports without constant folding (less memory): the session must fold the batch norms
+    into the convs itself, leaving the graph that the folded export gives."""
+    import onnx
+    import onnxruntime as ort
+
+    from dpcompress.backends import export_onnx_file
+
+    module = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                           nn.Conv2d(8, 8, 3, groups=8, padding=1), nn.BatchNorm2d(8), nn.ReLU6()).eval()
+    with torch.no_grad():
+        module[1].running_var.uniform_(0.5, 2.0)  # so that folding changes the weights
+        module[4].running_mean.uniform_(-1.0, 1.0)
+    x = torch.randn(1, 3, 16, 16)
+    graphs, outputs = [], []
+    for fold in (True, False):
+        path, optimized = tmp_path / f"fold{fold}.onnx", tmp_path / f"fold{fold}.optimized.onnx"
+        export_onnx_file(module, x, path, fold_constants=fold)
+        raw_ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+        assert ("BatchNormalization" in raw_ops) == (not fold)
+        options = get_backend("onnxruntime", threads=1).session_options()
+        options.optimized_model_filepath = str(optimized)
+        outputs.append(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                       .run(None, {"x": x.numpy()})[0])
+        graphs.append([(n.op_type, n.domain, sorted(str(onnx.helper.get_attribute_value(a)) for a in n.attribute))
+                       for n in onnx.load(str(optimized)).graph.node])
+    assert graphs[0] == graphs[1] and not any(op == "BatchNormalization" for op, _, _ in graphs[1])
+    with torch.no_grad():
+        for y in outputs:
+            np.testing.assert_allclose(y, module(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_an_op_the_torchscript_exporter_cannot_export_goes_to_dynamo_quietly(capfd):
     import onnxruntime as ort
 

@@ -62,7 +62,7 @@ def test_a_network_is_exported_once_for_its_plain_and_profiled_sessions(monkeypa
 
     exports = []
     export = onnxruntime_backend.export_onnx_file
-    monkeypatch.setattr(onnxruntime_backend, "export_onnx_file", lambda *args: exports.append(args) or export(*args))
+    monkeypatch.setattr(onnxruntime_backend, "export_onnx_file", lambda *args, **kw: exports.append(args) or export(*args, **kw))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the export's and the profiler's folders land here
     plain, profiled = get_backend("onnxruntime", threads=1).prepare_network_timing(
         ThreeParts().eval(), (1, 4, 16, 16), "fp32", ["part_a", "part_b", "part_c"])

@@ -87,10 +87,12 @@ class OnnxRuntimeBackend(Backend):
         return options
 
     @contextlib.contextmanager
-    def _exported(self, module: "torch.nn.Module", input_shape: Sequence[int],
-                  precision: str) -> Iterator[Tuple[str, dict]]:
+    def _exported(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str,
+                  fold_constants: bool = False) -> Iterator[Tuple[str, dict]]:
         """``module`` as an ONNX file at ``precision`` (removed on leaving), and a random input feed for it.
-        Sessions read the file themselves: no copy of the weights is held in Python meanwhile."""
+        Sessions read the file themselves: no copy of the weights is held in Python meanwhile. Constants
+        are left for the session to fold (less memory while exporting) unless node names must match
+        the folded export's (``export_onnx_file``)."""
         import numpy as np
         import torch
 
@@ -101,7 +103,7 @@ class OnnxRuntimeBackend(Backend):
             module, example = copy.deepcopy(module).half(), example.half()
         with tempfile.TemporaryDirectory(prefix="dpcompress_onnx_") as folder:
             path = os.path.join(folder, "model.onnx")
-            export_onnx_file(module, example, path)
+            export_onnx_file(module, example, path, fold_constants=fold_constants)
             release_freed_memory()  # the exporter's transient copies of the weights (several)
             yield path, {"x": np.ascontiguousarray(example.numpy())}
 
@@ -146,7 +148,7 @@ class OnnxRuntimeBackend(Backend):
 
     def prepare_network_timing(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str,
                                parts: Sequence[str]) -> Tuple[Runner, NetworkProfile]:
-        with self._exported(module, input_shape, precision) as (path, feed):
+        with self._exported(module, input_shape, precision, fold_constants=True) as (path, feed):
             owners = graph_part_owners(path, parts)
             plain = _OnnxRuntimeRunner(self._session(path, save_optimized=path + OPTIMIZED_SUFFIX), feed)
             release_freed_memory()
