@@ -1,15 +1,13 @@
 """How far apart two latency tables made minutes apart are, at default and at more timed runs (issue 15).
 
-For one model and backend, makes ``--tables`` tables in turn for each setting of ``--iters`` and
-``--passes`` (in-network, alternating the settings: A200, A50, B200, B50, ...), then prints each table's predicted
+For one model and backend, makes ``--tables`` tables in turn for each ``--iters`` value (in-network,
+alternating the iters values: A200, A50, B200, B50, ...), then prints each table's predicted
 speed-up of fixed plans: those solved from the shipped ONNX Runtime table at ``--ratios``. The
 spread of one plan's prediction over tables made alike is the table's own noise, which no method
-of attribution removes; a larger ``--iters`` buys more rounds per network (up to 3 s each), more
-``--passes`` more sessions per network (each block's median over them). With
+of attribution removes; a larger ``--iters`` buys more rounds per network (up to 3 s each). With
 ``--bench N``, the plans are then benched N times each on the backend, to set beside the predictions.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/table_spread.py --backend openvino --iters 50,200 --tables 2
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/table_spread.py --backend openvino --iters 200 --passes 1,3 --tables 3
 """
 
 from __future__ import annotations
@@ -42,8 +40,7 @@ def main() -> None:
     parser.add_argument("--backend", default="openvino")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--iters", default="50,200", help="Timed runs per network, comma-separated values.")
-    parser.add_argument("--passes", default="1", help="In-network passes per table, comma-separated values.")
-    parser.add_argument("--tables", type=int, default=2, help="Tables per (iters, passes) setting.")
+    parser.add_argument("--tables", type=int, default=2, help="Tables per iters value.")
     parser.add_argument("--ratios", default="0.9,0.7,0.5")
     parser.add_argument("--timing", default="in-network", choices=("in-network", "standalone"))
     parser.add_argument("--bench", type=int, default=0,
@@ -63,26 +60,26 @@ def main() -> None:
     backend = get_backend(args.backend, threads=args.threads)
     print(f"# {args.model} on {backend.describe()}, {args.timing}; plans from {PLANS_FROM}; "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
-    print("| table | iters | passes | load | seconds | " + " | ".join(f"plan {r:g}" for r in ratios) + " |")
-    print("|---|---|---|---|---|" + "---|" * len(ratios))
-    by_setting = {(int(i), int(p)): [] for i in args.iters.split(",") for p in args.passes.split(",")}
+    print("| table | iters | load | seconds | " + " | ".join(f"plan {r:g}" for r in ratios) + " |")
+    print("|---|---|---|---|" + "---|" * len(ratios))
+    by_iters = {int(i): [] for i in args.iters.split(",")}
     for index in range(args.tables):
-        for iters, passes in by_setting:
-            path = out / f"{args.backend}_{iters}_{passes}_{index}.csv"
+        for iters in by_iters:
+            path = out / f"{args.backend}_{iters}_{index}.csv"
             load = os.getloadavg()[0]
             began = time.perf_counter()
             profile_table(traced.chain, backend, path, model_spec=args.model, input_shape=shape, traced=traced,
-                          iters=iters, overwrite=True, timing=args.timing, passes=passes)
+                          iters=iters, overwrite=True, timing=args.timing)
             seconds = time.perf_counter() - began
             table = read_latency_table(path)
             speedups = [predicted(table, plan) for plan in plans]
-            by_setting[(iters, passes)].append(speedups)
-            print(f"| {index} | {iters} | {passes} | {load:.2f} | {seconds:.0f} | "
+            by_iters[iters].append(speedups)
+            print(f"| {index} | {iters} | {load:.2f} | {seconds:.0f} | "
                   + " | ".join(f"{s:.2f}x" for s in speedups) + " |", flush=True)
-    for (iters, passes), rows in by_setting.items():
+    for iters, rows in by_iters.items():
         spreads = [max(col) / min(col) - 1 for col in zip(*rows)]
         means = [statistics.mean(col) for col in zip(*rows)]
-        print(f"iters {iters}, passes {passes}: mean " + ", ".join(f"{m:.2f}x" for m in means)
+        print(f"iters {iters}: mean " + ", ".join(f"{m:.2f}x" for m in means)
               + "; spread (max/min - 1) " + ", ".join(f"{100 * s:.1f}%" for s in spreads))
     if args.bench:
         merged = [merged_model(traced, plan) for plan in plans]

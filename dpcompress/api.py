@@ -50,15 +50,13 @@ def _backend(backend: "str | Backend", threads: Optional[int]) -> "Backend":
 def profile(model: "nn.Module", input_shape: Sequence[int], *, backend: "str | Backend" = "onnxruntime",
             out: Optional[PathLike] = None, submodule: Optional[str] = None, precision: str = "fp32",
             threads: Optional[int] = None, timing: Optional[str] = None, warmup: int = 10, iters: int = 50,
-            passes: Optional[int] = None, progress: bool = True) -> "LatencyTable":
+            progress: bool = True) -> "LatencyTable":
     """Time every valid block of ``model`` (or ``submodule``) on ``backend`` and return the latency table.
 
     ``backend`` is a name (``onnxruntime``, ``openvino``, ``torch``, ``tensorrt``) or a Backend instance.
     With ``out`` (a .csv path) the table and its meta are kept there, and an interrupted run resumes
     from them; without, they are written to a temporary folder and removed. ``timing`` is
-    ``in-network`` or ``standalone`` (default: in-network where the backend can); ``passes`` times
-    each network that many times with fresh sessions and keeps each block's median (default: the
-    backend's ``network_passes``).
+    ``in-network`` or ``standalone`` (default: in-network where the backend can).
     """
     from dpcompress.latency.profile import default_timing, profile_table
     from dpcompress.tables import read_latency_table
@@ -72,8 +70,7 @@ def profile(model: "nn.Module", input_shape: Sequence[int], *, backend: "str | B
 
     def run(path: Path) -> "LatencyTable":
         profile_table(traced.chain, runtime, path, input_shape=shape, precision=precision, warmup=warmup,
-                      iters=iters, traced=traced, timing=timing or default_timing(runtime, traced), progress=report,
-                      passes=passes)
+                      iters=iters, traced=traced, timing=timing or default_timing(runtime, traced), progress=report)
         return read_latency_table(path)
 
     if out is not None:

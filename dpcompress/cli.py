@@ -271,17 +271,12 @@ def _backend(backend_name: Optional[str], gpu: bool, device: str, threads: Optio
               help="in-network: blocks timed inside whole networks by the runtime's node profiler (what the "
                    "network pays); standalone: each block as its own model.  [default: in-network where the "
                    "backend can (onnxruntime, openvino), else standalone]")
-@click.option("--passes", type=int, default=None,
-              help="In-network timing: time each network this many times, each with fresh sessions, and keep each "
-                   "block's median (steadier tables on a noisy machine, at that many times the cost).  "
-                   "[default: the backend's; 1 for onnxruntime]")
 @prune_option
 def profile(model_spec: str, weights: Optional[str], input_shape: str, submodule: Optional[str],
             backend_name: Optional[str], gpu: bool,
             device: str, precision: str, threads: Optional[int], cuda_graphs: bool, channels_last: bool,
             warmup: int, batch_size: Optional[int], iters: int, out: str, overwrite: bool, prune_margin: float,
-            time_all: bool, max_block_seconds: float, timing: Optional[str], passes: Optional[int],
-            prune: Optional[bool]) -> None:
+            time_all: bool, max_block_seconds: float, timing: Optional[str], prune: Optional[bool]) -> None:
     """Time every valid block as its merged convolution and write the latency table (resumable)."""
     from dpcompress.graph.geometry import size_text
     from dpcompress.latency.profile import profile_table
@@ -294,8 +289,7 @@ def profile(model_spec: str, weights: Optional[str], input_shape: str, submodule
                            batch_size=batch_size, precision=precision, warmup=warmup, iters=iters,
                            overwrite=overwrite, prune_margin=None if time_all else prune_margin,
                            progress=profile_lines(_progress()), traced=traced, timing=timing,
-                           max_block_seconds=max_block_seconds, prune=prune_default(prune, traced.chain),
-                           passes=passes)
+                           max_block_seconds=max_block_seconds, prune=prune_default(prune, traced.chain))
     unbuildable = len(result.meta["unbuildable_blocks"])
     capped = len(result.meta["capped_blocks"])
     click.echo(f"wrote {result.table_path} ({len(result.rows)} rows, {result.timed_shapes} shapes timed now, "

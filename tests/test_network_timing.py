@@ -15,7 +15,6 @@ from dpcompress.backends import export_onnx_bytes, get_backend
 from dpcompress.backends.onnxruntime_backend import _owner_of, part_owners
 from dpcompress.latency.network_timing import pack, packed_network, packed_plan, time_networks
 from dpcompress.graph.geometry import block_geometry
-from dpcompress.errors import UserError
 from dpcompress.latency.profile import MIN_KEPT_FRACTION, profile_table
 from dpcompress.search.solver import frontier, solve_for_model
 from dpcompress.tables import read_latency_table
@@ -231,58 +230,8 @@ def test_a_backend_that_asks_for_more_runs_per_network_gets_them(tiny_traced):
     assert runs[0] < 100 <= runs[1]
 
 
-def test_passes_give_each_block_its_median_and_skip_networks_over_the_cap(tiny_traced, monkeypatch):
-    """Later passes time only the networks the first pass kept; each block gets its median over passes."""
-    from dpcompress.latency import network_timing
-    from dpcompress.latency.network_timing import NetworkTiming
-
-    chain = tiny_traced.chain
-    plans = [packed_plan(chain, []), packed_plan(chain, [b for b in chain.valid_blocks() if b[1] - b[0] > 1][:1])]
-    scripted = iter([[NetworkTiming({(0, 1, ()): (1.0, 0.1)}, 10.0, 1.0, 20), None],
-                     [NetworkTiming({(0, 1, ()): (3.0, 0.3)}, 12.0, 0.9, 20)],
-                     [NetworkTiming({(0, 1, ()): (2.5, 0.2)}, 11.0, 0.8, 20)]])
-    timed_plans = []
-
-    def scripted_pass(backend, traced, plans_now, *args):
-        timed_plans.append(list(plans_now))
-        return next(scripted)
-
-    monkeypatch.setattr(network_timing, "_time_networks_once", scripted_pass)
-    first, capped = time_networks(None, tiny_traced, plans, {}, chain.input_shape, "fp32", 1, 3, 0.0,
-                                  max_seconds=1.0, passes=3)
-    assert timed_plans == [plans, plans[:1], plans[:1]]
-    assert capped is None
-    assert first.blocks == {(0, 1, ()): (2.5, 0.2)} and first.wall_ms == 11.0 and first.runs == 60
-
-
-def test_two_real_passes_build_sessions_twice_and_time_every_block(tiny_traced):
-    chain = tiny_traced.chain
-    plan = packed_plan(chain, [])
-    geometries = {(s, e, ()): block_geometry(chain, s, e) for s, e in plan.blocks}
-    backend = get_backend("onnxruntime", threads=1)
-    one, = time_networks(backend, tiny_traced, [plan], geometries, chain.input_shape, "fp32", 1, 3, 0.0)
-    two, = time_networks(backend, tiny_traced, [plan], geometries, chain.input_shape, "fp32", 1, 3, 0.0, passes=2)
-    assert set(two.blocks) == set(one.blocks) == set(geometries)
-    assert two.runs >= 2 * 3 and all(latency > 0 for latency, _ in two.blocks.values())
-
-
-def test_passes_are_recorded_checked_and_only_for_in_network_timing(tiny_traced, tmp_path):
-    backend = get_backend("onnxruntime", threads=1)
-    with pytest.raises(UserError, match="in-network timing only"):
-        profile_table(tiny_traced.chain, backend, tmp_path / "s.csv", traced=tiny_traced, timing="standalone",
-                      passes=2)
-    with pytest.raises(UserError, match="at least 1"):
-        profile_table(tiny_traced.chain, backend, tmp_path / "z.csv", traced=tiny_traced, passes=0)
-    out = tmp_path / "t.csv"
-    profile_table(tiny_traced.chain, backend, out, traced=tiny_traced, warmup=1, iters=3, passes=2)
-    meta = json.loads((tmp_path / "t.meta.json").read_text())
-    assert meta["passes"] == 2 and "2 passes" in meta["statistic"]
-    with pytest.raises(UserError):  # a table made with other passes is not reused silently
-        profile_table(tiny_traced.chain, backend, out, traced=tiny_traced, warmup=1, iters=3, passes=1)
-
-
 def test_every_session_is_freed_before_the_memory_goes_back(tiny_traced, monkeypatch):
-    """The last trim of a timing pass comes after its last sessions are gone: otherwise their weights
+    """time_networks' last trim comes after its last sessions are gone: otherwise their weights
     stay in the heap after they are freed (780 MB after profiling wide_resnet101_2; issue 12)."""
     import gc
 

@@ -98,12 +98,6 @@ class Backend(ABC):
         per-node counters vary more from run to run ask for more."""
         return 0
 
-    @property
-    def network_passes(self) -> int:
-        """How many times in-network timing times each network by default, each time with sessions
-        built afresh, keeping each block's median (``network_timing.time_networks``)."""
-        return 1
-
     def prepare_network_timing(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str,
                                parts: Sequence[str]) -> Tuple[Runner, NetworkProfile]:
         """``module`` built twice: plain, and with per-node profiling, its nodes attributed to the

@@ -146,43 +146,13 @@ class NetworkTiming:
 def time_networks(backend: "Backend", traced: "TracedModel", plans: Sequence[Plan],
                   geometries: Dict[Option, BlockGeometry], input_shape: Sequence[int], precision: str,
                   warmup: int, iters: int, call_overhead_ms: float,
-                  max_seconds: Optional[float] = None, passes: int = 1) -> List[Optional[NetworkTiming]]:
+                  max_seconds: Optional[float] = None) -> List[Optional[NetworkTiming]]:
     """Time the blocks of each plan inside its network; the networks take turns, round by round.
     ``geometries`` holds each block's, keyed ``(start, end, the convs the plan prunes in it)``.
 
     With ``max_seconds``, a network whose building and first run show that timing it would take
     longer is dropped after that run: its entry is None.
-
-    ``passes`` > 1 times each network again, each pass with runtime sessions built afresh, and
-    gives each block the median over the passes: a session's timings can stay off by some
-    percent for its whole life (where its buffers happen to lie, what else ran meanwhile),
-    which more runs of the same session do not average out.
     """
-    if passes < 1:
-        raise ValueError(f"passes must be at least 1 (got {passes})")
-    first = _time_networks_once(backend, traced, plans, geometries, input_shape, precision, warmup, iters,
-                                call_overhead_ms, max_seconds)
-    kept = [plan for plan, timing in zip(plans, first) if timing is not None]
-    more = [_time_networks_once(backend, traced, kept, geometries, input_shape, precision, warmup, iters,
-                                call_overhead_ms, None) for _ in range(passes - 1)]
-    later = iter(zip(*more))  # per kept network, its timings from the later passes
-    return [None if timing is None else _median_timing([timing, *next(later, ())]) for timing in first]
-
-
-def _median_timing(timings: Sequence[NetworkTiming]) -> NetworkTiming:
-    """Each block's median (and the median of its spreads) over timings of one network."""
-    if len(timings) == 1:
-        return timings[0]
-    blocks = {block: (statistics.median(t.blocks[block][0] for t in timings),
-                      statistics.median(t.blocks[block][1] for t in timings)) for block in timings[0].blocks}
-    return NetworkTiming(blocks, statistics.median(t.wall_ms for t in timings),
-                         statistics.median(t.scale for t in timings), sum(t.runs for t in timings))
-
-
-def _time_networks_once(backend: "Backend", traced: "TracedModel", plans: Sequence[Plan],
-                        geometries: Dict[Option, BlockGeometry], input_shape: Sequence[int], precision: str,
-                        warmup: int, iters: int, call_overhead_ms: float,
-                        max_seconds: Optional[float]) -> List[Optional[NetworkTiming]]:
     import torch
 
     from dpcompress.latency.timing import summarize

@@ -100,9 +100,9 @@ PRUNED_TABLE_COLUMNS = (*TABLE_COLUMNS, PRUNED_COLUMN)  # a table with pruning o
 # Meta fields that must agree for a run to resume (or reuse) an existing table.
 RESUME_KEYS = ("format", "timing", "model", "input_shape", "batch_size", "backend", "backend_version", "backend_options",
                "device", "device_name", "threads", "precision", "warmup", "iters", "prune_margin", "call_overhead",
-               "prune", "passes", "chain_fingerprint", "dpcompress_version")
+               "prune", "chain_fingerprint", "dpcompress_version")
 # What a meta from before a key existed meant by it.
-RESUME_DEFAULTS = {"prune": False, "passes": 1}
+RESUME_DEFAULTS = {"prune": False}
 MIN_KEPT_FRACTION = 0.1
 DEFAULT_PRUNE_MARGIN = 2.0
 DEFAULT_MAX_BLOCK_SECONDS = 60.0
@@ -271,7 +271,7 @@ TIMING_TEXT = {
 def profile_meta(chain: Chain, backend: "Backend", *, model_spec: Optional[str], input_shape: Sequence[int],
                  batch_size: int, precision: str, warmup: int, iters: int,
                  prune_margin: Optional[float] = DEFAULT_PRUNE_MARGIN, timing: str = "standalone",
-                 max_block_seconds: Optional[float] = None, prune: bool = False, passes: int = 1) -> Dict[str, Any]:
+                 max_block_seconds: Optional[float] = None, prune: bool = False) -> Dict[str, Any]:
     """The meta of a table profiled with these settings (``date`` is set when the table is finished)."""
     return {
         "format": TABLE_FORMAT,
@@ -289,9 +289,7 @@ def profile_meta(chain: Chain, backend: "Backend", *, model_spec: Optional[str],
         "precision": precision,
         "warmup": int(warmup),
         "iters": int(iters),
-        "passes": int(passes),
-        "statistic": "median of the timed runs; std_ms is their standard deviation" + (
-            f"; in-network, the median over {passes} passes, each with sessions built afresh" if passes > 1 else ""),
+        "statistic": "median of the timed runs; std_ms is their standard deviation",
         "call_overhead": ("subtracted: latency_ms is the median minus call_overhead_ms at the block's input shape "
                           "(the backend's cost of an empty call), floored at "
                           f"{MIN_KEPT_FRACTION:g} x the median") if timing == "standalone" else
@@ -380,7 +378,7 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                   progress: Optional[Callable[[ProfileProgress], None]] = None,
                   traced: Optional["TracedModel"] = None, timing: Optional[str] = None,
                   max_block_seconds: Optional[float] = DEFAULT_MAX_BLOCK_SECONDS,
-                  prune: bool = False, passes: Optional[int] = None) -> ProfileResult:
+                  prune: bool = False) -> ProfileResult:
     """Time every valid block of ``chain`` on ``backend`` and write the latency table ``out`` (+ meta).
 
     ``batch_size`` replaces N of the chain's input shape for timing (default: that N).
@@ -391,9 +389,6 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
     backend that profiles nodes) or ``standalone``; default: :func:`default_timing`.
     ``max_block_seconds`` bounds, instead of timing, a block that would take longer (module doc; None: no cap).
     ``prune`` writes a row per pruning option of each block (module doc).
-    ``passes`` (in-network timing) times each network that many times, each with sessions built
-    afresh, and keeps each block's median (``time_networks``); default: the backend's
-    ``network_passes``.
     """
     from dpcompress.backends import check_precision
     from dpcompress.latency.network_timing import minimum_runs
@@ -411,11 +406,6 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
         raise UserError(f"the {backend.name} backend cannot time blocks inside a network; use --timing standalone")
     if timing == "in-network" and traced is None:
         raise UserError("in-network timing needs the model, not only its chain; use --timing standalone")
-    passes = backend.network_passes if passes is None else passes
-    if passes < 1:
-        raise UserError(f"--passes must be at least 1 (got {passes})")
-    if passes > 1 and timing != "in-network":
-        raise UserError("--passes applies to in-network timing only; drop it or use --timing in-network")
     check_precision(precision, backend.device)
     input_shape = tuple(input_shape or chain.input_shape)
     batch_size = int(batch_size or input_shape[0])
@@ -424,7 +414,7 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
     table_path = Path(out)
     meta = profile_meta(chain, backend, model_spec=model_spec, input_shape=input_shape, batch_size=batch_size,
                         precision=precision, warmup=warmup, iters=iters, prune_margin=prune_margin, timing=timing,
-                        max_block_seconds=max_block_seconds, prune=prune, passes=passes)
+                        max_block_seconds=max_block_seconds, prune=prune)
     columns = PRUNED_TABLE_COLUMNS if prune else TABLE_COLUMNS
     blocks = [(start, end, pruned) for start, end in chain.valid_blocks()
               for pruned in (pruning_options(chain, start, end) if prune else [()])]
@@ -671,7 +661,7 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                 # The cap needs a bound to write: none before a rate was measured (the singles' network).
                 limit = None if singles_network or best_rate <= 0 else max_block_seconds
                 results = time_networks(backend, traced, plans, geometries, network_input, precision, warmup,
-                                        iters, overhead, max_seconds=limit, passes=passes)
+                                        iters, overhead, max_seconds=limit)
                 timed_now = set()
                 for members, result in zip(networks, results):
                     if result is None:  # over the cap
