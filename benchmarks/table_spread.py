@@ -5,9 +5,12 @@ alternating the iters values: A200, A50, B200, B50, ...), then prints each table
 speed-up of fixed plans: those solved from the shipped ONNX Runtime table at ``--ratios``. The
 spread of one plan's prediction over tables made alike is the table's own noise, which no method
 of attribution removes; a larger ``--iters`` buys more rounds per network (up to 3 s each). With
-``--bench N``, the plans are then benched N times each on the backend, to set beside the predictions.
+``--bench N``, the plans are then benched N times each on the backend, to set beside the predictions;
+with ``--bench-each N``, N times right after each table, so that each table's predictions meet
+measurements made minutes from it (the machine's own state can change in between).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/table_spread.py --backend openvino --iters 50,200 --tables 2
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/table_spread.py --backend openvino --iters 200 --tables 6 --bench-each 2
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ def main() -> None:
     parser.add_argument("--timing", default="in-network", choices=("in-network", "standalone"))
     parser.add_argument("--bench", type=int, default=0,
                         help="Then bench each plan on the backend this many times (median) to compare.")
+    parser.add_argument("--bench-each", type=int, default=0,
+                        help="Bench each plan this many times (median) right after each table.")
     parser.add_argument("--out-dir", default="out/table_spread")
     args = parser.parse_args()
 
@@ -60,8 +65,11 @@ def main() -> None:
     backend = get_backend(args.backend, threads=args.threads)
     print(f"# {args.model} on {backend.describe()}, {args.timing}; plans from {PLANS_FROM}; "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
-    print("| table | iters | load | seconds | " + " | ".join(f"plan {r:g}" for r in ratios) + " |")
-    print("|---|---|---|---|" + "---|" * len(ratios))
+    merged = [merged_model(traced, plan) for plan in plans] if args.bench or args.bench_each else []
+    measured_cells = " | ".join(f"measured {r:g} (error)" for r in ratios) if args.bench_each else ""
+    print("| table | iters | load | seconds | " + " | ".join(f"plan {r:g}" for r in ratios) + " |"
+          + (f" {measured_cells} |" if measured_cells else ""))
+    print("|---|---|---|---|" + "---|" * len(ratios) * (2 if args.bench_each else 1))
     by_iters = {int(i): [] for i in args.iters.split(",")}
     for index in range(args.tables):
         for iters in by_iters:
@@ -74,19 +82,29 @@ def main() -> None:
             table = read_latency_table(path)
             speedups = [predicted(table, plan) for plan in plans]
             by_iters[iters].append(speedups)
-            print(f"| {index} | {iters} | {load:.2f} | {seconds:.0f} | "
-                  + " | ".join(f"{s:.2f}x" for s in speedups) + " |", flush=True)
+            row = f"| {index} | {iters} | {load:.2f} | {seconds:.0f} | " + " | ".join(f"{s:.2f}x" for s in speedups)
+            if args.bench_each:
+                measured = bench_medians(backend, model, merged, shape, args.bench_each)
+                row += " | " + " | ".join(f"{m:.2f}x ({100 * (s / m - 1):+.1f}%)" for s, m in zip(speedups, measured))
+            print(row + " |", flush=True)
     for iters, rows in by_iters.items():
         spreads = [max(col) / min(col) - 1 for col in zip(*rows)]
         means = [statistics.mean(col) for col in zip(*rows)]
         print(f"iters {iters}: mean " + ", ".join(f"{m:.2f}x" for m in means)
               + "; spread (max/min - 1) " + ", ".join(f"{100 * s:.1f}%" for s in spreads))
     if args.bench:
-        merged = [merged_model(traced, plan) for plan in plans]
         measured = [[bench_modules(backend, model, m, input_shape=shape).measured_speedup for m in merged]
                     for _ in range(args.bench)]  # the plans take turns, bench after bench
         print(f"measured (median of {args.bench}, load {os.getloadavg()[0]:.2f}): " + ", ".join(
             f"{statistics.median(col):.2f}x ({min(col):.2f}-{max(col):.2f})" for col in zip(*measured)))
+
+
+def bench_medians(backend, model, merged, shape, times: int):
+    """Each merged network's measured speed-up over ``model``: the median of ``times`` benches, the
+    networks taking turns."""
+    runs = [[bench_modules(backend, model, m, input_shape=shape).measured_speedup for m in merged]
+            for _ in range(times)]
+    return [statistics.median(col) for col in zip(*runs)]
 
 
 if __name__ == "__main__":
