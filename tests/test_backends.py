@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -104,6 +106,39 @@ def test_onnxruntime_prepares_side_by_side_in_order_leaving_no_files(monkeypatch
     assert not list(tmp_path.iterdir())
     medians = [time_runner(runner, warmup=2, iters=7).median_ms for runner in runners]
     assert medians[0] < medians[1]
+
+
+def test_a_large_models_optimized_graph_is_saved_with_its_weights_beside_it(monkeypatch, tmp_path):
+    """A saved graph over 2 GB cannot be one protobuf; past the size limit (here 0) the weights go to a
+    file beside it, and the session that loads the graph computes what the module does."""
+    import tempfile
+
+    import dpcompress.backends.onnxruntime_backend as onnxruntime_backend
+
+    monkeypatch.setattr(onnxruntime_backend, "SAVE_WEIGHTS_APART_OVER_BYTES", 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    backend = get_backend("onnxruntime", threads=1)
+    saved_folders = []
+    build = backend._session
+
+    def session(path, **options):
+        made = build(path, **options)
+        if options.get("save_optimized"):
+            saved_folders.append({p.name: p.stat().st_size for p in Path(path).parent.iterdir()})
+        return made
+
+    monkeypatch.setattr(backend, "_session", session)
+    module = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 8, 1)).eval()
+    (runner,) = backend.prepare_all([module], (1, 8, 12, 12))
+    (files,) = saved_folders
+    weights = sum(p.numel() * 4 for p in module.parameters())
+    assert files["model.onnx" + onnxruntime_backend.OPTIMIZED_SUFFIX + ".data"] >= weights // 2
+    assert files["model.onnx" + onnxruntime_backend.OPTIMIZED_SUFFIX] < weights // 2
+    x = runner._feed["x"]
+    with torch.no_grad():
+        np.testing.assert_allclose(runner._session.run(None, runner._feed)[0], module(torch.from_numpy(x)).numpy(),
+                                   rtol=1e-4, atol=1e-5)
+    assert not list(tmp_path.iterdir())
 
 
 def test_onnxruntime_threads_set_and_spinning_off():

@@ -34,6 +34,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # The graph a session rewrote, saved beside its export (so removed with it).
 OPTIMIZED_SUFFIX = ".optimized.onnx"
+# A saved graph is one protobuf, which cannot exceed 2 GB: the weights of a model folder over this
+# size are saved to a file beside it instead (regnet_y_128gf, 2.6 GB of weights, failed to save).
+SAVE_WEIGHTS_APART_OVER_BYTES = 1 << 30
 
 
 class OnnxRuntimeBackend(Backend):
@@ -135,6 +138,11 @@ class OnnxRuntimeBackend(Backend):
         options = self.session_options()
         if save_optimized is not None:
             options.optimized_model_filepath = save_optimized
+            if _folder_bytes(os.path.dirname(path)) > SAVE_WEIGHTS_APART_OVER_BYTES:
+                options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                                 os.path.basename(save_optimized) + ".data")
+                options.add_session_config_entry(
+                    "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         if optimized:
             options.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if profiling:
@@ -165,6 +173,11 @@ class OnnxRuntimeBackend(Backend):
         import torch
 
         return time_runner(self.prepare(torch.nn.Identity(), input_shape, precision), warmup, iters).median_ms
+
+
+def _folder_bytes(folder: str) -> int:
+    """What the files of a model's folder hold: the model and any weights exported beside it."""
+    return sum(entry.stat().st_size for entry in os.scandir(folder or ".") if entry.is_file())
 
 
 class _OnnxRuntimeRunner(Runner):
