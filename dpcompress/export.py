@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from dpcompress.errors import UserError
-from dpcompress.fileio import PathLike, atomic_path
+from dpcompress.fileio import PathLike, atomic_path, staged_beside
 from dpcompress.memory import release_freed_memory
 
 FORMATS = ("torch", "onnx", "openvino", "tensorrt")
@@ -241,13 +241,15 @@ def export_plan(original: nn.Module, reference: nn.Module, merged: nn.Module, fm
     if fmt == "onnx":
         import onnx
 
-        with atomic_path(out) as tmp:  # renamed onto ``out`` only once verified
-            write_onnx(merged, tmp, input_shape, dynamic_batch)
+        # Moved to ``out`` only once verified, with the weights file that the exporter writes beside a
+        # model over 1.5 GB (named after the model, so it is written under the final name).
+        with staged_beside(out) as staged:
+            write_onnx(merged, staged, input_shape, dynamic_batch)
             if verify:
-                verification = verify_onnx(str(tmp), reference, input_shape, tolerance)
+                verification = verify_onnx(str(staged), reference, input_shape, tolerance)
                 check_verification(verification, tolerance)
-            onnx.checker.check_model(str(tmp))
-            size = tmp.stat().st_size
+            onnx.checker.check_model(str(staged))
+            size = sum(file.stat().st_size for file in staged.parent.iterdir())
         release_freed_memory()  # the export's and the verifying session's copies of the weights
         return ExportReport(before=model_stats(original, input_shape), after=model_stats(merged, input_shape),
                             verification=verification, size_bytes=size)

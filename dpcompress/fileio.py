@@ -35,6 +35,20 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def staged_beside(path: PathLike) -> Iterator[Path]:
+    """Yield ``path``'s name in a hidden folder beside it; on success every file written into that folder
+    (the output and any it refers to by name, such as ONNX weights saved apart) moves beside ``path``,
+    ``path`` itself last. On failure the folder goes, and nothing reaches ``path``'s folder."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as folder:
+        staged = Path(folder) / target.name
+        yield staged
+        for file in sorted(Path(folder).iterdir(), key=lambda f: f.name == target.name):
+            os.replace(file, target.parent / file.name)
+
+
 def write_text_atomic(path: PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -105,3 +105,31 @@ def test_weights_that_are_not_a_state_dict_one_line(workdir, kind, message):
                      cwd=workdir)
     line = error_line(result)
     assert message in line and "state_dict()" in line
+
+
+def test_an_onnx_export_with_its_weights_apart_lands_under_the_final_names(tmp_path, monkeypatch):
+    """Past 1.5 GB of weights the exporter writes them to a file named after the model's: the pair must
+    reach the output folder as model.onnx and model.onnx.data (the threshold is lowered here to 0)."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    import torch.onnx._internal.exporter._onnx_program as onnx_program
+
+    from dpcompress.errors import UserError
+    from dpcompress.export import export_plan
+
+    monkeypatch.setattr(onnx_program, "_LARGE_MODEL_THRESHOLD", 0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+    out = tmp_path / "model.onnx"
+    report = export_plan(model, model, model, "onnx", out, (1, 3, 8, 8), verify=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert report.size_bytes == sum(p.stat().st_size for p in tmp_path.iterdir())
+    x = torch.randn(1, 3, 8, 8)
+    (y,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(y, model(x).numpy(), rtol=1e-4, atol=1e-5)
+    other = tmp_path / "other"
+    wrong = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1)).eval()  # verification fails against it
+    with pytest.raises(UserError):
+        export_plan(model, wrong, model, "onnx", other / "model.onnx", (1, 3, 8, 8), verify=True)
+    assert not list(other.iterdir())
