@@ -48,7 +48,8 @@ def test_two_process_torchrun_shards_gathers_and_trains_data_parallel(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # TMPDIR: torchrun leaves its torchelastic_* log folders in the temp folder.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)}
     run = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
