@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import sys
 import traceback
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Dict, Optional
 
 import click
 
@@ -271,25 +272,30 @@ def _backend(backend_name: Optional[str], gpu: bool, device: str, threads: Optio
               help="in-network: blocks timed inside whole networks by the runtime's node profiler (what the "
                    "network pays); standalone: each block as its own model.  [default: in-network where the "
                    "backend can (onnxruntime, openvino), else standalone]")
+@click.option("--processes", type=int, default=1, show_default=True,
+              help="Make the table this many times, each in a fresh process, and keep each row's median.")
 @prune_option
 def profile(model_spec: str, weights: Optional[str], input_shape: str, submodule: Optional[str],
             backend_name: Optional[str], gpu: bool,
             device: str, precision: str, threads: Optional[int], cuda_graphs: bool, channels_last: bool,
             warmup: int, batch_size: Optional[int], iters: int, out: str, overwrite: bool, prune_margin: float,
-            time_all: bool, max_block_seconds: float, timing: Optional[str], prune: Optional[bool]) -> None:
+            time_all: bool, max_block_seconds: float, timing: Optional[str], processes: int,
+            prune: Optional[bool]) -> None:
     """Time every valid block as its merged convolution and write the latency table (resumable)."""
     from dpcompress.graph.geometry import size_text
-    from dpcompress.latency.profile import profile_table
-    from dpcompress.pipeline import prune_default
-    from dpcompress.progress import profile_lines
 
-    backend = _backend(backend_name, gpu, device, threads, cuda_graphs, channels_last)
-    traced = _traced_model(model_spec, weights, input_shape, submodule)
-    result = profile_table(traced.chain, backend, out, model_spec=model_spec, input_shape=traced.chain.input_shape,
-                           batch_size=batch_size, precision=precision, warmup=warmup, iters=iters,
-                           overwrite=overwrite, prune_margin=None if time_all else prune_margin,
-                           progress=profile_lines(_progress()), traced=traced, timing=timing,
-                           max_block_seconds=max_block_seconds, prune=prune_default(prune, traced.chain))
+    settings = dict(model_spec=model_spec, weights=weights, input_shape=input_shape, submodule=submodule,
+                    backend_name=backend_name, gpu=gpu, device=device, precision=precision, threads=threads,
+                    cuda_graphs=cuda_graphs, channels_last=channels_last, warmup=warmup, batch_size=batch_size,
+                    iters=iters, overwrite=overwrite, prune_margin=prune_margin, time_all=time_all,
+                    max_block_seconds=max_block_seconds, timing=timing, prune=prune)
+    quiet = bool((click.get_current_context().obj or {}).get("quiet"))
+    if processes < 1:
+        raise UserError(f"--processes must be at least 1 (got {processes})")
+    if processes > 1:
+        _profile_in_processes(settings, out, processes, quiet)
+        return
+    result = _profile_from_settings(settings, out, quiet)
     unbuildable = len(result.meta["unbuildable_blocks"])
     capped = len(result.meta["capped_blocks"])
     click.echo(f"wrote {result.table_path} ({len(result.rows)} rows, {result.timed_shapes} shapes timed now, "
@@ -298,6 +304,70 @@ def profile(model_spec: str, weights: Optional[str], input_shape: str, submodule
                + (f"{unbuildable} left out as their merge needs more than {size_text(result.meta['max_merge_bytes'])} "
                   "(DPCOMPRESS_MAX_MERGE_BYTES), " if unbuildable else "")
                + f"{result.resumed_blocks} rows resumed) and {result.meta_path}")
+
+
+def _profile_from_settings(settings: Dict[str, Any], out: str, quiet: bool) -> Any:
+    """``profile`` in this process: the backend and model built from their specs, the table written."""
+    from dpcompress.latency.profile import profile_table
+    from dpcompress.pipeline import prune_default
+    from dpcompress.progress import ProgressBar, profile_lines
+
+    s = settings
+    backend = _backend(s["backend_name"], s["gpu"], s["device"], s["threads"], s["cuda_graphs"], s["channels_last"])
+    traced = _traced_model(s["model_spec"], s["weights"], s["input_shape"], s["submodule"])
+    return profile_table(traced.chain, backend, out, model_spec=s["model_spec"], input_shape=traced.chain.input_shape,
+                         batch_size=s["batch_size"], precision=s["precision"], warmup=s["warmup"], iters=s["iters"],
+                         overwrite=s["overwrite"], prune_margin=None if s["time_all"] else s["prune_margin"],
+                         progress=profile_lines(ProgressBar(quiet=quiet)), traced=traced, timing=s["timing"],
+                         max_block_seconds=s["max_block_seconds"], prune=prune_default(s["prune"], traced.chain))
+
+
+def _profile_in_child(settings: Dict[str, Any], out: str, quiet: bool) -> None:
+    """One process's table of ``profile --processes`` (a spawned process: nothing inherited)."""
+    try:
+        with click.Context(main, obj={"quiet": quiet}):  # what the command's helpers read
+            _profile_from_settings(settings, out, quiet)
+    except UserError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+
+
+def _profile_in_processes(settings: Dict[str, Any], out: str, processes: int, quiet: bool) -> None:
+    """Make the table ``processes`` times, each in a fresh process (``TABLE.process<i>.csv``, resumable),
+    then write their row-by-row median at ``out`` and remove them."""
+    import multiprocessing
+
+    from dpcompress.latency.profile import median_of_tables
+    from dpcompress.tables import meta_path_for
+
+    target = Path(out)
+    if target.exists() and not settings["overwrite"]:
+        raise UserError(f"{out} exists; use --overwrite to replace it, or a new --out")
+    # Settle what a user can get wrong here, once, before any process starts.
+    _backend(settings["backend_name"], settings["gpu"], settings["device"], settings["threads"],
+             settings["cuda_graphs"], settings["channels_last"])
+    _traced_model(settings["model_spec"], settings["weights"], settings["input_shape"], settings["submodule"])
+    parts = [target.with_name(f"{target.stem}.process{index}{target.suffix or '.csv'}")
+             for index in range(1, processes + 1)]
+    spawn = multiprocessing.get_context("spawn")
+    for index, part in enumerate(parts, 1):
+        if not quiet:
+            click.echo(f"[process {index}/{processes}] {part}", err=True)
+        child = spawn.Process(target=_profile_in_child, args=(settings, str(part), quiet))
+        child.start()
+        child.join()
+        if child.exitcode == 2:
+            sys.exit(2)  # the child said why, in one line
+        if child.exitcode != 0:
+            raise UserError(f"profiling in process {index} of {processes} failed (exit status {child.exitcode}); "
+                            f"the tables made so far stay beside {out}: run the same command again to resume")
+    meta = median_of_tables(parts, out)
+    for part in parts:
+        part.unlink()
+        meta_path_for(part).unlink()
+    originals = ", ".join(f"{ms:.3f}" for ms in meta["process_original_ms"])
+    click.echo(f"wrote {out} (each row the median of {processes} tables made in fresh processes; their "
+               f"original networks: {originals} ms) and {meta_path_for(out)}")
 
 
 @main.command()

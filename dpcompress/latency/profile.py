@@ -74,6 +74,7 @@ import datetime
 import io
 import json
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -699,6 +700,42 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
     partial_meta.unlink()
     return ProfileResult(table_path, meta_path_for(table_path), meta,
                          sorted(rows.values(), key=row_option), timed, resumed)
+
+
+def median_of_tables(tables: Sequence["os.PathLike[str] | str"], out: "os.PathLike[str] | str") -> Dict[str, Any]:
+    """Write at ``out`` the table whose every row is the median of that row over ``tables`` (made alike,
+    each in a process of its own), with the median rest and call overheads; returns its meta.
+
+    A process's speed can differ from the next one's by a fifth as a whole, and unevenly over kinds of
+    conv (benchmarks/RESULTS.md, "A process's speed, not a session's"): one table inherits its process's
+    state, a median over several does not. A row counts as timed where most of the tables timed it."""
+    if not tables:
+        raise ValueError("median_of_tables needs at least one table")
+    metas = [_read_meta(meta_path_for(path), Path(path)) for path in tables]
+    for path, meta in zip(tables[1:], metas[1:]):
+        _check_resumable(meta_path_for(path), meta, metas[0], Path(out))
+    row_sets = [read_rows(Path(path)) for path in tables]
+    if any(set(rows) != set(row_sets[0]) for rows in row_sets[1:]):
+        raise UserError(f"the tables {', '.join(map(str, tables))} do not have the same blocks; make them alike")
+    rows = {}
+    for option, first in row_sets[0].items():
+        values = [r[option] for r in row_sets]
+        rows[option] = dict(first, latency_ms=statistics.median(r["latency_ms"] for r in values),
+                            std_ms=statistics.median(r["std_ms"] for r in values),
+                            timed=int(2 * sum(r["timed"] for r in values) > len(values)))
+    meta = dict(metas[0], processes=len(tables),
+                process_original_ms=[sum(r["latency_ms"] for o, r in rows_of.items() if o[1] - o[0] == 1 and not o[2])
+                                     + (m.get("rest_ms") or 0.0) for rows_of, m in zip(row_sets, metas)],
+                bounded_blocks=sum(1 for row in rows.values() if not row["timed"]),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    if all(m.get("rest_ms") is not None for m in metas):
+        meta["rest_ms"] = statistics.median(m["rest_ms"] for m in metas)
+    overheads = [m.get("call_overhead_ms") or {} for m in metas]
+    meta["call_overhead_ms"] = {shape: statistics.median(o[shape] for o in overheads if shape in o)
+                                for shape in overheads[0]}
+    write_json_atomic(meta_path_for(out), meta)
+    write_text_atomic(out, table_text(rows.values(), metas[0].get("columns") or TABLE_COLUMNS))
+    return meta
 
 
 def _option_entries(options: Iterable[Option]) -> List[List[Any]]:

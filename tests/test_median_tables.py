@@ -1,0 +1,57 @@
+"""Tables made in several processes: the row-by-row median, and `profile --processes` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import tests.test_profile_bounds as bounds
+from dpcompress.errors import UserError
+from dpcompress.latency.profile import median_of_tables, profile_table, read_rows
+from dpcompress.tables import meta_path_for
+from tests.test_export_cli import run_cli, workdir  # noqa: F401 - the fixture
+from tests.test_profile import mixed_chain
+
+
+def test_each_row_is_its_median_over_the_tables(tmp_path, monkeypatch):
+    """Three tables of one chain made at three speeds: the median table is the middle one, row by row."""
+    chain = mixed_chain()
+    paths = []
+    for rate in (1e4, 4e4, 2e4):
+        monkeypatch.setattr(bounds, "FLOPS_PER_MS", rate)
+        path = tmp_path / f"rate{int(rate)}.csv"
+        profile_table(chain, bounds.FlopBackend(), path, warmup=0, iters=1, prune_margin=None)
+        paths.append(path)
+    meta = median_of_tables(paths, tmp_path / "median.csv")
+    middle, median = read_rows(paths[2]), read_rows(tmp_path / "median.csv")
+    assert set(median) == set(middle)
+    for option, row in median.items():
+        assert row["latency_ms"] == pytest.approx(middle[option]["latency_ms"], rel=1e-5)
+    assert meta["processes"] == 3 and json.loads(meta_path_for(tmp_path / "median.csv").read_text()) == meta
+    first, fast, _ = meta["process_original_ms"]
+    assert first == pytest.approx(4 * fast, rel=1e-4)  # the slowest table's network of single convs
+
+
+def test_tables_made_with_other_settings_are_not_mixed(tmp_path):
+    chain = mixed_chain()
+    profile_table(chain, bounds.FlopBackend(), tmp_path / "a.csv", warmup=0, iters=1, prune_margin=None)
+    profile_table(chain, bounds.FlopBackend(), tmp_path / "b.csv", warmup=0, iters=3, prune_margin=None)
+    with pytest.raises(UserError, match="iters"):
+        median_of_tables([tmp_path / "a.csv", tmp_path / "b.csv"], tmp_path / "m.csv")
+    assert not (tmp_path / "m.csv").exists()
+
+
+def test_profile_in_two_processes_writes_the_median_and_removes_their_tables(workdir):  # noqa: F811
+    args = ["profile", "--model", "nets.py:small", "--input-shape", "1,3,16,16", "--backend", "onnxruntime",
+            "--threads", "1", "--warmup", "1", "--iters", "3", "--out", "t.csv"]
+    result = run_cli("--quiet", *args, "--processes", "2", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((workdir / "t.meta.json").read_text())
+    assert meta["processes"] == 2 and len(meta["process_original_ms"]) == 2
+    assert len(read_rows(workdir / "t.csv")) > 0
+    assert sorted(p.name for p in workdir.glob("t*")) == ["t.csv", "t.meta.json"]
+    again = run_cli("--quiet", *args, "--processes", "2", cwd=workdir)
+    assert again.returncode == 2 and "--overwrite" in again.stderr.strip().splitlines()[-1]
+    zero = run_cli(*args, "--out", "z.csv", "--processes", "0", cwd=workdir)
+    assert zero.returncode == 2 and "--processes must be at least 1" in zero.stderr
