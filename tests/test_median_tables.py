@@ -55,3 +55,32 @@ def test_profile_in_two_processes_writes_the_median_and_removes_their_tables(wor
     assert again.returncode == 2 and "--overwrite" in again.stderr.strip().splitlines()[-1]
     zero = run_cli(*args, "--out", "z.csv", "--processes", "0", cwd=workdir)
     assert zero.returncode == 2 and "--processes must be at least 1" in zero.stderr
+
+
+def test_a_row_timed_anywhere_takes_its_timed_median_and_a_row_bounded_everywhere_its_largest_bound(tmp_path):
+    """Bounds are lower bounds of dominated blocks: mixed into a median they would price a huge merge
+    below the convs it replaces (an OpenVINO table did: 0.28 ms for a block timed at 0.82 ms)."""
+    from dpcompress.latency.profile import TABLE_COLUMNS, table_text
+
+    chain = mixed_chain()
+    base = tmp_path / "base.csv"
+    profile_table(chain, bounds.FlopBackend(), base, warmup=0, iters=1, prune_margin=None)
+    meta = meta_path_for(base).read_text()
+    rows = read_rows(base)
+    first, second = sorted(rows)[:2]
+    # (latency, timed) of the two rows in three tables.
+    values = {first: [(5.0, 1), (1.0, 0), (9.0, 1)], second: [(2.0, 0), (3.0, 0), (1.0, 0)]}
+    paths = []
+    for index in range(3):
+        table = dict(rows)
+        for option, column in values.items():
+            latency, timed = column[index]
+            table[option] = dict(rows[option], latency_ms=latency, timed=timed)
+        path = tmp_path / f"t{index}.csv"
+        path.write_text(table_text(table.values(), TABLE_COLUMNS))
+        meta_path_for(path).write_text(meta)
+        paths.append(path)
+    median_of_tables(paths, tmp_path / "m.csv")
+    median = read_rows(tmp_path / "m.csv")
+    assert (median[first]["latency_ms"], median[first]["timed"]) == (7.0, 1)  # the median of 5 and 9
+    assert (median[second]["latency_ms"], median[second]["timed"]) == (3.0, 0)

@@ -708,7 +708,10 @@ def median_of_tables(tables: Sequence["os.PathLike[str] | str"], out: "os.PathLi
 
     A process's speed can differ from the next one's by a fifth as a whole, and unevenly over kinds of
     conv (benchmarks/RESULTS.md, "A process's speed, not a session's"): one table inherits its process's
-    state, a median over several does not. A row counts as timed where most of the tables timed it."""
+    state, a median over several does not. A row timed in any of the tables gets the median of its timed
+    values; a row that every table bounded (as dominated, or over the per-block cap) gets the largest of its
+    bounds: a median of bounds against medians of timed rows could make a dominated block look cheaper
+    than the convs it stands for, and the DP would pick it."""
     if not tables:
         raise ValueError("median_of_tables needs at least one table")
     metas = [_read_meta(meta_path_for(path), Path(path)) for path in tables]
@@ -719,10 +722,13 @@ def median_of_tables(tables: Sequence["os.PathLike[str] | str"], out: "os.PathLi
         raise UserError(f"the tables {', '.join(map(str, tables))} do not have the same blocks; make them alike")
     rows = {}
     for option, first in row_sets[0].items():
-        values = [r[option] for r in row_sets]
-        rows[option] = dict(first, latency_ms=statistics.median(r["latency_ms"] for r in values),
-                            std_ms=statistics.median(r["std_ms"] for r in values),
-                            timed=int(2 * sum(r["timed"] for r in values) > len(values)))
+        timed = [r[option] for r in row_sets if r[option]["timed"]]
+        if timed:
+            rows[option] = dict(first, latency_ms=statistics.median(r["latency_ms"] for r in timed),
+                                std_ms=statistics.median(r["std_ms"] for r in timed), timed=1)
+        else:
+            rows[option] = dict(first, latency_ms=max(r[option]["latency_ms"] for r in row_sets),
+                                std_ms=float("nan"), timed=0)
     meta = dict(metas[0], processes=len(tables),
                 process_original_ms=[sum(r["latency_ms"] for o, r in rows_of.items() if o[1] - o[0] == 1 and not o[2])
                                      + (m.get("rest_ms") or 0.0) for rows_of, m in zip(row_sets, metas)],
