@@ -15,7 +15,6 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 
 import onnxruntime as ort
 import torch
@@ -23,14 +22,7 @@ import torch
 from dpcompress.backends import export_onnx_file, get_backend
 from dpcompress.models import build_model
 
-
-def median_ms(session: ort.InferenceSession, feed: dict, runs: int) -> float:
-    samples = []
-    for _ in range(runs):
-        began = time.perf_counter()
-        session.run(None, feed)
-        samples.append(time.perf_counter() - began)
-    return statistics.median(samples) * 1e3
+from ort_saved_graph_parity import median_ms  # benchmarks/ is the script's folder, so on sys.path
 
 
 def main() -> None:
