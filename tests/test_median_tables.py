@@ -70,6 +70,8 @@ def test_a_row_timed_anywhere_takes_its_timed_median_and_a_row_bounded_everywher
     first, second = sorted(rows)[:2]
     # (latency, timed) of the two rows in three tables.
     values = {first: [(5.0, 1), (1.0, 0), (9.0, 1)], second: [(2.0, 0), (3.0, 0), (1.0, 0)]}
+    # Table 1 capped the first row (timed elsewhere), table 0 the second (bounded everywhere).
+    capped = [[list(second[:2])], [list(first[:2])], []]
     paths = []
     for index in range(3):
         table = dict(rows)
@@ -78,9 +80,11 @@ def test_a_row_timed_anywhere_takes_its_timed_median_and_a_row_bounded_everywher
             table[option] = dict(rows[option], latency_ms=latency, timed=timed)
         path = tmp_path / f"t{index}.csv"
         path.write_text(table_text(table.values(), TABLE_COLUMNS))
-        meta_path_for(path).write_text(meta)
+        meta_path_for(path).write_text(json.dumps(dict(json.loads(meta), capped_blocks=capped[index])))
         paths.append(path)
-    median_of_tables(paths, tmp_path / "m.csv")
+    merged_meta = median_of_tables(paths, tmp_path / "m.csv")
     median = read_rows(tmp_path / "m.csv")
     assert (median[first]["latency_ms"], median[first]["timed"]) == (7.0, 1)  # the median of 5 and 9
     assert (median[second]["latency_ms"], median[second]["timed"]) == (3.0, 0)
+    assert merged_meta["capped_blocks"] == [list(second[:2])]
+    assert merged_meta["bounded_blocks"] == sum(1 for row in median.values() if not row["timed"]) - 1

@@ -85,7 +85,7 @@ from dpcompress.graph.chain import Chain
 from dpcompress.errors import UserError
 from dpcompress.fileio import write_json_atomic, write_text_atomic
 from dpcompress.graph.geometry import BlockGeometry, block_geometry, block_merge_bytes, max_merge_bytes, pruning_options
-from dpcompress.tables import PRUNED_COLUMN, Pruned, format_pruned, meta_path_for
+from dpcompress.tables import PRUNED_COLUMN, Pruned, format_pruned, meta_path_for, read_latency_table
 from dpcompress.latency.timing import time_runner
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -729,10 +729,13 @@ def median_of_tables(tables: Sequence["os.PathLike[str] | str"], out: "os.PathLi
         else:
             rows[option] = dict(first, latency_ms=max(r[option]["latency_ms"] for r in row_sets),
                                 std_ms=float("nan"), timed=0)
+    # Capped where some table capped it and no table timed it; the other bounds are dominance bounds.
+    capped = {option for m in metas for option in map(_capped_option, m.get("capped_blocks") or [])
+              if not rows[option]["timed"]}
     meta = dict(metas[0], processes=len(tables),
-                process_original_ms=[sum(r["latency_ms"] for o, r in rows_of.items() if o[1] - o[0] == 1 and not o[2])
-                                     + (m.get("rest_ms") or 0.0) for rows_of, m in zip(row_sets, metas)],
-                bounded_blocks=sum(1 for row in rows.values() if not row["timed"]),
+                process_original_ms=[read_latency_table(path).original_latency_ms() for path in tables],
+                capped_blocks=_option_entries(capped),
+                bounded_blocks=sum(1 for option, row in rows.items() if not row["timed"] and option not in capped),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     if all(m.get("rest_ms") is not None for m in metas):
         meta["rest_ms"] = statistics.median(m["rest_ms"] for m in metas)
