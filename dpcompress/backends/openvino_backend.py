@@ -15,10 +15,19 @@ An executed node keeps the name of an ONNX node: a convolution that of its
 ``Convolution`` op, ``<onnx conv node>/WithoutBiases``; a fused subgraph that of its
 last op, an ONNX node name, or for the graph's output op the output tensor's name.
 Layout conversions (``Reorder``, named ``<from>_<layouts>_<to>``) belong to no part.
+
+On some CPUs the plugin also fuses a convolution into the one before it (a depthwise 3x3
+into the conv that feeds it, on AVX2 CPUs without AVX-512 when the maps outgrow half the L3
+cache; CI has seen a 1x1 go the same way): then one executed node runs two parts. The
+compiled model's runtime graph lists the ONNX layers each node runs
+(``originalLayersNames``); a node that runs several parts has its time split between them in
+proportion to their multiply-adds, so that neither is priced at nothing and the network's
+sum stays whole.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
@@ -92,12 +101,13 @@ class OpenVinoBackend(Backend):
         example = torch.randn(*input_shape)
         return export_onnx_bytes(module.eval(), example), example
 
-    def _request(self, model_bytes: bytes, example: "torch.Tensor", profiling: bool = False) -> Any:
-        """The model compiled for the CPU, as a request with its input set once."""
+    def _request(self, model: Any, example: "torch.Tensor", profiling: bool = False) -> Any:
+        """The model (ONNX bytes, or read already) compiled for the CPU, as a request with its input set once."""
         import numpy as np
 
-        compiled = self._core.compile_model(self._core.read_model(model_bytes), "CPU",
-                                            self.compile_config(profiling))
+        if isinstance(model, bytes):
+            model = self._core.read_model(model)
+        compiled = self._core.compile_model(model, "CPU", self.compile_config(profiling))
         request = compiled.create_infer_request()
         request.set_input_tensor(self._ov.Tensor(np.ascontiguousarray(example.numpy())))
         return request
@@ -113,8 +123,13 @@ class OpenVinoBackend(Backend):
                                parts: Sequence[str]) -> Tuple[Runner, NetworkProfile]:
         model_bytes, example = self._exported(module, input_shape, precision)
         owners = graph_part_owners(model_bytes, parts)
-        plain = _OpenVinoRunner(self._request(model_bytes, example))
-        return plain, _OpenVinoNetworkProfile(self._request(model_bytes, example, profiling=True), owners)
+        model = self._core.read_model(model_bytes)
+        del model_bytes
+        convs = conv_macs(model, owners)
+        plain = _OpenVinoRunner(self._request(model, example))
+        request = self._request(model, example, profiling=True)
+        shares = shared_node_shares(runtime_layers(request.get_compiled_model()), convs)
+        return plain, _OpenVinoNetworkProfile(request, owners, shares)
 
     def call_overhead_ms(self, input_shape: Sequence[int], precision: str, warmup: int, iters: int) -> float:
         """Median of a synchronous inference of a graph that only passes its input through, at ``input_shape``.
@@ -154,9 +169,57 @@ def owner_of_node(node_name: str, node_type: str, owners: Dict[str, str]) -> Opt
     return scope_owner(node_name, owners)
 
 
+def conv_macs(model: Any, owners: Dict[str, str]) -> Dict[str, Tuple[str, int]]:
+    """Each convolution of the parts in an OpenVINO model read from ONNX (static shapes), by name:
+    its part and its multiply-adds."""
+    convs = {}
+    for op in model.get_ordered_ops():
+        kind = op.get_type_name()
+        part = scope_owner(op.get_friendly_name(), owners)
+        if kind not in ("Convolution", "GroupConvolution") or part is None:
+            continue
+        weight = list(op.get_input_shape(1))  # [O, I, kh, kw], grouped [G, O/G, I/G, kh, kw]
+        per_output = math.prod(weight[1:] if kind == "Convolution" else weight[2:])
+        convs[op.get_friendly_name()] = (part, math.prod(op.get_output_shape(0)) * per_output)
+    return convs
+
+
+def runtime_layers(compiled: Any) -> Dict[str, List[str]]:
+    """The ONNX layers each node of a compiled model runs, by node name (its runtime graph's
+    ``originalLayersNames``)."""
+    layers = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if "originalLayersNames" in info:
+            layers[op.get_friendly_name()] = [n for n in info["originalLayersNames"].astype(str).split(",") if n]
+    return layers
+
+
+def shared_node_shares(layers: Dict[str, List[str]],
+                       convs: Dict[str, Tuple[str, int]]) -> Dict[str, Dict[str, float]]:
+    """For each node that runs convolutions of more than one part (``convs``: part and multiply-adds
+    by conv name): the share of its time each of those parts takes, in proportion to the
+    multiply-adds it runs there. Fused elementwise ops (a residual add claimed by the other
+    branch) do not make a node shared: only convolutions do."""
+    shares = {}
+    for node, names in layers.items():
+        macs: Dict[str, int] = {}
+        for name in names:
+            if name in convs:
+                part, count = convs[name]
+                macs[part] = macs.get(part, 0) + count
+        if len(macs) < 2:
+            continue
+        total = sum(macs.values())
+        shares[node] = {p: m / total if total else 1 / len(macs) for p, m in sorted(macs.items())}
+    return shares
+
+
 class _OpenVinoNetworkProfile(NetworkProfile):
-    def __init__(self, request: Any, owners: Dict[str, str]) -> None:
+    def __init__(self, request: Any, owners: Dict[str, str],
+                 shares: Optional[Dict[str, Dict[str, float]]] = None) -> None:
         self._request, self._owners = request, owners
+        self._shares = shares or {}  # nodes that run several parts: each part's share of the node's time
         self._parts: Dict[str, List[float]] = {part: [] for part in set(owners.values())}
         self._totals: List[float] = []
 
@@ -177,6 +240,11 @@ class _OpenVinoNetworkProfile(NetworkProfile):
                 continue
             ms = info.real_time.total_seconds() * 1e3
             total += ms
+            shared = self._shares.get(info.node_name)
+            if shared is not None:
+                for part, share in shared.items():
+                    self._parts[part][-1] += share * ms
+                continue
             owner = owner_of_node(info.node_name, info.node_type, self._owners)
             if owner is not None:
                 self._parts[owner][-1] += ms
