@@ -304,6 +304,10 @@ def profile(model_spec: str, weights: Optional[str], input_shape: str, submodule
                + (f"{unbuildable} left out as their merge needs more than {size_text(result.meta['max_merge_bytes'])} "
                   "(DPCOMPRESS_MAX_MERGE_BYTES), " if unbuildable else "")
                + f"{result.resumed_blocks} rows resumed) and {result.meta_path}")
+    if result.meta.get("loaded_networks"):
+        click.echo(f"{result.meta['loaded_networks']} profiled networks met too few quiet rounds (the original "
+                   f"within {result.meta['quiet_margin']:.2f}x of {result.meta['anchor_quiet_ms']:.3f} ms) and were "
+                   "read from all their rounds: the machine was loaded; profile again when it is quiet")
 
 
 def _profile_from_settings(settings: Dict[str, Any], out: str, quiet: bool) -> Any:
@@ -384,12 +388,18 @@ def _profile_in_processes(settings: Dict[str, Any], out: str, processes: int, qu
 @click.option("--ci", type=float, default=0.01, show_default=True,
               help="With --repeat: the relative half-width to reach.")
 @click.option("--max-rounds", type=int, default=100, show_default=True, help="With --repeat: stop here anyway.")
+@click.option("--min-seconds", type=float, default=0.0, show_default=True,
+              help="Go on with rounds until this long has passed: a shared machine switches between quiet and "
+                   "loaded states for seconds at a time, and the figures come from its quiet rounds.")
+@click.option("--quiet-ms", type=float, default=None,
+              help="Judge the original's quiet rounds against this latency (a table's anchor_quiet_ms: the state "
+                   "it was made in) instead of the bench's own fastest tenth, where at least 3 rounds meet it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full record as JSON (alone on stdout).")
 def bench(model_spec: str, weights: Optional[str], input_shape: str, submodule: Optional[str],
           backend_name: Optional[str], gpu: bool,
           device: str, precision: str, threads: Optional[int], cuda_graphs: bool, channels_last: bool,
           warmup: int, plan_path: Optional[str], rounds: int, iters: int, repeat: bool, ci: float,
-          max_rounds: int, as_json: bool) -> None:
+          max_rounds: int, min_seconds: float, quiet_ms: Optional[float], as_json: bool) -> None:
     """Time the original model (and the plan's merged model, alternating) end to end."""
     from dpcompress.latency.bench import bench_spec
     from dpcompress.graph.trace import parse_input_shape
@@ -398,11 +408,15 @@ def bench(model_spec: str, weights: Optional[str], input_shape: str, submodule: 
         raise UserError("--rounds and --iters must be at least 1, and --max-rounds at least --rounds")
     if repeat and not 0 < ci < 1:
         raise UserError(f"--ci must be between 0 and 1 (got {ci})")
+    if not min_seconds >= 0:
+        raise UserError(f"--min-seconds must be 0 or more (got {min_seconds})")
+    if quiet_ms is not None and not quiet_ms > 0:
+        raise UserError(f"--quiet-ms must be above 0 (got {quiet_ms})")
     backend = _backend(backend_name, gpu, device, threads, cuda_graphs, channels_last)
     result = bench_spec(backend, model_spec, weights=weights, input_shape=parse_input_shape(input_shape),
                         plan_path=plan_path, precision=precision, warmup=warmup, rounds=rounds,
                         iters_per_round=iters, until_ci=ci if repeat else None, max_rounds=max_rounds,
-                        submodule=submodule)
+                        submodule=submodule, min_seconds=min_seconds, quiet_level_ms=quiet_ms)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:

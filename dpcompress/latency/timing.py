@@ -3,6 +3,14 @@
 A latency is reported as the median of many timed runs, with the standard
 deviation as its spread. Two things are compared by alternating short rounds of
 each in one process, so that drift (thermal, other load) hits both alike.
+
+Alternating is not enough on a shared machine: its speed switches between a quiet
+state and loaded ones for seconds to minutes at a time, and a loaded state slows
+networks unevenly (mobilenet_v2 by some 30%, its merged versions by 0-15%; RESULTS.md,
+"Quiet and loaded phases"), so that a speed-up or a table measured across states depends
+on how long each lasted. A reference network timed in every round tells the rounds
+apart: a round is quiet when the reference ran within ``QUIET_MARGIN`` of its fastest
+tenth of rounds, and figures are taken from quiet rounds.
 """
 
 from __future__ import annotations
@@ -11,6 +19,12 @@ import math
 import statistics
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+
+
+# A round is quiet when the reference ran within this factor of its 10th percentile: the quiet state
+# spreads over some 12% on this machine, the loaded one sits 30-40% above it.
+QUIET_MARGIN = 1.15
+QUIET_QUANTILE = 0.1
 
 
 class Timeable(Protocol):
@@ -97,3 +111,29 @@ def narrow_enough(relative_half_width: float) -> Callable[[List[List[float]]], b
     def check(samples: List[List[float]]) -> bool:
         return all(summarize(s).ci_half_width <= relative_half_width for s in samples)
     return check
+
+
+def quiet_level(reference_ms: Sequence[float]) -> float:
+    """The reference's quiet level: the 10th percentile of its round medians (the lower of the
+    two order statistics around it, so that a handful of rounds gives their fastest)."""
+    if not reference_ms:
+        raise ValueError("no reference rounds")
+    ordered = sorted(reference_ms)
+    return float(ordered[int(QUIET_QUANTILE * (len(ordered) - 1))])
+
+
+def quiet_rounds(reference_ms: Sequence[float], level: Optional[float] = None) -> List[bool]:
+    """Which rounds were quiet: the reference's median in that round within ``QUIET_MARGIN`` of
+    ``level`` (by default :func:`quiet_level` of these rounds)."""
+    limit = QUIET_MARGIN * (quiet_level(reference_ms) if level is None else level)
+    return [ms <= limit for ms in reference_ms]
+
+
+def round_medians(samples_ms: Sequence[float], per_round: int) -> List[float]:
+    """The median of each round of ``per_round`` consecutive samples."""
+    return [float(statistics.median(samples_ms[i:i + per_round])) for i in range(0, len(samples_ms), per_round)]
+
+
+def in_rounds(samples_ms: Sequence[float], per_round: int, keep: Sequence[bool]) -> List[float]:
+    """The samples of the rounds ``keep`` marks."""
+    return [ms for i, ms in enumerate(samples_ms) if keep[i // per_round]]
