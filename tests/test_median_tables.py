@@ -31,6 +31,12 @@ def test_each_row_is_its_median_over_the_tables(tmp_path, monkeypatch):
     assert meta["processes"] == 3 and json.loads(meta_path_for(tmp_path / "median.csv").read_text()) == meta
     first, fast, _ = meta["process_original_ms"]
     assert first == pytest.approx(4 * fast, rel=1e-4)  # the slowest table's network of single convs
+    assert "anchor_quiet_ms" not in meta  # standalone tables have no anchor
+    for path, (level, loaded) in zip(paths, [(2.5, 0), (3.3, 2), (2.6, 1)]):  # as in-network tables' metas
+        made = json.loads(meta_path_for(path).read_text())
+        meta_path_for(path).write_text(json.dumps(dict(made, anchor_quiet_ms=level, loaded_networks=loaded)))
+    meta = median_of_tables(paths, tmp_path / "median.csv")
+    assert meta["anchor_quiet_ms"] == 2.6 and meta["loaded_networks"] == 3
 
 
 def test_tables_made_with_other_settings_are_not_mixed(tmp_path):

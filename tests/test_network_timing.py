@@ -252,3 +252,91 @@ def test_every_session_is_freed_before_the_memory_goes_back(tiny_traced, monkeyp
     time_networks(get_backend("onnxruntime", threads=1), tiny_traced, plans, geometries, chain.input_shape,
                   "fp32", 1, 3, call_overhead_ms=0.0)
     assert live_at_trim[-1] == before
+
+
+class PhasedNetworkBackend:
+    """Networks whose parts take 1 ms each and 0.5 ms outside them, in a quiet round; in a loaded
+    round (``loaded[mark]``, the mark the anchor made last) the first part takes 2 ms: a loaded
+    state slows blocks unevenly."""
+
+    min_network_runs = 50
+
+    def __init__(self, loaded, networks_loaded=()):
+        self.loaded, self.mark = loaded, [0]
+        self.networks_loaded = networks_loaded  # marks after which the networks are slowed, not the anchor
+
+    def state(self) -> bool:
+        return self.loaded[min(self.mark[0], len(self.loaded) - 1)]
+
+    def parts_ms(self, parts):
+        slowed = self.state() or self.mark[0] in self.networks_loaded
+        return {p: (2.0 if i == 0 and slowed else 1.0) for i, p in enumerate(sorted(parts))}
+
+    def prepare_network_timing(self, module, input_shape, precision, parts):
+        backend = self
+
+        class Plain:
+            def time(self, warmup, iters):
+                return [sum(backend.parts_ms(parts).values()) + 0.5] * iters
+
+        class Profiled:
+            recorded = {p: [] for p in parts}
+            totals = []
+
+            def run(self, iters, warmup=0):
+                for _ in range(iters):
+                    ms = backend.parts_ms(parts)
+                    for p in parts:
+                        self.recorded[p].append(ms[p])
+                    self.totals.append(sum(ms.values()) + 0.5)
+
+            def part_times(self):
+                return self.recorded, self.totals
+
+        return Plain(), Profiled()
+
+
+class MarkingAnchorRunner:
+    """The anchor's network: 2.5 ms quiet, 3.5 ms loaded; each measurement is a new mark."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def time(self, warmup, iters):
+        self.backend.mark[0] += 1
+        return [3.5 if self.backend.state() else 2.5] * iters
+
+
+def test_an_anchor_keeps_the_loaded_rounds_out_of_the_blocks_times(tiny_traced):
+    from dpcompress.latency.network_timing import Anchor
+
+    chain = tiny_traced.chain
+    members = pack([b for b in chain.valid_blocks() if b[1] - b[0] > 1], 1)[0][0]
+    plan = packed_plan(chain, members)
+    geometries = {(*b, ()): block_geometry(chain, *b) for b in plan.blocks}
+    first = min(packed_network(tiny_traced, plan, geometries)[1].items())  # the part slowed when loaded
+    # Marks 1-5 loaded (the planned 5 rounds: the quiet level comes from marks 0 and 6 on), quiet after.
+    backend = PhasedNetworkBackend([False] + [True] * 5 + [False] * 20)
+    anchor = Anchor(MarkingAnchorRunner(backend), runs=3)
+    [timing] = time_networks(backend, tiny_traced, [plan], geometries, (1, 3, 16, 16), "fp32", warmup=1, iters=50,
+                             call_overhead_ms=0.0, anchor=anchor)
+    assert timing.quiet and all(ms == pytest.approx(1.0) for ms, _ in timing.blocks.values())
+    assert len(anchor.history) > 6  # rounds were added until half the planned ones were quiet
+    # Loaded throughout, against a quiet level known from before: every round counts, and it says so.
+    backend = PhasedNetworkBackend([True] * 40)
+    anchor = Anchor(MarkingAnchorRunner(backend), runs=3)
+    anchor.history = [2.5] * 5
+    [timing] = time_networks(backend, tiny_traced, [plan], geometries, (1, 3, 16, 16), "fp32", warmup=1, iters=50,
+                             call_overhead_ms=0.0, anchor=anchor)
+    assert not timing.quiet and timing.blocks[first[1]][0] == pytest.approx(2.0)
+    # A state that slows the network and not the anchor (rounds 1-3 of 5): those rounds are left out too.
+    backend = PhasedNetworkBackend([False] * 40, networks_loaded={2, 3, 4})
+    anchor = Anchor(MarkingAnchorRunner(backend), runs=3)
+    [timing] = time_networks(backend, tiny_traced, [plan], geometries, (1, 3, 16, 16), "fp32", warmup=1, iters=50,
+                             call_overhead_ms=0.0, anchor=anchor)
+    assert timing.quiet and timing.blocks[first[1]][0] == pytest.approx(1.0)
+    # Without an anchor, the rounds are not told apart: the loaded majority sets the slowed block's time.
+    backend = PhasedNetworkBackend([True] * 40)
+    [timing] = time_networks(backend, tiny_traced, [plan], geometries, (1, 3, 16, 16), "fp32", warmup=1, iters=50,
+                             call_overhead_ms=0.0)
+    assert timing.quiet and timing.blocks[first[1]][0] == pytest.approx(2.0)

@@ -14,6 +14,15 @@ they add up to that plain latency less the call overhead. What the blocks do not
 account for (the head, pooling, layout conversions, the call) is the network's rest,
 taken from the network of single convs: the original.
 
+A shared machine switches between a quiet state and loaded ones for seconds to minutes at a
+time, and a loaded state slows some blocks far more than others, so a table
+whose networks were timed partly in each would price them against each other wrongly.
+With an ``Anchor`` (the network of single convs, run plainly between rounds), each round
+is known quiet or loaded (``timing.quiet_rounds``, against the anchor's quiet level over
+the whole profile), a network short of quiet rounds gets more, and its blocks are read
+from the rounds that were quiet for the anchor and in which the network itself ran near
+its fastest tenth of rounds.
+
 A block may have convs pruned (LayerMerge's search space): blocks are then keyed
 ``(start, end, pruned)`` and the network holds the merged conv of the convs that remain. A
 block with every conv pruned and no shortcut inside (``BlockGeometry.identity``) is no node of
@@ -33,6 +42,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 from dpcompress.graph.chain import Chain
 from dpcompress.graph.geometry import BlockGeometry
 from dpcompress.latency.profile import MIN_KEPT_FRACTION
+from dpcompress.latency.timing import quiet_level, quiet_rounds, round_medians
 from dpcompress.memory import release_freed_memory
 from dpcompress.search.plan import Plan
 from dpcompress.tables import Pruned
@@ -40,7 +50,7 @@ from dpcompress.tables import Pruned
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn
 
-    from dpcompress.backends import Backend
+    from dpcompress.backends import Backend, Runner
     from dpcompress.graph.trace import TracedModel
 
 Block = Tuple[int, int]
@@ -140,18 +150,41 @@ class NetworkTiming:
     blocks: Dict[Option, Tuple[float, float]]  # (start, end, pruned) -> (median ms, std ms), scaled
     wall_ms: float  # median of the plain (unprofiled) runs, call included
     scale: float  # plain time less the call over the profiled node time
-    runs: int
+    runs: int  # plain runs the figures come from
+    quiet: bool = True  # from quiet rounds; False: too few were quiet, every round counted
+
+
+class Anchor:
+    """The network of single convs, ready to run plainly: its median over ``runs`` runs, taken
+    between rounds, tells quiet rounds from loaded ones; its history spans every call."""
+
+    def __init__(self, runner: "Runner", runs: int) -> None:
+        self.runner, self.runs = runner, runs
+        self.history: List[float] = []
+
+    def measure(self) -> float:
+        ms = float(statistics.median(self.runner.time(1, self.runs)))
+        self.history.append(ms)
+        return ms
+
+    def quiet(self, marks: Sequence[float]) -> List[bool]:
+        """Whether each round between consecutive ``marks`` (measurements) was quiet: both were, against
+        the quiet level of every measurement so far."""
+        calm = quiet_rounds(marks, quiet_level(self.history))
+        return [before and after for before, after in zip(calm, calm[1:])]
 
 
 def time_networks(backend: "Backend", traced: "TracedModel", plans: Sequence[Plan],
                   geometries: Dict[Option, BlockGeometry], input_shape: Sequence[int], precision: str,
                   warmup: int, iters: int, call_overhead_ms: float,
-                  max_seconds: Optional[float] = None) -> List[Optional[NetworkTiming]]:
+                  max_seconds: Optional[float] = None, anchor: Optional[Anchor] = None) -> List[Optional[NetworkTiming]]:
     """Time the blocks of each plan inside its network; the networks take turns, round by round.
     ``geometries`` holds each block's, keyed ``(start, end, the convs the plan prunes in it)``.
 
     With ``max_seconds``, a network whose building and first run show that timing it would take
-    longer is dropped after that run: its entry is None.
+    longer is dropped after that run: its entry is None. With an ``anchor``, the figures come from
+    quiet rounds: a network with fewer than half its rounds (or MIN_ROUNDS) quiet gets more rounds,
+    up to twice as many again, and where that is not enough counts every round (``quiet`` False).
     """
     import torch
 
@@ -177,16 +210,53 @@ def time_networks(backend: "Backend", traced: "TracedModel", plans: Sequence[Pla
             per_round = max(1, min(MAX_ITERS_PER_ROUND, int(0.25 / max(first / 1e3, 1e-6))))
             rounds = max(MIN_ROUNDS, min(math.ceil(max(iters, backend.min_network_runs) / per_round),
                                          math.ceil(SECONDS_PER_NETWORK / (per_round * max(first / 1e3, 1e-6)))))
-            prepared.append((names, profiled, plain, per_round, rounds, []))
+            prepared.append((names, profiled, plain, per_round, rounds, [], []))
             kept.append(True)
-    for round_index in range(max((p[4] for p in prepared), default=0)):
-        for names, profiled, plain, per_round, rounds, walls in prepared:
-            if round_index < rounds:
-                profiled.run(per_round, warmup=1)
-                walls.extend(plain.time(1, per_round))
+    planned = max((p[4] for p in prepared), default=0)
+    marks = [anchor.measure()] if anchor is not None and prepared else []  # the anchor before each round, and after
+    quiet: List[bool] = []  # per round so far
+
+    def kept_rounds(entry: tuple) -> List[bool]:
+        """Which of a network's rounds count: quiet for the anchor around it, and the network itself near
+        its fastest tenth of rounds (a state can slow merged networks and leave the anchor be)."""
+        per_round, walls, ran = entry[3], entry[5], entry[6]
+        if anchor is None:
+            return [True] * len(ran)
+        return [quiet[k] and calm for k, calm in zip(ran, quiet_rounds(round_medians(walls, per_round)))]
+
+    def wanted(entry: tuple) -> bool:
+        """Whether a network needs another round: planned, or short of quiet ones (and time is left)."""
+        rounds, ran = entry[4], entry[6]
+        if len(ran) < rounds:
+            return True
+        if anchor is None or len(quiet) >= 3 * planned:
+            return False
+        return sum(kept_rounds(entry)) < max(MIN_ROUNDS, math.ceil(rounds / 2))
+
+    while True:
+        taking = [entry for entry in prepared if wanted(entry)]
+        if not taking:
+            break
+        for names, profiled, plain, per_round, rounds, walls, ran in taking:
+            profiled.run(per_round, warmup=1)
+            walls.extend(plain.time(1, per_round))
+            ran.append(len(quiet))
+        if anchor is None:
+            quiet.append(True)
+            continue
+        marks.append(anchor.measure())
+        quiet = anchor.quiet(marks)  # every round judged again: the level falls when a quiet state first shows
     timings: List[Optional[NetworkTiming]] = []
-    for names, profiled, plain, per_round, rounds, walls in prepared:
+    for entry in prepared:
+        names, profiled, plain, per_round, rounds, walls, ran = entry
         parts, totals = profiled.part_times()
+        counted = kept_rounds(entry)
+        runs_quiet = [counted[run // per_round] for run in range(len(walls))]
+        enough = sum(counted) >= MIN_ROUNDS
+        if enough:
+            walls = [ms for ms, q in zip(walls, runs_quiet) if q]
+            totals = [ms for ms, q in zip(totals, runs_quiet) if q]
+            parts = {name: [ms for ms, q in zip(times, runs_quiet) if q] for name, times in parts.items()}
         wall = summarize(walls).median_ms
         node_ms = statistics.median(totals)
         # The call overhead is itself a noisy measurement: on a tiny network under load it can exceed
@@ -197,9 +267,10 @@ def time_networks(backend: "Backend", traced: "TracedModel", plans: Sequence[Pla
         for name, block in names.items():
             stats = summarize(parts.get(name) or [0.0])
             blocks[block] = (scale * stats.median_ms, scale * stats.std_ms)
-        timings.append(NetworkTiming(blocks, wall, scale, len(walls)))
+        timings.append(NetworkTiming(blocks, wall, scale, len(walls), quiet=enough or anchor is None))
     prepared.clear()  # the sessions, and the loops' last ones: all freed before the memory goes back
-    plain = profiled = None  # type: ignore[assignment]
+    taking.clear()
+    entry = plain = profiled = None  # type: ignore[assignment]
     release_freed_memory()
     finished = iter(timings)
     return [next(finished) if ok else None for ok in kept]

@@ -73,6 +73,7 @@ import csv
 import datetime
 import io
 import json
+import math
 import os
 import statistics
 import time
@@ -86,13 +87,14 @@ from dpcompress.errors import UserError
 from dpcompress.fileio import write_json_atomic, write_text_atomic
 from dpcompress.graph.geometry import BlockGeometry, block_geometry, block_merge_bytes, max_merge_bytes, pruning_options
 from dpcompress.tables import PRUNED_COLUMN, Pruned, format_pruned, meta_path_for, read_latency_table
-from dpcompress.latency.timing import time_runner
+from dpcompress.latency.timing import QUIET_MARGIN, quiet_level, time_runner
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn
 
     from dpcompress.backends import Backend
     from dpcompress.graph.trace import TracedModel
+    from dpcompress.latency.network_timing import Anchor
 
 TABLE_FORMAT = "dpcompress-latency-table/1"
 TABLE_COLUMNS = ("start", "end", "latency_ms", "std_ms", "in_channels", "out_channels",
@@ -113,6 +115,9 @@ TIMINGS = ("in-network", "standalone")
 # together: each byte is held some four times (torch, the ONNX export, two sessions).
 NETWORKS_PER_ROUND = 6
 NETWORK_BYTES_PER_ROUND = 512 << 20
+# The anchor (the network of single convs, timed between rounds to tell quiet rounds from loaded
+# ones) is one more session of the model: models with more weights than this go without it.
+ANCHOR_MAX_BYTES = 256 << 20
 
 Option = Tuple[int, int, Pruned]  # a block and the convs it replaces by identity (() for none)
 Row = Dict[str, Any]
@@ -624,6 +629,9 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
             overhead = overhead_by_shape[_shape_key(network_input)] if to_time else 0.0
             pending = list(order)
             model_bytes = _parameter_bytes(traced)
+            anchor = _anchor(backend, traced, geometries, network_input, precision, warmup) \
+                if pending and model_bytes <= ANCHOR_MAX_BYTES else None
+            loaded = int(found.get("loaded_networks") or 0)
             networks_per_round = max(1, min(NETWORKS_PER_ROUND, NETWORK_BYTES_PER_ROUND // max(1, model_bytes)))
 
             def round_shapes(shapes: List[BlockShape]) -> List[BlockShape]:
@@ -662,8 +670,12 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                 # The cap needs a bound to write: none before a rate was measured (the singles' network).
                 limit = None if singles_network or best_rate <= 0 else max_block_seconds
                 results = time_networks(backend, traced, plans, geometries, network_input, precision, warmup,
-                                        iters, overhead, max_seconds=limit)
+                                        iters, overhead, max_seconds=limit, anchor=anchor)
                 timed_now = set()
+                loaded += sum(1 for result in results if result is not None and not result.quiet)
+                if anchor is not None:
+                    meta.update(quiet_margin=QUIET_MARGIN, anchor_quiet_ms=quiet_level(anchor.history),
+                                loaded_networks=loaded)
                 for members, result in zip(networks, results):
                     if result is None:  # over the cap
                         shapes = [block_shape(geometries[block]) for block in members]
@@ -702,13 +714,28 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                          sorted(rows.values(), key=row_option), timed, resumed)
 
 
+def _anchor(backend: "Backend", traced: "TracedModel", geometries: Dict[Option, BlockGeometry],
+            input_shape: Sequence[int], precision: str, warmup: int) -> "Anchor":
+    """The network of single convs, prepared to run plainly between rounds (about 50 ms a time)."""
+    import torch
+
+    from dpcompress.latency.network_timing import Anchor, packed_network, packed_plan
+
+    with torch.no_grad():
+        network, _ = packed_network(traced, packed_plan(traced.chain, []), geometries)
+        runner = backend.prepare(network, input_shape, precision)
+    del network
+    first_ms = min(runner.time(max(1, warmup), 3))
+    return Anchor(runner, max(3, min(10, math.ceil(50 / max(first_ms, 1e-3)))))
+
+
 def median_of_tables(tables: Sequence["os.PathLike[str] | str"], out: "os.PathLike[str] | str") -> Dict[str, Any]:
     """Write at ``out`` the table whose every row is the median of that row over ``tables`` (made alike,
     each in a process of its own), with the median rest and call overheads; returns its meta.
 
-    A process's speed can differ from the next one's by a fifth as a whole, and unevenly over kinds of
-    conv (benchmarks/RESULTS.md, "A process's speed, not a session's"): one table inherits its process's
-    state, a median over several does not. A row timed in any of the tables gets the median of its timed
+    A shared machine's speed switches between states for seconds to minutes at a time, unevenly over
+    kinds of conv (benchmarks/RESULTS.md, "Quiet and loaded phases"): tables made one after another meet
+    different states, and a median over several leans on none. A row timed in any of the tables gets the median of its timed
     values; a row that every table bounded (as dominated, or over the per-block cap) gets the largest of its
     bounds: a median of bounds against medians of timed rows could make a dominated block look cheaper
     than the convs it stands for, and the DP would pick it."""
@@ -739,6 +766,9 @@ def median_of_tables(tables: Sequence["os.PathLike[str] | str"], out: "os.PathLi
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     if all(m.get("rest_ms") is not None for m in metas):
         meta["rest_ms"] = statistics.median(m["rest_ms"] for m in metas)
+    if all(m.get("anchor_quiet_ms") is not None for m in metas):
+        meta["anchor_quiet_ms"] = statistics.median(m["anchor_quiet_ms"] for m in metas)
+        meta["loaded_networks"] = sum(m.get("loaded_networks") or 0 for m in metas)
     overheads = [m.get("call_overhead_ms") or {} for m in metas]
     meta["call_overhead_ms"] = {shape: statistics.median(o[shape] for o in overheads if shape in o)
                                 for shape in overheads[0]}
