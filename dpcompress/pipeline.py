@@ -223,8 +223,9 @@ def compress_model(model: Any, input_shape: Sequence[int], out_dir: "str | Path"
         accuracy["test_merged"] = evaluate(merged, data.test)
 
     say(f"[7/7] bench on {backend.name}")
+    # Judged against the state the table was made in, where the table knows it and the bench meets it.
     bench = bench_modules(backend, traced.model, merged, input_shape=bench_shape, precision=settings.precision,
-                          warmup=settings.warmup, plan=plan)
+                          warmup=settings.warmup, plan=plan, quiet_level_ms=table.meta.get("anchor_quiet_ms"))
     whole_bench = None
     if site is not None and not (loop is not None and loop.kept_original):
         from dpcompress.backends.torch_backend import TorchBackend
