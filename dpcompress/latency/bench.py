@@ -139,7 +139,8 @@ def bench_modules(backend: "Backend", original: "torch.nn.Module", compressed: O
     """Time ``original`` (and ``compressed``) on ``backend``, alternating rounds when there are two;
     the figures are those of the quiet rounds. With ``quiet_level_ms`` (a table's ``anchor_quiet_ms``:
     the state the table was made in), the original's rounds are judged against it instead of against
-    the bench's own fastest tenth, where at least MIN_QUIET_ROUNDS rounds meet it.
+    the bench's own fastest tenth (within QUIET_MARGIN of it either way), where at least
+    MIN_QUIET_ROUNDS rounds meet it.
 
     With ``until_ci``, rounds go on past ``rounds`` (up to ``max_rounds``) until each median's
     95% interval is within ``until_ci`` of it (relative half-width). With ``min_seconds``, they go on
@@ -160,7 +161,8 @@ def bench_modules(backend: "Backend", original: "torch.nn.Module", compressed: O
 
     def judged(level: Optional[float]) -> List[bool]:
         # A state can slow the compressed network alone: each runner near its own fastest tenth too.
-        calm = [quiet_rounds(per_round[0], level)] + [quiet_rounds(medians) for medians in per_round[1:]]
+        calm = ([quiet_rounds(per_round[0], level, both_sides=level is not None)]
+                + [quiet_rounds(medians) for medians in per_round[1:]])
         return [all(c[k] for c in calm) and (k + 1 == rounds or calm[0][k + 1]) for k in range(rounds)]
 
     quiet = judged(quiet_level_ms) if quiet_level_ms is not None else []

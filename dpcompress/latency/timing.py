@@ -122,11 +122,13 @@ def quiet_level(reference_ms: Sequence[float]) -> float:
     return float(ordered[int(QUIET_QUANTILE * (len(ordered) - 1))])
 
 
-def quiet_rounds(reference_ms: Sequence[float], level: Optional[float] = None) -> List[bool]:
+def quiet_rounds(reference_ms: Sequence[float], level: Optional[float] = None, both_sides: bool = False) -> List[bool]:
     """Which rounds were quiet: the reference's median in that round within ``QUIET_MARGIN`` of
-    ``level`` (by default :func:`quiet_level` of these rounds)."""
-    limit = QUIET_MARGIN * (quiet_level(reference_ms) if level is None else level)
-    return [ms <= limit for ms in reference_ms]
+    ``level`` (by default :func:`quiet_level` of these rounds); with ``both_sides``, not faster than
+    ``level`` by more than that either (the state of a level measured elsewhere, and no other)."""
+    level = quiet_level(reference_ms) if level is None else level
+    low = level / QUIET_MARGIN if both_sides else 0.0
+    return [low <= ms <= QUIET_MARGIN * level for ms in reference_ms]
 
 
 def round_medians(samples_ms: Sequence[float], per_round: int) -> List[float]:
