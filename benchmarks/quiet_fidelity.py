@@ -1,0 +1,98 @@
+"""Predicted against measured speed-up when table and bench both take the machine's quiet rounds (issue 15).
+
+For one model and backend, makes ``--tables`` in-network tables in turn (each with its anchor: quiet
+rounds only), solves each table's own plans at ``--ratios``, and benches each plan right after its
+table for ``--bench-seconds`` (long enough to meet a quiet state; the figure is from quiet rounds).
+Prints, per table and plan, the prediction, the quiet measurement and the error, with the bench's
+all-rounds speed-up and its share of quiet rounds beside them; and writes the rows as JSON lines.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quiet_fidelity.py --backend openvino --tables 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from dpcompress.backends import get_backend
+from dpcompress.graph.rewrite import merged_model
+from dpcompress.graph.trace import trace_model
+from dpcompress.latency.bench import bench_modules
+from dpcompress.latency.profile import profile_table
+from dpcompress.models import build_model
+from dpcompress.errors import UserError
+from dpcompress.search.solver import frontier, resolve_budget, solve_for_model
+from dpcompress.tables import read_latency_table
+
+from bench_runtimes import predicted  # benchmarks/ is the script's folder, so on sys.path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="torchvision:mobilenet_v2")
+    parser.add_argument("--backend", default="openvino")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tables", type=int, default=3)
+    parser.add_argument("--ratios", default="0.7,0.5")
+    parser.add_argument("--bench-seconds", type=float, default=60.0)
+    parser.add_argument("--out-dir", default="out/quiet_fidelity")
+    args = parser.parse_args()
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shape = (1, 3, 224, 224)
+    torch.manual_seed(0)
+    model = build_model(args.model, None).eval()
+    traced = trace_model(model, shape, spec=args.model)
+    backend = get_backend(args.backend, threads=args.threads)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    print(f"# {args.model} on {backend.describe()}; bench {args.bench_seconds:g} s a plan; "
+          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    print("| table | loaded networks | anchor ms | plan | predicted | bench original ms | measured (quiet) | error | "
+          "all rounds | quiet rounds | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    records = out / f"{args.backend}.jsonl"
+    for index in range(args.tables):
+        path = out / f"{args.backend}_{index}.csv"
+        meta = profile_table(traced.chain, backend, path, model_spec=args.model, input_shape=shape, traced=traced,
+                             overwrite=True).meta
+        table = read_latency_table(path)
+        for ratio in ratios:
+            plan, ratio = solved(table, traced.chain, ratio)
+            expected = predicted(table, plan)
+            load = os.getloadavg()[0]
+            result = bench_modules(backend, model, merged_model(traced, plan), input_shape=shape,
+                                   min_seconds=args.bench_seconds, quiet_level_ms=meta.get("anchor_quiet_ms"))
+            measured = result.measured_speedup
+            print(f"| {index} | {meta.get('loaded_networks')} | {meta.get('anchor_quiet_ms', 0):.2f} | {ratio:.2f} | "
+                  f"{expected:.2f}x | {result.original.median_ms:.2f} | {measured:.2f}x | "
+                  f"{100 * (expected / measured - 1):+.1f}% | {result.all_rounds_speedup:.2f}x | "
+                  f"{result.quiet_rounds}/{result.rounds} | {load:.2f} |", flush=True)
+            with records.open("a") as f:
+                f.write(json.dumps({"table": str(path), "ratio": ratio, "predicted": expected, "measured": measured,
+                                    "all_rounds": result.all_rounds_speedup,
+                                    "bench_original_ms": result.original.median_ms,
+                                    "bench_compressed_ms": result.compressed.median_ms,
+                                    "table_original_ms": table.original_latency_ms(), "quiet_rounds": result.quiet_rounds,
+                                    "rounds": result.rounds, "loaded_networks": meta.get("loaded_networks"),
+                                    "anchor_quiet_ms": meta.get("anchor_quiet_ms"), "load": load,
+                                    "date": time.strftime("%Y-%m-%d %H:%M")}) + "\n")
+
+
+def solved(table, chain, ratio: float):
+    """The table's plan at ``ratio`` of its original latency, or at its smallest achievable latency (and
+    that ratio) where the ratio is below it: with OpenVINO's table mobilenet_v2 stops near 0.55."""
+    try:
+        return solve_for_model(table, None, resolve_budget(table, None, ratio), chain=chain)[0], ratio
+    except UserError:
+        smallest = frontier(table, None, chain.activation_positions)[0][0]
+        return solve_for_model(table, None, smallest, chain=chain)[0], smallest / table.original_latency_ms()
+
+
+if __name__ == "__main__":
+    main()
