@@ -555,6 +555,11 @@ def compress(model_spec: str, weights: Optional[str], input_shape: str, submodul
     click.echo(f"predicted speed-up: {report['predicted_speedup']:.2f}x")
     click.echo(f"measured speed-up: {report['measured_speedup']:.2f}x"
                + (f" (submodule {submodule})" if submodule else ""))
+    table_ms, bench_ms = report["table_anchor_quiet_ms"], report["bench"]["quiet_level_ms"]
+    if table_ms is not None and bench_ms != table_ms:
+        click.echo(f"note: the bench never met the state the table was made in (the original at {bench_ms:.3f} ms, "
+                   f"the table's at {table_ms:.3f} ms): predicted and measured come from different machine states",
+                   err=True)
     whole = report["whole_model_bench"]
     if whole:
         click.echo(f"whole model, PyTorch: {whole['measured_speedup']:.2f}x")

@@ -243,6 +243,7 @@ def compress_model(model: Any, input_shape: Sequence[int], out_dir: "str | Path"
         "predicted_speedup": bench.predicted_speedup, "measured_speedup": bench.measured_speedup,
         "measured_original_ms": bench.original.median_ms,
         "measured_compressed_ms": bench.compressed.median_ms if bench.compressed else None,
+        "table_anchor_quiet_ms": table.meta.get("anchor_quiet_ms"),
         "whole_model_bench": whole_bench.to_json() if whole_bench is not None else None,
         "accuracy": accuracy or None, "export": exported.to_json(),
         "bench": bench.to_json(),

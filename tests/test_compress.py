@@ -77,7 +77,20 @@ def test_compress_cli_without_data_says_accuracy_not_measured(tmp_path):
     assert report["plan"]["boundaries"] == next(
         (c["boundaries"] for c in loop["candidates"] if c["chosen"]), list(range(report["plan"]["num_positions"] + 1)))
     assert loop["reason"] in (tmp_path / "out" / "report.md").read_text()
-    assert json.loads((tmp_path / "out" / "latency.meta.json").read_text())["threads"] == 1
+    meta = json.loads((tmp_path / "out" / "latency.meta.json").read_text())
+    assert meta["threads"] == 1 and report["table_anchor_quiet_ms"] == meta["anchor_quiet_ms"] > 0
+    # Reusing a table made in a state the bench never meets: compress says the figures come from two states.
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    (tables / "tiny.csv").write_text((tmp_path / "out" / "latency.csv").read_text())
+    (tables / "tiny.meta.json").write_text(json.dumps(dict(meta, anchor_quiet_ms=1000.0)))
+    again = subprocess.run(
+        [sys.executable, "-m", "dpcompress.cli", "compress", "--model", TINY_SPEC, "--input-shape", "1,3,16,16",
+         "--importance", "uniform", "--threads", "1", "--out-dir", str(tmp_path / "again"),
+         "--tables-dir", str(tables), "--budget-ratio", "1.0", "--no-measure"],
+        capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "reusing" in again.stderr and "never met the state the table was made in" in again.stderr
 
 
 def test_compress_finetune_importance_without_data_is_a_user_error(tmp_path):
