@@ -329,12 +329,20 @@ def test_an_anchor_keeps_the_loaded_rounds_out_of_the_blocks_times(tiny_traced):
     [timing] = time_networks(backend, tiny_traced, [plan], geometries, (1, 3, 16, 16), "fp32", warmup=1, iters=50,
                              call_overhead_ms=0.0, anchor=anchor)
     assert not timing.quiet and timing.blocks[first[1]][0] == pytest.approx(2.0)
-    # A state that slows the network and not the anchor (rounds 1-3 of 5): those rounds are left out too.
+    # A state that slows the network and not the anchor (rounds 1-12 of 20, enough rounds to judge the
+    # network by its own): those rounds are left out too.
+    backend = PhasedNetworkBackend([False] * 80, networks_loaded=set(range(2, 14)))
+    anchor = Anchor(MarkingAnchorRunner(backend), runs=3)
+    [timing] = time_networks(backend, tiny_traced, [plan], geometries, (1, 3, 16, 16), "fp32", warmup=1, iters=200,
+                             call_overhead_ms=0.0, anchor=anchor)
+    assert timing.quiet and timing.blocks[first[1]][0] == pytest.approx(1.0)
+    # With 5 rounds (too few to judge the network by its own), the anchor alone decides: the slowed majority
+    # (rounds 1-3) is kept.
     backend = PhasedNetworkBackend([False] * 40, networks_loaded={2, 3, 4})
     anchor = Anchor(MarkingAnchorRunner(backend), runs=3)
     [timing] = time_networks(backend, tiny_traced, [plan], geometries, (1, 3, 16, 16), "fp32", warmup=1, iters=50,
                              call_overhead_ms=0.0, anchor=anchor)
-    assert timing.quiet and timing.blocks[first[1]][0] == pytest.approx(1.0)
+    assert timing.quiet and timing.blocks[first[1]][0] == pytest.approx(2.0)
     # Without an anchor, the rounds are not told apart: the loaded majority sets the slowed block's time.
     backend = PhasedNetworkBackend([True] * 40)
     [timing] = time_networks(backend, tiny_traced, [plan], geometries, (1, 3, 16, 16), "fp32", warmup=1, iters=50,

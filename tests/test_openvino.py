@@ -110,17 +110,22 @@ def test_openvino_attributes_a_packed_networks_blocks(tiny_traced):
     profiled.run(2, warmup=1)
     info = profiled._request.get_profiling_info()
     owners = {owner_of_node(i.node_name, i.node_type, profiled._owners) for i in info if i.status == i.Status.EXECUTED}
-    # On some CPUs (CI's, 1 suite in 3) OpenVINO runs a block's conv fused into the conv before it: one node
-    # runs both blocks, and shares its time between them.
+    # A node that runs two blocks' convs (a fusion on some CPUs) shares its time between them. Apart from that,
+    # in about 1 run of this file in 5 OpenVINO reports one block's conv NOT_RUN although the compiled
+    # runtime graph holds it as a node of its own (not fused: RESULTS.md): its time goes unreported.
     sharing = {part for node, shares in profiled._shares.items() for part in shares}
-    assert owners | sharing == set(names) | {None}  # every block's nodes found, merged or single; the head is nobody's
+    unreported = {owner_of_node(i.node_name, i.node_type, profiled._owners) for i in info
+                  if i.node_type == "Convolution" and i.status != i.Status.EXECUTED} - owners - sharing
+    assert len(unreported) <= 1
+    assert owners | sharing | unreported == set(names) | {None}  # every block found; the head is nobody's
     parts, totals = profiled.part_times()
     assert set(parts) == set(names) and len(totals) == 2
     assert all(sum(parts[p][run] for p in parts) < totals[run] for run in range(2))
 
 
 def test_a_node_running_two_blocks_convs_shares_its_time_by_multiply_adds():
-    """As CI's CPU ran it: block 4's conv fused into block 3's node (NOT_RUN on its own)."""
+    """Block 4's conv fused into block 3's node (NOT_RUN on its own), as OpenVINO fuses a depthwise 3x3 into the
+    conv before it on AVX2 CPUs without AVX-512."""
     convs = {"/dpc_block_3/Conv/WithoutBiases": ("dpc_block_3", 3000),
              "/dpc_block_4/Conv/WithoutBiases": ("dpc_block_4", 1000),
              "/dpc_block_5/Conv/WithoutBiases": ("dpc_block_5", 500)}

@@ -18,7 +18,7 @@ Layout conversions (``Reorder``, named ``<from>_<layouts>_<to>``) belong to no p
 
 On some CPUs the plugin also fuses a convolution into the one before it (a depthwise 3x3
 into the conv that feeds it, on AVX2 CPUs without AVX-512 when the maps outgrow half the L3
-cache; CI has seen a 1x1 go the same way): then one executed node runs two parts. The
+cache): then one executed node runs two parts. The
 compiled model's runtime graph lists the ONNX layers each node runs
 (``originalLayersNames``); a node that runs several parts has its time split between them in
 proportion to their multiply-adds, so that neither is priced at nothing and the network's

@@ -3,8 +3,8 @@
 Both are prepared on the same backend and timed in alternating rounds in one
 process, so that load and clock drift affect both alike; the measured speed-up is
 the ratio of the medians over the quiet rounds: those where each ran within
-``QUIET_MARGIN`` of its fastest tenth of rounds, and so did the original in the round
-after (a loaded state of the machine slows one network more than the other, see
+``QUIET_MARGIN`` of its fastest tenth of rounds (the compressed network only where it has
+20 rounds to judge by), and so did the original in the round after (a loaded state of the machine slows one network more than the other, see
 ``timing``). A bench that lasts a second sees one state; ``min_seconds`` spreads it
 over long enough to meet a quiet one. A plan's predicted speed-up is its original
 latency over its latency, both sums of latency-table rows.
@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
-from dpcompress.latency.timing import (QUIET_MARGIN, TimingStats, alternate, in_rounds, narrow_enough, quiet_level,
+from dpcompress.latency.timing import (QUIET_MARGIN, TimingStats, alternate, calm_rounds, in_rounds, narrow_enough, quiet_level,
                                        quiet_rounds, round_medians, summarize)
 from dpcompress.memory import release_freed_memory
 
@@ -162,7 +162,7 @@ def bench_modules(backend: "Backend", original: "torch.nn.Module", compressed: O
     def judged(level: Optional[float]) -> List[bool]:
         # A state can slow the compressed network alone: each runner near its own fastest tenth too.
         calm = ([quiet_rounds(per_round[0], level, both_sides=level is not None)]
-                + [quiet_rounds(medians) for medians in per_round[1:]])
+                + [calm_rounds(collected, iters_per_round) for collected in samples[1:]])
         return [all(c[k] for c in calm) and (k + 1 == rounds or calm[0][k + 1]) for k in range(rounds)]
 
     quiet = judged(quiet_level_ms) if quiet_level_ms is not None else []

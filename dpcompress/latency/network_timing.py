@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 from dpcompress.graph.chain import Chain
 from dpcompress.graph.geometry import BlockGeometry
 from dpcompress.latency.profile import MIN_KEPT_FRACTION
-from dpcompress.latency.timing import quiet_level, quiet_rounds, round_medians
+from dpcompress.latency.timing import calm_rounds, quiet_level, quiet_rounds
 from dpcompress.memory import release_freed_memory
 from dpcompress.search.plan import Plan
 from dpcompress.tables import Pruned
@@ -218,11 +218,12 @@ def time_networks(backend: "Backend", traced: "TracedModel", plans: Sequence[Pla
 
     def kept_rounds(entry: tuple) -> List[bool]:
         """Which of a network's rounds count: quiet for the anchor around it, and the network itself near
-        its fastest tenth of rounds (a state can slow merged networks and leave the anchor be)."""
+        its fastest tenth of rounds where it has enough to tell (a state can slow merged networks and
+        leave the anchor be)."""
         per_round, walls, ran = entry[3], entry[5], entry[6]
         if anchor is None:
             return [True] * len(ran)
-        return [quiet[k] and calm for k, calm in zip(ran, quiet_rounds(round_medians(walls, per_round)))]
+        return [quiet[k] and calm for k, calm in zip(ran, calm_rounds(walls, per_round))]
 
     def wanted(entry: tuple) -> bool:
         """Whether a network needs another round: planned, or short of quiet ones (and time is left)."""

@@ -25,6 +25,9 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tupl
 # spreads over some 12% on this machine, the loaded one sits 30-40% above it.
 QUIET_MARGIN = 1.15
 QUIET_QUANTILE = 0.1
+# A network judged by its own rounds (besides the reference) needs this many: with fewer, its fastest
+# tenth is its fastest round, and run-to-run noise alone would set rounds apart.
+MIN_SELF_JUDGED_ROUNDS = 20
 
 
 class Timeable(Protocol):
@@ -129,6 +132,13 @@ def quiet_rounds(reference_ms: Sequence[float], level: Optional[float] = None, b
     level = quiet_level(reference_ms) if level is None else level
     low = level / QUIET_MARGIN if both_sides else 0.0
     return [low <= ms <= QUIET_MARGIN * level for ms in reference_ms]
+
+
+def calm_rounds(samples_ms: Sequence[float], per_round: int) -> List[bool]:
+    """Which rounds a network itself ran near its fastest tenth of rounds in (``quiet_rounds`` of its
+    round medians); every round where it has fewer than MIN_SELF_JUDGED_ROUNDS."""
+    medians = round_medians(samples_ms, per_round)
+    return quiet_rounds(medians) if len(medians) >= MIN_SELF_JUDGED_ROUNDS else [True] * len(medians)
 
 
 def round_medians(samples_ms: Sequence[float], per_round: int) -> List[float]:
