@@ -94,6 +94,9 @@ def test_bench_cli_with_a_plan(tmp_path):
     assert as_json.exit_code == 0, as_json.output
     record = json.loads(as_json.output[as_json.output.index("{"):])
     assert record["compressed"]["count"] == 2 * record["quiet_rounds"] and record["predicted_speedup"] == 2.0
+    for bad, what in ((["--min-seconds", "-1"], "--min-seconds"), (["--quiet-ms", "0"], "--quiet-ms")):
+        refused = CliRunner().invoke(main, args + bad)
+        assert refused.exit_code == 2 and what in refused.output and "Traceback" not in refused.output
 
 
 def test_quiet_rounds_are_those_near_the_references_fastest_tenth():
