@@ -4,10 +4,10 @@ Both are prepared on the same backend and timed in alternating rounds in one
 process, so that load and clock drift affect both alike; the measured speed-up is
 the ratio of the medians over the quiet rounds: those where each ran within
 ``QUIET_MARGIN`` of its fastest tenth of rounds (the compressed network only where it has
-20 rounds to judge by), and so did the original in the round after (a loaded state of the machine slows one network more than the other, see
-``timing``). A bench that lasts a second sees one state; ``min_seconds`` spreads it
-over long enough to meet a quiet one. A plan's predicted speed-up is its original
-latency over its latency, both sums of latency-table rows.
+20 rounds to judge by), and so did the original in the round after (a loaded state of the
+machine slows one network more than the other, see ``timing``). A bench that lasts a second
+sees one state; ``min_seconds`` spreads it over long enough to meet a quiet one. A plan's
+predicted speed-up is its original latency over its latency, both sums of latency-table rows.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
-from dpcompress.latency.timing import (QUIET_MARGIN, TimingStats, alternate, calm_rounds, in_rounds, narrow_enough, quiet_level,
-                                       quiet_rounds, round_medians, summarize)
+from dpcompress.latency.timing import (QUIET_MARGIN, TimingStats, alternate, calm_rounds, in_rounds, narrow_enough,
+                                       quiet_level, quiet_rounds, round_medians, summarize)
 from dpcompress.memory import release_freed_memory
 
 if TYPE_CHECKING:  # pragma: no cover

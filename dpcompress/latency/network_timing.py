@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 from dpcompress.graph.chain import Chain
 from dpcompress.graph.geometry import BlockGeometry
 from dpcompress.latency.profile import MIN_KEPT_FRACTION
-from dpcompress.latency.timing import calm_rounds, quiet_level, quiet_rounds
+from dpcompress.latency.timing import calm_rounds, in_rounds, quiet_level, quiet_rounds
 from dpcompress.memory import release_freed_memory
 from dpcompress.search.plan import Plan
 from dpcompress.tables import Pruned
@@ -177,7 +177,8 @@ class Anchor:
 def time_networks(backend: "Backend", traced: "TracedModel", plans: Sequence[Plan],
                   geometries: Dict[Option, BlockGeometry], input_shape: Sequence[int], precision: str,
                   warmup: int, iters: int, call_overhead_ms: float,
-                  max_seconds: Optional[float] = None, anchor: Optional[Anchor] = None) -> List[Optional[NetworkTiming]]:
+                  max_seconds: Optional[float] = None,
+                  anchor: Optional[Anchor] = None) -> List[Optional[NetworkTiming]]:
     """Time the blocks of each plan inside its network; the networks take turns, round by round.
     ``geometries`` holds each block's, keyed ``(start, end, the convs the plan prunes in it)``.
 
@@ -252,12 +253,10 @@ def time_networks(backend: "Backend", traced: "TracedModel", plans: Sequence[Pla
         names, profiled, plain, per_round, rounds, walls, ran = entry
         parts, totals = profiled.part_times()
         counted = kept_rounds(entry)
-        runs_quiet = [counted[run // per_round] for run in range(len(walls))]
-        enough = sum(counted) >= MIN_ROUNDS
+        enough = sum(counted) >= MIN_ROUNDS  # always, without an anchor: every round counts
         if enough:
-            walls = [ms for ms, q in zip(walls, runs_quiet) if q]
-            totals = [ms for ms, q in zip(totals, runs_quiet) if q]
-            parts = {name: [ms for ms, q in zip(times, runs_quiet) if q] for name, times in parts.items()}
+            walls, totals = in_rounds(walls, per_round, counted), in_rounds(totals, per_round, counted)
+            parts = {name: in_rounds(times, per_round, counted) for name, times in parts.items()}
         wall = summarize(walls).median_ms
         node_ms = statistics.median(totals)
         # The call overhead is itself a noisy measurement: on a tiny network under load it can exceed
@@ -268,7 +267,7 @@ def time_networks(backend: "Backend", traced: "TracedModel", plans: Sequence[Pla
         for name, block in names.items():
             stats = summarize(parts.get(name) or [0.0])
             blocks[block] = (scale * stats.median_ms, scale * stats.std_ms)
-        timings.append(NetworkTiming(blocks, wall, scale, len(walls), quiet=enough or anchor is None))
+        timings.append(NetworkTiming(blocks, wall, scale, len(walls), quiet=enough))
     prepared.clear()  # the sessions, and the loops' last ones: all freed before the memory goes back
     taking.clear()
     entry = plain = profiled = None  # type: ignore[assignment]

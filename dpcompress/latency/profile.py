@@ -735,8 +735,8 @@ def median_of_tables(tables: Sequence["os.PathLike[str] | str"], out: "os.PathLi
 
     A shared machine's speed switches between states for seconds to minutes at a time, unevenly over
     kinds of conv (benchmarks/RESULTS.md, "Quiet and loaded phases"): tables made one after another meet
-    different states, and a median over several leans on none. A row timed in any of the tables gets the median of its timed
-    values; a row that every table bounded (as dominated, or over the per-block cap) gets the largest of its
+    different states, and a median over several leans on none. A row timed in any of the tables gets
+    the median of its timed values; a row that every table bounded (as dominated, or over the per-block cap) gets the largest of its
     bounds: a median of bounds against medians of timed rows could make a dominated block look cheaper
     than the convs it stands for, and the DP would pick it."""
     if not tables:
