@@ -39,8 +39,7 @@ def main() -> None:
         network, names = packed_network(traced, plan, {(*b, ()): block_geometry(chain, *b) for b in plan.blocks})
         _, profiled = backend.prepare_network_timing(network, shape, "fp32", list(names))
         profiled.run(3, warmup=1)
-        parts, _ = profiled.part_times()
-        unpriced = sorted(p for p, times in parts.items() if max(times) == 0)
+        unpriced = sorted(p for p, (ms, _) in profiled.part_times().parts.items() if ms == 0)
         print(f"{len(names)} parts; shared nodes: {profiled._shares or 'none'}; parts with no time: {unpriced or 'none'}")
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import statistics
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from dpcompress.errors import UserError
@@ -22,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
 BACKEND_NAMES = ("onnxruntime", "openvino", "torch", "tensorrt")
 PRECISIONS = ("fp32", "fp16")
 DEVICES = ("cpu", "cuda")
+MEDIAN_OF_RUNS = "median of the timed runs; std_ms is their standard deviation"  # a table's statistic
 
 
 class Runner(ABC):
@@ -32,6 +35,15 @@ class Runner(ABC):
         """Run ``warmup`` untimed passes, then return the latency of each of ``iters`` timed passes, in ms."""
 
 
+@dataclass(frozen=True)
+class PartTimes:
+    """What a profiled network's parts took per run, over the recorded runs of the rounds counted."""
+
+    parts: Dict[str, Tuple[float, float]]  # part -> (ms per run, spread in ms)
+    total_ms: float  # all nodes together, per run
+    statistic: str  # how the figures were read: "median" or "mean"
+
+
 class NetworkProfile(ABC):
     """A whole network prepared with the runtime's own per-node profiler on.
 
@@ -39,15 +51,50 @@ class NetworkProfile(ABC):
     the nodes the runtime made of it (with the elementwise ops fused after it, such as
     its activation or a residual add), as the network pays it: caches as the layers
     before it left them, no layout conversions at its edges, no call of its own.
+    A call of ``run`` with recorded runs is one round; ``part_times`` reads the rounds asked for.
     """
 
     @abstractmethod
     def run(self, iters: int, warmup: int = 0) -> None:
-        """``warmup`` runs that are not recorded, then ``iters`` recorded runs."""
+        """``warmup`` runs that are not recorded, then ``iters`` recorded runs (a round, where iters > 0)."""
 
     @abstractmethod
-    def part_times(self) -> Tuple[Dict[str, List[float]], List[float]]:
+    def part_times(self, counted: Optional[Sequence[bool]] = None) -> PartTimes:
+        """Each part's time per run, over the recorded runs of the rounds ``counted`` marks (None: every
+        round; no round: zeros). Ends profiling."""
+
+
+class RunByRunProfile(NetworkProfile):
+    """A profile whose runtime reports every run's node times (ONNX Runtime's trace): a part's time is
+    the median over the counted rounds' runs, its spread their standard deviation."""
+
+    def __init__(self) -> None:
+        self._round_runs: List[int] = []
+
+    def run(self, iters: int, warmup: int = 0) -> None:
+        self._run(iters, warmup)
+        if iters > 0:
+            self._round_runs.append(iters)
+
+    @abstractmethod
+    def _run(self, iters: int, warmup: int) -> None:
+        """The runs themselves: ``warmup`` not recorded, then ``iters`` recorded."""
+
+    @abstractmethod
+    def run_times(self) -> Tuple[Dict[str, List[float]], List[float]]:
         """Per recorded run: ms spent in each part, and in all nodes together. Ends profiling."""
+
+    def part_times(self, counted: Optional[Sequence[bool]] = None) -> PartTimes:
+        parts, totals = self.run_times()
+        counted = [True] * len(self._round_runs) if counted is None else counted
+        keep = [c for c, runs in zip(counted, self._round_runs) for _ in range(runs)]
+
+        def median_and_spread(times: List[float]) -> Tuple[float, float]:
+            kept = [ms for ms, c in zip(times, keep) if c] or [0.0]
+            return float(statistics.median(kept)), float(statistics.pstdev(kept))
+
+        return PartTimes({part: median_and_spread(times) for part, times in parts.items()},
+                         median_and_spread(totals)[0], "median")
 
 
 class Backend(ABC):
@@ -90,6 +137,9 @@ class Backend(ABC):
     def profiles_networks(self) -> bool:
         """Whether :meth:`prepare_network_timing` is available (the runtime reports per-node times)."""
         return False
+
+    # How in-network timing reads a block's time from the profiled runs (for the table's meta).
+    network_statistic = MEDIAN_OF_RUNS
 
     @property
     def min_network_runs(self) -> int:

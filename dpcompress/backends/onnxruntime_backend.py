@@ -22,8 +22,8 @@ import time
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from dpcompress.backends import (Backend, NetworkProfile, Runner, check_precision, cpu_name, default_threads,
-                                 export_onnx_file)
+from dpcompress.backends import (Backend, NetworkProfile, RunByRunProfile, Runner, check_precision, cpu_name,
+                                 default_threads, export_onnx_file)
 from dpcompress.errors import UserError
 from dpcompress.latency.timing import time_runner
 from dpcompress.memory import release_freed_memory
@@ -282,17 +282,18 @@ def scope_owner(name: str, owners: Dict[str, str]) -> Optional[str]:
     return None
 
 
-class _OnnxRuntimeNetworkProfile(NetworkProfile):
+class _OnnxRuntimeNetworkProfile(RunByRunProfile):
     def __init__(self, session: Any, feed: dict, owners: Dict[str, str]) -> None:
+        super().__init__()
         self._session, self._feed, self._owners = session, feed, owners
         self._recorded: List[bool] = []  # per run so far: recorded (True) or warm-up
 
-    def run(self, iters: int, warmup: int = 0) -> None:
+    def _run(self, iters: int, warmup: int) -> None:
         for recorded in [False] * warmup + [True] * iters:
             self._session.run(None, self._feed)
             self._recorded.append(recorded)
 
-    def part_times(self) -> Tuple[Dict[str, List[float]], List[float]]:
+    def run_times(self) -> Tuple[Dict[str, List[float]], List[float]]:
         path = self._session.end_profiling()
         try:
             with open(path) as f:

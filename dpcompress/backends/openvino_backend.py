@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from dpcompress.backends import (Backend, NetworkProfile, Runner, check_precision, cpu_name, default_threads,
-                                 export_onnx_bytes)
+from dpcompress.backends import (Backend, NetworkProfile, PartTimes, Runner, check_precision, cpu_name,
+                                 default_threads, export_onnx_bytes)
 from dpcompress.backends.onnxruntime_backend import graph_part_owners, scope_owner
 from dpcompress.errors import UserError
 from dpcompress.latency.timing import time_runner
@@ -43,6 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
 INSTALL_HINT = "pip install openvino (or pip install 'dpcompress[openvino]')"
 # Node types OpenVINO inserts to convert layouts and precisions between nodes: the network's rest.
 LAYOUT_NODES = ("Reorder",)
+Reading = Tuple[Dict[str, float], float]  # running sums in us: per part, and of all nodes
 
 
 def import_openvino() -> Any:
@@ -77,6 +78,10 @@ class OpenVinoBackend(Backend):
     def options(self) -> Dict[str, Any]:
         return {"device": "CPU", "performance_hint": "LATENCY", "inference_precision": "f32",
                 "min_network_runs": self.min_network_runs}
+
+    network_statistic = ("mean of the runs in the counted rounds (their warm-ups included), read from OpenVINO's "
+                         "running per-node averages in whole microseconds before and after each stretch of counted "
+                         "rounds; std_ms is the bound the counters' rounding puts on that mean")
 
     @property
     def min_network_runs(self) -> int:
@@ -215,40 +220,91 @@ def shared_node_shares(layers: Dict[str, List[str]],
     return shares
 
 
+def running_part_us(infos: Sequence[Any], inferences: int, owners: Dict[str, str],
+                    shares: Dict[str, Dict[str, float]]) -> Reading:
+    """Each part's time summed over all ``inferences`` since the model was compiled, and all nodes',
+    in microseconds, from OpenVINO's profiling info (``infos``).
+
+    OpenVINO's CPU plugin does not report a node's last run: it sums the node's run times, each cut
+    to whole microseconds, and reports that sum divided (in integers) by the runs so far. So a node
+    read ``a`` after ``k`` runs took about k*a + (k-1)/2 (the division's remainder, on average)
+    + k/2 (each run's cut) microseconds in all. A node under 1 microsecond a run reads 0 (NOT_RUN)
+    and counts nothing."""
+    parts = {part: 0.0 for part in set(owners.values())}
+    total = 0.0
+    for info in infos:
+        if info.status != info.Status.EXECUTED:  # fused into another node, nothing to do, or under 1 us
+            continue
+        us = inferences * round(info.real_time.total_seconds() * 1e6) + inferences - 0.5
+        total += us
+        shared = shares.get(info.node_name)
+        if shared is not None:
+            for part, share in shared.items():
+                parts[part] += share * us
+            continue
+        owner = owner_of_node(info.node_name, info.node_type, owners)
+        if owner is not None:
+            parts[owner] += us
+    return parts, total
+
+
 class _OpenVinoNetworkProfile(NetworkProfile):
+    """Rounds read from OpenVINO's running counters (``running_part_us``), read after every call.
+
+    A counter read after k runs since compiling pins the sum of those runs only to within k
+    microseconds, so a single round's share of it is not known: while a node's running average stays
+    on one whole microsecond, the difference of two readings is that average, whatever the round took.
+    What is known is the sum between two readings far apart. So consecutive counted rounds are read as
+    one stretch, from the reading before the first to the one after the last, and a part's time is its
+    mean over the stretches' runs, the rounds' warm-ups included (OpenVINO's counters cannot leave them
+    out); the first call's warm-ups (the compiled model's first runs) are left out. The spread given is
+    the counters' rounding bound on that mean.
+    """
+
     def __init__(self, request: Any, owners: Dict[str, str],
                  shares: Optional[Dict[str, Dict[str, float]]] = None) -> None:
         self._request, self._owners = request, owners
         self._shares = shares or {}  # nodes that run several parts: each part's share of the node's time
-        self._parts: Dict[str, List[float]] = {part: [] for part in set(owners.values())}
-        self._totals: List[float] = []
+        self._inferences = 0
+        # Runs since compiling and the sums, when compiled and after each call.
+        self._readings: List[Tuple[int, Reading]] = [(0, ({part: 0.0 for part in set(owners.values())}, 0.0))]
+        self._rounds: List[int] = []  # for each round (a call with recorded runs): its reading's index
 
     def run(self, iters: int, warmup: int = 0) -> None:
-        request = self._request
-        for _ in range(warmup):
-            request.infer(share_outputs=True)
-        for _ in range(iters):
-            request.infer(share_outputs=True)
-            self._record(request.get_profiling_info())  # the counters of the last inference only
+        for _ in range(warmup + iters):
+            self._request.infer(share_outputs=True)
+        self._inferences += warmup + iters
+        infos = self._request.get_profiling_info()
+        self._readings.append((self._inferences, running_part_us(infos, self._inferences, self._owners,
+                                                                 self._shares)))
+        if iters > 0:
+            self._rounds.append(len(self._readings) - 1)
 
-    def _record(self, infos: Sequence[Any]) -> None:
-        for times in self._parts.values():
-            times.append(0.0)
-        total = 0.0
-        for info in infos:
-            if info.status != info.Status.EXECUTED:  # NOT_RUN: fused into another node, or nothing to do
-                continue
-            ms = info.real_time.total_seconds() * 1e3
-            total += ms
-            shared = self._shares.get(info.node_name)
-            if shared is not None:
-                for part, share in shared.items():
-                    self._parts[part][-1] += share * ms
-                continue
-            owner = owner_of_node(info.node_name, info.node_type, self._owners)
-            if owner is not None:
-                self._parts[owner][-1] += ms
-        self._totals.append(total)
+    def part_times(self, counted: Optional[Sequence[bool]] = None) -> PartTimes:
+        counted = [True] * len(self._rounds) if counted is None else counted
+        spans = [(index - 1, index) for index, c in zip(self._rounds, counted) if c]
+        return stretch_means(self._readings, spans, set(self._owners.values()))
 
-    def part_times(self) -> Tuple[Dict[str, List[float]], List[float]]:
-        return {part: list(times) for part, times in self._parts.items()}, list(self._totals)
+
+def stretch_means(readings: Sequence[Tuple[int, Reading]], spans: Sequence[Tuple[int, int]],
+                  parts: Iterable[str]) -> PartTimes:
+    """Each part's mean ms per run over the runs between the readings of each span (pairs of indices into
+    ``readings``), with spans that meet read as one stretch; the spread given is the bound the counters'
+    rounding puts on the mean (half the runs since compiling at both ends of each stretch, per run)."""
+    stretches: List[List[int]] = []
+    for first, last in spans:
+        if stretches and stretches[-1][1] == first:
+            stretches[-1][1] = last
+        else:
+            stretches.append([first, last])
+    runs = sum(readings[last][0] - readings[first][0] for first, last in stretches)
+    if runs <= 0:
+        return PartTimes({part: (0.0, 0.0) for part in parts}, 0.0, "mean")
+    bound_ms = sum(readings[first][0] + readings[last][0] for first, last in stretches) / 2 / runs / 1e3
+
+    def mean(read: Callable[[Reading], float]) -> float:
+        return max(0.0, sum(read(readings[last][1]) - read(readings[first][1]) for first, last in stretches)
+                   / runs / 1e3)
+
+    return PartTimes({part: (mean(lambda reading, p=part: reading[0][p]), bound_ms) for part in parts},
+                     mean(lambda reading: reading[1]), "mean")

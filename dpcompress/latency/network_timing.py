@@ -147,7 +147,7 @@ def minimum_runs(warmup: int) -> int:
 
 @dataclass(frozen=True)
 class NetworkTiming:
-    blocks: Dict[Option, Tuple[float, float]]  # (start, end, pruned) -> (median ms, std ms), scaled
+    blocks: Dict[Option, Tuple[float, float]]  # (start, end, pruned) -> (ms, spread ms), scaled
     wall_ms: float  # median of the plain (unprofiled) runs, call included
     scale: float  # plain time less the call over the profiled node time
     runs: int  # plain runs the figures come from
@@ -251,22 +251,21 @@ def time_networks(backend: "Backend", traced: "TracedModel", plans: Sequence[Pla
     timings: List[Optional[NetworkTiming]] = []
     for entry in prepared:
         names, profiled, plain, per_round, rounds, walls, ran = entry
-        parts, totals = profiled.part_times()
         counted = kept_rounds(entry)
         enough = sum(counted) >= MIN_ROUNDS  # always, without an anchor: every round counts
         if enough:
-            walls, totals = in_rounds(walls, per_round, counted), in_rounds(totals, per_round, counted)
-            parts = {name: in_rounds(times, per_round, counted) for name, times in parts.items()}
+            walls = in_rounds(walls, per_round, counted)
+        times = profiled.part_times(counted if enough else None)
         wall = summarize(walls).median_ms
-        node_ms = statistics.median(totals)
+        node_ms = times.total_ms
         # The call overhead is itself a noisy measurement: on a tiny network under load it can exceed
         # the wall, which would zero every block; the network is never credited below a floor of it.
         kept_ms = max(wall - call_overhead_ms, MIN_KEPT_FRACTION * wall)
         scale = kept_ms / node_ms if node_ms > 0 else 1.0
         blocks = {}
         for name, block in names.items():
-            stats = summarize(parts.get(name) or [0.0])
-            blocks[block] = (scale * stats.median_ms, scale * stats.std_ms)
+            ms, spread = times.parts.get(name, (0.0, 0.0))
+            blocks[block] = (scale * ms, scale * spread)
         timings.append(NetworkTiming(blocks, wall, scale, len(walls), quiet=enough))
     prepared.clear()  # the sessions, and the loops' last ones: all freed before the memory goes back
     taking.clear()

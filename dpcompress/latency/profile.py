@@ -82,6 +82,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from dpcompress import __version__
+from dpcompress.backends import MEDIAN_OF_RUNS
 from dpcompress.graph.chain import Chain
 from dpcompress.errors import UserError
 from dpcompress.fileio import write_json_atomic, write_text_atomic
@@ -103,9 +104,9 @@ PRUNED_TABLE_COLUMNS = (*TABLE_COLUMNS, PRUNED_COLUMN)  # a table with pruning o
 # Meta fields that must agree for a run to resume (or reuse) an existing table.
 RESUME_KEYS = ("format", "timing", "model", "input_shape", "batch_size", "backend", "backend_version", "backend_options",
                "device", "device_name", "threads", "precision", "warmup", "iters", "prune_margin", "call_overhead",
-               "prune", "chain_fingerprint", "dpcompress_version")
+               "prune", "chain_fingerprint", "dpcompress_version", "statistic")
 # What a meta from before a key existed meant by it.
-RESUME_DEFAULTS = {"prune": False}
+RESUME_DEFAULTS = {"prune": False, "statistic": MEDIAN_OF_RUNS}
 MIN_KEPT_FRACTION = 0.1
 DEFAULT_PRUNE_MARGIN = 2.0
 DEFAULT_MAX_BLOCK_SECONDS = 60.0
@@ -295,7 +296,7 @@ def profile_meta(chain: Chain, backend: "Backend", *, model_spec: Optional[str],
         "precision": precision,
         "warmup": int(warmup),
         "iters": int(iters),
-        "statistic": "median of the timed runs; std_ms is their standard deviation",
+        "statistic": MEDIAN_OF_RUNS if timing == "standalone" else backend.network_statistic,
         "call_overhead": ("subtracted: latency_ms is the median minus call_overhead_ms at the block's input shape "
                           "(the backend's cost of an empty call), floored at "
                           f"{MIN_KEPT_FRACTION:g} x the median") if timing == "standalone" else
