@@ -308,6 +308,9 @@ def profile(model_spec: str, weights: Optional[str], input_shape: str, submodule
         click.echo(f"{result.meta['loaded_networks']} profiled networks met too few quiet rounds (the original "
                    f"within {result.meta['quiet_margin']:.2f}x of {result.meta['anchor_quiet_ms']:.3f} ms) and were "
                    "read from all their rounds: the machine was loaded; profile again when it is quiet")
+    if result.meta.get("retimed_shapes"):
+        click.echo(f"{result.meta['retimed_shapes']} block shapes were timed again: their networks ran in a state "
+                   "taken for quiet until a quieter one showed")
 
 
 def _profile_from_settings(settings: Dict[str, Any], out: str, quiet: bool) -> Any:

@@ -34,9 +34,10 @@ def test_each_row_is_its_median_over_the_tables(tmp_path, monkeypatch):
     assert "anchor_quiet_ms" not in meta  # standalone tables have no anchor
     for path, (level, loaded) in zip(paths, [(2.5, 0), (3.3, 2), (2.6, 1)]):  # as in-network tables' metas
         made = json.loads(meta_path_for(path).read_text())
-        meta_path_for(path).write_text(json.dumps(dict(made, anchor_quiet_ms=level, loaded_networks=loaded)))
+        meta_path_for(path).write_text(json.dumps(dict(made, anchor_quiet_ms=level, loaded_networks=loaded,
+                                                       retimed_shapes=2 * loaded)))
     meta = median_of_tables(paths, tmp_path / "median.csv")
-    assert meta["anchor_quiet_ms"] == 2.6 and meta["loaded_networks"] == 3
+    assert meta["anchor_quiet_ms"] == 2.6 and meta["loaded_networks"] == 3 and meta["retimed_shapes"] == 6
 
 
 def test_tables_made_with_other_settings_are_not_mixed(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dpcompress import zoo
-from dpcompress.backends import RunByRunProfile, export_onnx_bytes, get_backend
+from dpcompress.backends import Backend, Runner, RunByRunProfile, export_onnx_bytes, get_backend
 from dpcompress.backends.onnxruntime_backend import _owner_of, part_owners
 from dpcompress.latency.network_timing import pack, packed_network, packed_plan, time_networks
 from dpcompress.graph.geometry import block_geometry
@@ -349,3 +349,75 @@ def test_an_anchor_keeps_the_loaded_rounds_out_of_the_blocks_times(tiny_traced):
     [timing] = time_networks(backend, tiny_traced, [plan], geometries, (1, 3, 16, 16), "fp32", warmup=1, iters=50,
                              call_overhead_ms=0.0)
     assert timing.quiet and timing.blocks[first[1]][0] == pytest.approx(2.0)
+class StartsLoadedBackend(Backend):
+    """A whole machine loaded for the anchor's first ``loaded_marks`` measurements (the anchor's network
+    3.5 ms, every part of a profiled network 2 ms), quiet after (2.5 ms, 1 ms a part); 0.5 ms outside
+    the parts."""
+
+    name, device = "phased", "cpu"
+    version, device_name = "1", "test machine"
+
+    def __init__(self, loaded_marks):
+        self.loaded_marks, self.marks = loaded_marks, 0
+
+    @property
+    def profiles_networks(self):
+        return True
+
+    def loaded(self):
+        return self.marks <= self.loaded_marks
+
+    def prepare(self, module, input_shape, precision="fp32"):  # the anchor's network
+        backend = self
+
+        class AnchorRunner(Runner):
+            def time(self, warmup, iters):
+                backend.marks += 1
+                return [3.5 if backend.loaded() else 2.5] * iters
+
+        return AnchorRunner()
+
+    def prepare_network_timing(self, module, input_shape, precision, parts):
+        backend = self
+
+        def part_ms():
+            return 2.0 if backend.loaded() else 1.0
+
+        class Plain(Runner):
+            def time(self, warmup, iters):
+                return [len(parts) * part_ms() + 0.5] * iters
+
+        class Profiled(RunByRunProfile):
+            recorded = {p: [] for p in parts}
+            totals = []
+
+            def _run(self, iters, warmup):
+                for _ in range(iters):
+                    for p in parts:
+                        self.recorded[p].append(part_ms())
+                    self.totals.append(len(parts) * part_ms() + 0.5)
+
+            def run_times(self):
+                return self.recorded, self.totals
+
+        return Plain(), Profiled()
+
+
+def test_a_profile_that_starts_loaded_times_those_networks_again(tiny_traced, tmp_path):
+    """The anchor's first measurements all loaded: the network of single convs takes that state for quiet, and
+    only the profile's end, with quiet rounds seen since, shows it was not; its rows and rest are timed again."""
+    backend = StartsLoadedBackend(loaded_marks=6)  # the anchor's first run, and the singles network's rounds
+    result = profile_table(tiny_traced.chain, backend, tmp_path / "t.csv", traced=tiny_traced, warmup=1, iters=3,
+                           prune_margin=None)
+    table = read_latency_table(tmp_path / "t.csv")
+    assert any(e - s == 1 for s, e in table.latency_ms)
+    assert result.meta["rest_ms"] == pytest.approx(0.5) and result.meta["retimed_shapes"] >= 1
+    assert all(ms == pytest.approx(1.0) for ms in table.latency_ms.values())
+    # Judged once more only: a profile wholly in one state keeps what it timed.
+    backend = StartsLoadedBackend(loaded_marks=10 ** 6)
+    result = profile_table(tiny_traced.chain, backend, tmp_path / "u.csv", traced=tiny_traced, warmup=1, iters=3,
+                           prune_margin=None)
+    assert result.meta["retimed_shapes"] == 0
+    assert all(ms == pytest.approx(2.0) for ms in read_latency_table(tmp_path / "u.csv").latency_ms.values())
+
+

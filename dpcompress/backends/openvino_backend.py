@@ -15,6 +15,10 @@ An executed node keeps the name of an ONNX node: a convolution that of its
 ``Convolution`` op, ``<onnx conv node>/WithoutBiases``; a fused subgraph that of its
 last op, an ONNX node name, or for the graph's output op the output tensor's name.
 Layout conversions (``Reorder``, named ``<from>_<layouts>_<to>``) belong to no part.
+The counters are not the last run's: each node's ``real_time`` is the sum of its run times since
+compiling, each cut to whole microseconds, divided (in integers) by the runs; a node under 1 us a
+run reads 0 and NOT_RUN. In-network timing reads them accordingly (``running_part_us``,
+``_OpenVinoNetworkProfile``).
 
 On some CPUs the plugin also fuses a convolution into the one before it (a depthwise 3x3
 into the conv that feeds it, on AVX2 CPUs without AVX-512 when the maps outgrow half the L3

@@ -21,7 +21,9 @@ With an ``Anchor`` (the network of single convs, run plainly between rounds), ea
 is known quiet or loaded (``timing.quiet_rounds``, against the anchor's quiet level over
 the whole profile), a network short of quiet rounds gets more, and its blocks are read
 from the rounds that were quiet for the anchor and in which the network itself ran near
-its fastest tenth of rounds.
+its fastest tenth of rounds. Rounds are judged against the level known so far, so a profile
+that starts in a loaded state takes it for quiet until a quiet state shows; each network's
+anchor level (``NetworkTiming.anchor_ms``) lets the profiler judge it again at the end.
 
 A block may have convs pruned (LayerMerge's search space): blocks are then keyed
 ``(start, end, pruned)`` and the network holds the merged conv of the convs that remain. A
@@ -152,6 +154,7 @@ class NetworkTiming:
     scale: float  # plain time less the call over the profiled node time
     runs: int  # plain runs the figures come from
     quiet: bool = True  # from quiet rounds; False: too few were quiet, every round counted
+    anchor_ms: Optional[float] = None  # the anchor's median around the rounds counted (with an anchor)
 
 
 class Anchor:
@@ -256,6 +259,10 @@ def time_networks(backend: "Backend", traced: "TracedModel", plans: Sequence[Pla
         if enough:
             walls = in_rounds(walls, per_round, counted)
         times = profiled.part_times(counted if enough else None)
+        anchor_ms = None
+        if anchor is not None:  # the marks before and after each counted round
+            around = [mark for k, c in zip(ran, counted) if c or not enough for mark in marks[k:k + 2]]
+            anchor_ms = float(statistics.median(around))
         wall = summarize(walls).median_ms
         node_ms = times.total_ms
         # The call overhead is itself a noisy measurement: on a tiny network under load it can exceed
@@ -266,7 +273,7 @@ def time_networks(backend: "Backend", traced: "TracedModel", plans: Sequence[Pla
         for name, block in names.items():
             ms, spread = times.parts.get(name, (0.0, 0.0))
             blocks[block] = (scale * ms, scale * spread)
-        timings.append(NetworkTiming(blocks, wall, scale, len(walls), quiet=enough))
+        timings.append(NetworkTiming(blocks, wall, scale, len(walls), quiet=enough, anchor_ms=anchor_ms))
     prepared.clear()  # the sessions, and the loops' last ones: all freed before the memory goes back
     taking.clear()
     entry = plain = profiled = None  # type: ignore[assignment]
