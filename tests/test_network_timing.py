@@ -349,23 +349,19 @@ def test_an_anchor_keeps_the_loaded_rounds_out_of_the_blocks_times(tiny_traced):
     [timing] = time_networks(backend, tiny_traced, [plan], geometries, (1, 3, 16, 16), "fp32", warmup=1, iters=50,
                              call_overhead_ms=0.0)
     assert timing.quiet and timing.blocks[first[1]][0] == pytest.approx(2.0)
-class StartsLoadedBackend(Backend):
-    """A whole machine loaded for the anchor's first ``loaded_marks`` measurements (the anchor's network
-    3.5 ms, every part of a profiled network 2 ms), quiet after (2.5 ms, 1 ms a part); 0.5 ms outside
-    the parts."""
+class StateScheduleBackend(Backend):
+    """A machine whose state follows the anchor's measurements: ``state(mark)`` gives the anchor network's ms and
+    each profiled part's ms while the anchor has measured ``mark`` times; half a part's ms outside the parts."""
 
     name, device = "phased", "cpu"
     version, device_name = "1", "test machine"
 
-    def __init__(self, loaded_marks):
-        self.loaded_marks, self.marks = loaded_marks, 0
+    def __init__(self, state):
+        self.state, self.marks = state, 0
 
     @property
     def profiles_networks(self):
         return True
-
-    def loaded(self):
-        return self.marks <= self.loaded_marks
 
     def prepare(self, module, input_shape, precision="fp32"):  # the anchor's network
         backend = self
@@ -373,7 +369,7 @@ class StartsLoadedBackend(Backend):
         class AnchorRunner(Runner):
             def time(self, warmup, iters):
                 backend.marks += 1
-                return [3.5 if backend.loaded() else 2.5] * iters
+                return [backend.state(backend.marks)[0]] * iters
 
         return AnchorRunner()
 
@@ -381,11 +377,11 @@ class StartsLoadedBackend(Backend):
         backend = self
 
         def part_ms():
-            return 2.0 if backend.loaded() else 1.0
+            return backend.state(backend.marks)[1]
 
         class Plain(Runner):
             def time(self, warmup, iters):
-                return [len(parts) * part_ms() + 0.5] * iters
+                return [(len(parts) + 0.5) * part_ms()] * iters
 
         class Profiled(RunByRunProfile):
             recorded = {p: [] for p in parts}
@@ -395,7 +391,7 @@ class StartsLoadedBackend(Backend):
                 for _ in range(iters):
                     for p in parts:
                         self.recorded[p].append(part_ms())
-                    self.totals.append(len(parts) * part_ms() + 0.5)
+                    self.totals.append((len(parts) + 0.5) * part_ms())
 
             def run_times(self):
                 return self.recorded, self.totals
@@ -403,21 +399,27 @@ class StartsLoadedBackend(Backend):
         return Plain(), Profiled()
 
 
+LOADED, QUIET, WORSE = (3.5, 2.0), (2.5, 1.0), (4.5, 3.0)  # the anchor's ms, a part's ms
+
+
 def test_a_profile_that_starts_loaded_times_those_networks_again(tiny_traced, tmp_path):
     """The anchor's first measurements all loaded: the network of single convs takes that state for quiet, and
     only the profile's end, with quiet rounds seen since, shows it was not; its rows and rest are timed again."""
-    backend = StartsLoadedBackend(loaded_marks=6)  # the anchor's first run, and the singles network's rounds
-    result = profile_table(tiny_traced.chain, backend, tmp_path / "t.csv", traced=tiny_traced, warmup=1, iters=3,
-                           prune_margin=None)
-    table = read_latency_table(tmp_path / "t.csv")
-    assert any(e - s == 1 for s, e in table.latency_ms)
-    assert result.meta["rest_ms"] == pytest.approx(0.5) and result.meta["retimed_shapes"] >= 1
-    assert all(ms == pytest.approx(1.0) for ms in table.latency_ms.values())
+    def profile(state, name):
+        result = profile_table(tiny_traced.chain, StateScheduleBackend(state), tmp_path / name, traced=tiny_traced,
+                               warmup=1, iters=3, prune_margin=None)
+        return result.meta, read_latency_table(tmp_path / name).latency_ms
+
+    # Loaded for the anchor's first run and the singles' network's rounds (marks up to 6), quiet after.
+    meta, latency = profile(lambda mark: LOADED if mark <= 6 else QUIET, "t.csv")
+    assert any(e - s == 1 for s, e in latency)
+    assert meta["rest_ms"] == pytest.approx(0.5) and meta["retimed_shapes"] >= 1
+    assert all(ms == pytest.approx(1.0) for ms in latency.values())
+    # Timed again in a state further from quiet than the first time: the first figures stay.
+    meta, latency = profile(lambda mark: LOADED if mark <= 6 else QUIET if mark <= 14 else WORSE, "w.csv")
+    singles = [ms for (s, e), ms in latency.items() if e - s == 1]
+    assert meta["retimed_shapes"] >= 1 and singles and all(ms == pytest.approx(2.0) for ms in singles)
+    assert meta["rest_ms"] == pytest.approx(1.0)
     # Judged once more only: a profile wholly in one state keeps what it timed.
-    backend = StartsLoadedBackend(loaded_marks=10 ** 6)
-    result = profile_table(tiny_traced.chain, backend, tmp_path / "u.csv", traced=tiny_traced, warmup=1, iters=3,
-                           prune_margin=None)
-    assert result.meta["retimed_shapes"] == 0
-    assert all(ms == pytest.approx(2.0) for ms in read_latency_table(tmp_path / "u.csv").latency_ms.values())
-
-
+    meta, latency = profile(lambda mark: LOADED, "u.csv")
+    assert meta["retimed_shapes"] == 0 and all(ms == pytest.approx(2.0) for ms in latency.values())

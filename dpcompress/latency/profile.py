@@ -652,6 +652,8 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
             shape_anchor: Dict[BlockShape, float] = {}  # the anchor's level while each shape's network ran
             rest_anchor_ms: Optional[float] = None
             judged_again = False
+            stale: Dict[BlockShape, Tuple[float, float, float]] = {}  # timed again: latency, std, anchor before
+            stale_rest: Optional[Tuple[float, float]] = None
             while pending:
                 # Shapes settled without timing go; the rest, cheapest first, fill a round of networks.
                 pending = [shape for shape in pending if not settle(sink, shape)]
@@ -691,16 +693,21 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                         shape = block_shape(geometries[block])
                         if shape in timed_now or not any(b not in rows for b in groups[shape]):
                             continue
+                        anchor_ms = result.anchor_ms
+                        if shape in stale and (anchor_ms is None or anchor_ms >= stale[shape][2]):
+                            latency, std, anchor_ms = stale[shape]  # timed again no nearer quiet: kept
                         write(sink, shape, latency, std, True)
                         timed_now.add(shape)
-                        if result.anchor_ms is not None:
-                            shape_anchor[shape] = result.anchor_ms
+                        if anchor_ms is not None:
+                            shape_anchor[shape] = anchor_ms
                         if latency > 0:
                             best_rate = max(best_rate, flops[shape] / latency)
                 if singles_network:
                     assert results[0] is not None
                     rest_ms = results[0].wall_ms - sum(latency for latency, _ in results[0].blocks.values())
                     rest_anchor_ms = results[0].anchor_ms
+                    if stale_rest is not None and (rest_anchor_ms is None or rest_anchor_ms >= stale_rest[1]):
+                        rest_ms, rest_anchor_ms = stale_rest
                     meta["rest_ms"] = rest_ms
                     write_json_atomic(partial_meta, meta)
                 timed += len(timed_now)
@@ -709,15 +716,18 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                 flush(sink)
                 if not pending and anchor is not None and not judged_again:
                     # Judged against the whole profile's quiet level now: networks timed in a state taken for
-                    # quiet before a quieter one showed (a profile that starts loaded) are timed again, once.
+                    # quiet before a quieter one showed (a profile that starts loaded) are timed again, once;
+                    # where the new network ran no nearer the quiet level, the first figures stay.
                     judged_again = True
                     ceiling = QUIET_MARGIN * quiet_level(anchor.history)
                     pending = [shape for shape in order if shape_anchor.get(shape, 0.0) > ceiling]
                     for shape in pending:
+                        first = next(rows[block] for block in groups[shape] if block in rows)
+                        stale[shape] = (first["latency_ms"], first["std_ms"], shape_anchor.pop(shape))
                         for block in groups[shape]:
                             rows.pop(block, None)
-                        del shape_anchor[shape]
-                    if rest_anchor_ms is not None and rest_anchor_ms > ceiling:
+                    if rest_ms is not None and rest_anchor_ms is not None and rest_anchor_ms > ceiling:
+                        stale_rest = (rest_ms, rest_anchor_ms)
                         rest_ms = None
                     timed -= len(pending)
                     handled -= len(pending)
