@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+import dpcompress.latency.profile
+import dpcompress.latency.timing
 from dpcompress.backends import get_backend
 from dpcompress.graph.rewrite import merged_model
 from dpcompress.graph.trace import trace_model
@@ -44,7 +46,11 @@ def main() -> None:
     parser.add_argument("--bench-tries", type=int, default=3,
                         help="bench a plan again, up to this many times, while it never met the table's state")
     parser.add_argument("--out-dir", default="out/quiet_fidelity")
+    parser.add_argument("--quiet-margin", type=float, default=None,
+                        help="judge rounds quiet within this factor of the quiet level (default: timing.QUIET_MARGIN)")
     args = parser.parse_args()
+    if args.quiet_margin is not None:  # an experiment: the table and the bench both judge by it
+        dpcompress.latency.timing.QUIET_MARGIN = dpcompress.latency.profile.QUIET_MARGIN = args.quiet_margin
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -55,6 +61,7 @@ def main() -> None:
     backend = get_backend(args.backend, threads=args.threads)
     ratios = [float(r) for r in args.ratios.split(",")]
     print(f"# {args.model} on {backend.describe()}; bench {args.bench_seconds:g} s a plan; "
+          f"quiet margin {dpcompress.latency.timing.QUIET_MARGIN:g}; "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
     print("| table | loaded networks | anchor ms | plan | predicted | bench original ms | measured (quiet) | error | "
           "all rounds | quiet rounds | load | benches |")
