@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import statistics
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -85,13 +84,15 @@ class RunByRunProfile(NetworkProfile):
         """Per recorded run: ms spent in each part, and in all nodes together. Ends profiling."""
 
     def part_times(self, counted: Optional[Sequence[bool]] = None) -> PartTimes:
+        from dpcompress.latency.timing import summarize
+
         parts, totals = self.run_times()
         counted = [True] * len(self._round_runs) if counted is None else counted
         keep = [c for c, runs in zip(counted, self._round_runs) for _ in range(runs)]
 
         def median_and_spread(times: List[float]) -> Tuple[float, float]:
-            kept = [ms for ms, c in zip(times, keep) if c] or [0.0]
-            return float(statistics.median(kept)), float(statistics.pstdev(kept))
+            stats = summarize([ms for ms, c in zip(times, keep) if c] or [0.0])
+            return stats.median_ms, stats.std_ms
 
         return PartTimes({part: median_and_spread(times) for part, times in parts.items()},
                          median_and_spread(totals)[0], "median")

@@ -176,6 +176,10 @@ class Anchor:
         calm = quiet_rounds(marks, quiet_level(self.history))
         return [before and after for before, after in zip(calm, calm[1:])]
 
+    def is_quiet(self, ms: float) -> bool:
+        """Whether an anchor level (a network's ``anchor_ms``) was quiet, against every measurement so far."""
+        return quiet_rounds([ms], quiet_level(self.history))[0]
+
 
 def time_networks(backend: "Backend", traced: "TracedModel", plans: Sequence[Plan],
                   geometries: Dict[Option, BlockGeometry], input_shape: Sequence[int], precision: str,

@@ -719,14 +719,14 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                     # quiet before a quieter one showed (a profile that starts loaded) are timed again, once;
                     # where the new network ran no nearer the quiet level, the first figures stay.
                     judged_again = True
-                    ceiling = QUIET_MARGIN * quiet_level(anchor.history)
-                    pending = [shape for shape in order if shape_anchor.get(shape, 0.0) > ceiling]
+                    pending = [shape for shape in order if shape in shape_anchor
+                               and not anchor.is_quiet(shape_anchor[shape])]
                     for shape in pending:
                         first = next(rows[block] for block in groups[shape] if block in rows)
                         stale[shape] = (first["latency_ms"], first["std_ms"], shape_anchor.pop(shape))
                         for block in groups[shape]:
                             rows.pop(block, None)
-                    if rest_ms is not None and rest_anchor_ms is not None and rest_anchor_ms > ceiling:
+                    if rest_ms is not None and rest_anchor_ms is not None and not anchor.is_quiet(rest_anchor_ms):
                         stale_rest = (rest_ms, rest_anchor_ms)
                         rest_ms = None
                     timed -= len(pending)
