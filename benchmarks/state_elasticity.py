@@ -67,8 +67,9 @@ def main() -> None:
                 print(f"| {name} | {ratio:.2f} | {expected:.2f}x | {low:.2f}-{high:.2f} | {int(inside.sum())} | "
                       f"{np.median(speedup[inside]):.3f}x | {np.median(compressed[inside]):.3f} |")
         slope, intercept = np.polyfit(np.log(state), np.log(speedup), 1)
+        correlation = np.corrcoef(np.log(state), np.log(speedup))[0, 1]
         print(f"| {name} | fit | | slope {slope:.2f}, at the level {np.exp(intercept):.3f}x | {len(state)} | "
-              f"correlation {np.corrcoef(np.log(state), np.log(speedup))[0, 1]:.2f} | level {level:.3f} ms |", flush=True)
+              f"correlation {correlation:.2f} | level {level:.3f} ms |", flush=True)
 
 
 if __name__ == "__main__":
