@@ -95,7 +95,7 @@ def test_openvino_attributes_each_blocks_nodes_to_it():
         assert convs and all(owner[name] == part for name in convs)
     assert all(owner[name] is None for name, kind in executed if kind == "Reorder" or name.startswith("/gate/"))
     times = profiled.part_times()
-    assert sorted(times.parts) == PARTS and times.statistic == "mean"
+    assert sorted(times.parts) == PARTS
     parts_ms = [ms for ms, _ in times.parts.values()]
     assert all(ms > 0 for ms in parts_ms) and 0 < sum(parts_ms) < times.total_ms
 
@@ -200,7 +200,6 @@ def test_openvino_rounds_are_read_from_its_running_averages():
         if not loaded:
             kept_runs.extend(request.runs[-11:])
     times = profile.part_times(counted)
-    assert times.statistic == "mean"
     for part, node in (("small", small), ("large", large)):
         true_ms = statistics.mean(run[node] for run in kept_runs) / 1e3
         ms, bound_ms = times.parts[part]

@@ -39,8 +39,7 @@ class PartTimes:
     """What a profiled network's parts took per run, over the recorded runs of the rounds counted."""
 
     parts: Dict[str, Tuple[float, float]]  # part -> (ms per run, spread in ms)
-    total_ms: float  # all nodes together, per run
-    statistic: str  # how the figures were read: "median" or "mean"
+    total_ms: float  # all nodes together, per run (how they were read: ``Backend.network_statistic``)
 
 
 class NetworkProfile(ABC):
@@ -95,7 +94,7 @@ class RunByRunProfile(NetworkProfile):
             return stats.median_ms, stats.std_ms
 
         return PartTimes({part: median_and_spread(times) for part, times in parts.items()},
-                         median_and_spread(totals)[0], "median")
+                         median_and_spread(totals)[0])
 
 
 class Backend(ABC):

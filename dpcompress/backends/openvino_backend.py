@@ -303,7 +303,7 @@ def stretch_means(readings: Sequence[Tuple[int, Reading]], spans: Sequence[Tuple
             stretches.append([first, last])
     runs = sum(readings[last][0] - readings[first][0] for first, last in stretches)
     if runs <= 0:
-        return PartTimes({part: (0.0, 0.0) for part in parts}, 0.0, "mean")
+        return PartTimes({part: (0.0, 0.0) for part in parts}, 0.0)
     bound_ms = sum(readings[first][0] + readings[last][0] for first, last in stretches) / 2 / runs / 1e3
 
     def mean(read: Callable[[Reading], float]) -> float:
@@ -311,4 +311,4 @@ def stretch_means(readings: Sequence[Tuple[int, Reading]], spans: Sequence[Tuple
                    / runs / 1e3)
 
     return PartTimes({part: (mean(lambda reading, p=part: reading[0][p]), bound_ms) for part in parts},
-                     mean(lambda reading: reading[1]), "mean")
+                     mean(lambda reading: reading[1]))
