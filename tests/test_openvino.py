@@ -240,6 +240,7 @@ def test_openvino_in_network_table(tiny_traced, tmp_path):
     assert meta["backend_options"]["performance_hint"] == "LATENCY" and meta["threads"] == 1
     assert meta["timing"] == "in-network" and math.isfinite(meta["rest_ms"])
     assert "1x3x16x16" in meta["call_overhead_ms"]
+    assert meta["statistic"] == backend.network_statistic and meta["statistic"].startswith("mean of the runs")
     table = read_latency_table(out)
     assert set(table.latency_ms) == set(tiny_traced.chain.valid_blocks())
     # OpenVINO counts node time in whole microseconds: a 16x16 depthwise conv may take 0 in most runs.
