@@ -308,6 +308,10 @@ def profile(model_spec: str, weights: Optional[str], input_shape: str, submodule
         click.echo(f"{result.meta['loaded_networks']} profiled networks met too few quiet rounds (the original "
                    f"within {result.meta['quiet_margin']:.2f}x of {result.meta['anchor_quiet_ms']:.3f} ms) and were "
                    "read from all their rounds: the machine was loaded; profile again when it is quiet")
+    if result.meta.get("rest_per_block") is not None:
+        click.echo(f"rest outside the blocks: {result.meta['rest_ms']:.3f} ms + {result.meta['rest_per_block']:.3f} x "
+                   f"a plan's blocks (fitted over the profile's quiet networks; the network of single convs' "
+                   f"own: {result.meta['singles_rest_ms']:.3f} ms)")
     if result.meta.get("retimed_shapes"):
         click.echo(f"{result.meta['retimed_shapes']} block shapes were timed again: their networks ran in a state "
                    "taken for quiet until a quieter one showed")

@@ -4,7 +4,9 @@ Latency table: one row per valid block, ``start,end,latency_ms`` required; any f
 columns (``std_ms``, ``in_channels``, ...) are kept in the file but ignored here. A block
 with no row is not allowed. Beside ``<name>.csv`` may sit ``<name>.meta.json`` (model spec,
 backend, chain fingerprint, ...); its ``rest_ms``, where present, is added to every plan's
-latency (what the network spends outside its trunk convs).
+latency (what the network spends outside its trunk convs), and its ``rest_per_block``, where present,
+is the share of a plan's blocks that the rest grows by: the table's rows are read as that much
+larger (``latency_ms`` and ``pruned_latency_ms`` hold the rows so priced, the file the blocks' own).
 
 Importance table: one row per allowed segment between two kept activations,
 ``start,end,importance`` required; extra columns (raw measurements) are ignored.
@@ -127,8 +129,19 @@ def read_latency_table(path: PathLike) -> LatencyTable:
         if not isinstance(loaded, dict):
             raise UserError(f"{meta_file}: expected a JSON object; fix or delete it")
         meta = loaded
-    return LatencyTable(num_positions=num_positions, latency_ms=latency, meta=meta, source=str(path),
-                        pruned_latency_ms=pruned_latency)
+    growth = 1.0 + rest_per_block(meta)
+    return LatencyTable(num_positions=num_positions, latency_ms={b: growth * ms for b, ms in latency.items()},
+                        meta=meta, source=str(path),
+                        pruned_latency_ms={b: growth * ms for b, ms in pruned_latency.items()})
+
+
+def rest_per_block(meta: Mapping[str, Any]) -> float:
+    """The meta's ``rest_per_block``: how much a network's rest grows per ms of its blocks (in-network
+    tables fit it over their networks); 0 where absent or not a finite, non-negative number."""
+    value = meta.get("rest_per_block")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+        return float(value)
+    return 0.0
 
 
 def read_importance_table(path: PathLike) -> ImportanceTable:

@@ -146,6 +146,11 @@ def test_in_network_table_has_every_block_the_rest_and_says_how_it_was_timed(tin
     assert set(table.latency_ms) == set(tiny_traced.chain.valid_blocks())
     assert all(r["latency_ms"] > 0 for r in result.rows if r["timed"])
     assert table.rest_ms == meta["rest_ms"]
+    # Where the networks' rests fit one that grows with their blocks, every row is priced that much larger.
+    growth = 1 + meta.get("rest_per_block", 0.0)
+    raw = {(r["start"], r["end"]): r["latency_ms"] for r in result.rows if r["pruned"] == ""}
+    assert table.latency_ms == pytest.approx({block: growth * ms for block, ms in raw.items()}, abs=2e-6)  # 6 decimals
+    assert all(len(entry) == 3 and entry[0] > 0 for entry in meta["network_rests"])
     singles = math.fsum(table.latency_ms[(p - 1, p)] for p in range(1, table.num_positions + 1))
     assert table.original_latency_ms() == pytest.approx(singles + meta["rest_ms"])
     # A budget between the smallest achievable latency and the original's (both depend on the timings).
@@ -197,7 +202,9 @@ def test_an_interrupted_in_network_profile_resumes_without_retiming(tiny_traced,
     assert singles <= {(int(l.split(",")[0]), int(l.split(",")[1])) for l in partial_rows.read_text().splitlines()[1:]}
     resumed = CountingBackend()
     result = profile_table(tiny_traced.chain, resumed, out, traced=tiny_traced, warmup=1, iters=3)
-    assert result.resumed_blocks >= len(singles) and result.meta["rest_ms"] == rest
+    assert result.resumed_blocks >= len(singles)
+    assert result.meta.get("singles_rest_ms", result.meta["rest_ms"]) == rest
+    assert result.meta["network_rests"][0][1] == pytest.approx(rest)  # the first run's networks count in the fit
     # The network of single convs (one part per conv) was not profiled again; the others were.
     assert resumed.parts and len(singles) not in resumed.parts
     assert not partial_rows.exists() and set(read_latency_table(out).latency_ms) == set(tiny_traced.chain.valid_blocks())
@@ -413,13 +420,13 @@ def test_a_profile_that_starts_loaded_times_those_networks_again(tiny_traced, tm
     # Loaded for the anchor's first run and the singles' network's rounds (marks up to 6), quiet after.
     meta, latency = profile(lambda mark: LOADED if mark <= 6 else QUIET, "t.csv")
     assert any(e - s == 1 for s, e in latency)
-    assert meta["rest_ms"] == pytest.approx(0.5) and meta["retimed_shapes"] >= 1
+    assert meta.get("singles_rest_ms", meta["rest_ms"]) == pytest.approx(0.5) and meta["retimed_shapes"] >= 1
     assert all(ms == pytest.approx(1.0) for ms in latency.values())
     # Timed again in a state further from quiet than the first time: the first figures stay.
     meta, latency = profile(lambda mark: LOADED if mark <= 6 else QUIET if mark <= 14 else WORSE, "w.csv")
     singles = [ms for (s, e), ms in latency.items() if e - s == 1]
     assert meta["retimed_shapes"] >= 1 and singles and all(ms == pytest.approx(2.0) for ms in singles)
-    assert meta["rest_ms"] == pytest.approx(1.0)
+    assert meta.get("singles_rest_ms", meta["rest_ms"]) == pytest.approx(1.0)
     # Judged once more only: a profile wholly in one state keeps what it timed.
     meta, latency = profile(lambda mark: LOADED, "u.csv")
     assert meta["retimed_shapes"] == 0 and all(ms == pytest.approx(2.0) for ms in latency.values())

@@ -267,6 +267,8 @@ def test_profile_cli_writes_the_table_and_refuses_other_settings(tmp_path):
     meta = json.loads(meta_path_for(out).read_text())
     assert (meta["backend"], meta["threads"], meta["iters"], meta["warmup"]) == ("onnxruntime", 1, 3, 1)
     assert meta["prune"] is True and meta["identity_rows"] == 1 and meta["columns"][-1] == "pruned"
+    # Whether the rest was fitted (enough networks far enough apart) depends on the timings; the CLI says so where it was.
+    assert ("rest outside the blocks:" in first.output) == ("rest_per_block" in meta)
     refused = CliRunner().invoke(main, args[:-4] + ["--iters", "4", "--out", str(out)])
     assert refused.exit_code == 2 and "--overwrite" in refused.output and "Traceback" not in refused.output
     refused = CliRunner().invoke(main, args + ["--no-prune"])
@@ -325,3 +327,15 @@ def test_resume_keeps_the_call_overheads_already_recorded(tmp_path):
     assert read_csv(out) == read_csv(reference)
     assert (json.loads(meta_path_for(out).read_text())["call_overhead_ms"]
             == json.loads(meta_path_for(reference).read_text())["call_overhead_ms"])
+
+
+def test_rest_fit_recovers_a_rest_that_grows_with_the_blocks_and_refuses_noise():
+    from dpcompress.latency.profile import MIN_REST_NETWORKS, fit_rest
+
+    networks = [(blocks, 0.08 + 0.05 * blocks) for blocks in (0.8, 1.0, 1.3, 1.6, 1.9, 2.2)]
+    fixed_ms, per_block = fit_rest(networks)
+    assert fixed_ms == pytest.approx(0.08) and per_block == pytest.approx(0.05)
+    assert fit_rest(networks[:MIN_REST_NETWORKS - 1]) is None  # too few networks to fit a slope
+    assert fit_rest([(1.0 + 0.01 * k, 0.1 + 0.05 * k) for k in range(6)]) is None  # sums too close together
+    assert fit_rest([(blocks, 0.3 - 0.1 * blocks) for blocks, _ in networks]) is None  # shrinks as it grows
+    assert fit_rest([(blocks, 0.2 * blocks - 0.1) for blocks, _ in networks]) is None  # negative fixed part

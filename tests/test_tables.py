@@ -40,6 +40,20 @@ def test_latency_table_round_trip_with_extra_columns_and_meta(tmp_path):
     assert table.original_latency_ms() == pytest.approx(1.8)
 
 
+def test_a_rest_that_grows_with_the_blocks_prices_every_row_that_much_larger(tmp_path):
+    path = tmp_path / "net.csv"
+    rows = [{"start": 0, "end": 1, "latency_ms": 1.0}, {"start": 1, "end": 2, "latency_ms": 2.0},
+            {"start": 0, "end": 2, "latency_ms": 2.5}, {"start": 0, "end": 2, "latency_ms": 1.5, "pruned": "1"}]
+    write_latency_table(path, rows, extra_columns=["pruned"], meta={"rest_ms": 0.25, "rest_per_block": 0.1})
+    table = read_latency_table(path)
+    assert table.latency_ms == pytest.approx({(0, 1): 1.1, (1, 2): 2.2, (0, 2): 2.75})
+    assert table.pruned_latency_ms == pytest.approx({(0, 2, (1,)): 1.65})
+    assert table.original_latency_ms() == pytest.approx(1.1 * 3.0 + 0.25)
+    for odd in (-0.1, "0.1", float("nan"), True):  # not a share: read as none
+        meta_path_for(path).write_text(json.dumps({"rest_ms": 0.25, "rest_per_block": odd}))
+        assert read_latency_table(path).latency_ms[(0, 1)] == 1.0
+
+
 def test_importance_table_allows_negative_and_ignores_extra_columns(tmp_path):
     path = tmp_path / "imp.csv"
     write_importance_table(path, [{"start": 0, "end": 2, "importance": -0.5, "raw": "x"}], extra_columns=["raw"])

@@ -120,8 +120,33 @@ NETWORK_BYTES_PER_ROUND = 512 << 20
 # ones) is one more session of the model: models with more weights than this go without it.
 ANCHOR_MAX_BYTES = 256 << 20
 
+# A rest fitted to the profile's networks (``fit_rest``) needs this many quiet ones, whose blocks' sums
+# span at least REST_FIT_SPAN (largest over smallest): with fewer, or closer, the slope is noise.
+MIN_REST_NETWORKS = 5
+REST_FIT_SPAN = 1.2
+
 Option = Tuple[int, int, Pruned]  # a block and the convs it replaces by identity (() for none)
 Row = Dict[str, Any]
+
+
+def fit_rest(networks: Sequence[Tuple[float, float]]) -> Optional[Tuple[float, float]]:
+    """The rest as a fixed part plus a share of the blocks: least squares of each network's rest (its wall less
+    its blocks) on its blocks' sum, from ``(blocks_ms, rest_ms)`` pairs. Returns ``(fixed_ms, per_block)``, or
+    None where there are too few networks, their sums span too little, or the fit is negative anywhere (a rest
+    that shrinks as the network grows is noise, not a cost)."""
+    if len(networks) < MIN_REST_NETWORKS:
+        return None
+    sums = [blocks for blocks, _ in networks]
+    if min(sums) <= 0 or max(sums) < REST_FIT_SPAN * min(sums):
+        return None
+    mean_x = math.fsum(sums) / len(sums)
+    mean_y = math.fsum(rest for _, rest in networks) / len(networks)
+    spread = math.fsum((x - mean_x) ** 2 for x in sums)
+    per_block = math.fsum((x - mean_x) * (y - mean_y) for x, y in networks) / spread
+    fixed_ms = mean_y - per_block * mean_x
+    if per_block < 0 or fixed_ms < 0:
+        return None
+    return fixed_ms, per_block
 
 
 class BlockShape(NamedTuple):
@@ -438,6 +463,8 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
     existing, found = _existing_rows(table_path, meta, overwrite)
     overhead_by_shape: Dict[str, float] = dict(found.get("call_overhead_ms") or {})
     rest_ms: Optional[float] = found.get("rest_ms")
+    # Each quiet network's blocks' sum, rest and anchor level (None without an anchor), for ``fit_rest``.
+    network_rests: List[List[Optional[float]]] = [list(entry) for entry in found.get("network_rests") or []]
     rows = {b: r for b, r in existing.items() if b in valid}
     capped = {_capped_option(entry) for entry in found.get("capped_blocks") or []} & set(rows)
     resumed = len(rows)
@@ -598,6 +625,7 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
         report()
 
     report()
+    anchor: Optional["Anchor"] = None  # in-network timing's, where the model is small enough for one
     with open(partial_table, "a") as sink:
         if timing == "standalone":
             for shape in order:
@@ -702,6 +730,12 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                             shape_anchor[shape] = anchor_ms
                         if latency > 0:
                             best_rate = max(best_rate, flops[shape] / latency)
+                for result in results:
+                    if result is not None and result.quiet:
+                        blocks_ms = math.fsum(latency for latency, _ in result.blocks.values())
+                        network_rests.append([blocks_ms, result.wall_ms - blocks_ms, result.anchor_ms])
+                meta["network_rests"] = network_rests
+                write_json_atomic(partial_meta, meta)
                 if singles_network:
                     assert results[0] is not None
                     rest_ms = results[0].wall_ms - sum(latency for latency, _ in results[0].blocks.values())
@@ -733,6 +767,14 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                     handled -= len(pending)
                     meta["retimed_shapes"] = len(pending)
 
+    if timing == "in-network" and meta.get("rest_ms") is not None:
+        # A network's rest grows with the network (OpenVINO: a deep plan's is smaller than the original's):
+        # fitted over the networks that stayed quiet by the whole profile's level, where the fit holds.
+        quiet_rests = [(blocks_ms, rest) for blocks_ms, rest, level in network_rests
+                       if level is None or anchor is None or anchor.is_quiet(level)]
+        fitted = fit_rest(quiet_rests)  # type: ignore[arg-type]
+        if fitted is not None:
+            meta.update(singles_rest_ms=meta["rest_ms"], rest_ms=fitted[0], rest_per_block=fitted[1])
     meta = dict(meta, num_blocks=len(chain.valid_blocks()), num_rows=len(blocks), unique_shapes=len(groups),
                 identity_rows=sum(1 for g in geometries.values() if g.identity),
                 bounded_blocks=sum(1 for b, r in rows.items() if not r["timed"] and b not in capped),
@@ -796,8 +838,15 @@ def median_of_tables(tables: Sequence["os.PathLike[str] | str"], out: "os.PathLi
                 capped_blocks=_option_entries(capped),
                 bounded_blocks=sum(1 for option, row in rows.items() if not row["timed"] and option not in capped),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    if all(m.get("rest_ms") is not None for m in metas):
-        meta["rest_ms"] = statistics.median(m["rest_ms"] for m in metas)
+    meta.pop("network_rests", None)  # each table's own evidence for its fit
+    for key in ("rest_per_block", "singles_rest_ms"):
+        meta.pop(key, None)
+    if all(m.get("rest_per_block") is not None for m in metas):  # every table fitted its rest: the medians
+        meta.update(rest_ms=statistics.median(m["rest_ms"] for m in metas),
+                    rest_per_block=statistics.median(m["rest_per_block"] for m in metas),
+                    singles_rest_ms=statistics.median(m["singles_rest_ms"] for m in metas))
+    elif all(m.get("singles_rest_ms", m.get("rest_ms")) is not None for m in metas):
+        meta["rest_ms"] = statistics.median(m.get("singles_rest_ms", m.get("rest_ms")) for m in metas)
     if all(m.get("anchor_quiet_ms") is not None for m in metas):
         meta["anchor_quiet_ms"] = statistics.median(m["anchor_quiet_ms"] for m in metas)
         meta["loaded_networks"] = sum(m.get("loaded_networks") or 0 for m in metas)
