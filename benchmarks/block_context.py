@@ -16,13 +16,10 @@ import os
 import statistics
 import time
 
-import torch
-
+from mobilenet_setup import SHAPE, mobilenet_v2  # benchmarks/ is the script's folder, so on sys.path
 from dpcompress.backends import get_backend
 from dpcompress.graph.geometry import block_geometry
-from dpcompress.graph.trace import trace_model
 from dpcompress.latency.network_timing import packed_plan, time_networks
-from dpcompress.models import build_model
 
 TARGET = (30, 42)
 DEEP_PLAN = [(0, 12), (12, 15), (15, 21), (21, 24), (24, 27), (27, 30), TARGET, (42, 45), (45, 48), (48, 51)]
@@ -36,9 +33,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    shape = (1, 3, 224, 224)
-    traced = trace_model(build_model("torchvision:mobilenet_v2", None).eval(), shape, spec="torchvision:mobilenet_v2")
+    _, traced = mobilenet_v2()
+    shape = SHAPE
     chain = traced.chain
     geometries = {(s, e, ()): block_geometry(chain, s, e) for s, e in chain.valid_blocks()}
     plans = [packed_plan(chain, blocks) for blocks in CONTEXTS.values()]

@@ -17,13 +17,12 @@ import statistics
 
 import torch
 
+from mobilenet_setup import SHAPE, mobilenet_v2  # benchmarks/ is the script's folder, so on sys.path
 from dpcompress.backends import export_onnx_bytes, get_backend
 from dpcompress.backends.onnxruntime_backend import graph_part_owners
 from dpcompress.backends.openvino_backend import running_part_us
 from dpcompress.graph.geometry import block_geometry
-from dpcompress.graph.trace import trace_model
 from dpcompress.latency.network_timing import packed_network, packed_plan
-from dpcompress.models import build_model
 
 # mobilenet_v2's plan at budget 0.54 on the OpenVINO tables of 2026-12-06 (its merged blocks)
 DEEP_BLOCKS = [(0, 12), (12, 15), (15, 21), (21, 24), (24, 27), (27, 30), (30, 42), (42, 45), (45, 48), (48, 51)]
@@ -34,10 +33,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=25)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    shape = (1, 3, 224, 224)
-    model = build_model("torchvision:mobilenet_v2", None).eval()
-    traced = trace_model(model, shape, spec="torchvision:mobilenet_v2")
+    model, traced = mobilenet_v2()
+    shape = SHAPE
     backend = get_backend("openvino", threads=args.threads)
     x = torch.randn(*shape)
     original = backend._request(backend._core.read_model(export_onnx_bytes(model, x)), x)

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from cold_runs import DEEP_BLOCKS  # benchmarks/ is the script's folder, so on sys.path
+from mobilenet_setup import SHAPE, mobilenet_v2
 from dpcompress.backends import get_backend
 from dpcompress.graph.geometry import block_geometry
-from dpcompress.graph.trace import trace_model
 from dpcompress.latency.network_timing import packed_plan, time_networks
-from dpcompress.models import build_model
 
 
 def main() -> None:
@@ -26,9 +23,8 @@ def main() -> None:
     parser.add_argument("--backends", default="openvino,onnxruntime")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    shape = (1, 3, 224, 224)
-    traced = trace_model(build_model("torchvision:mobilenet_v2", None).eval(), shape, spec="torchvision:mobilenet_v2")
+    _, traced = mobilenet_v2()
+    shape = SHAPE
     chain = traced.chain
     plans = [packed_plan(chain, []), packed_plan(chain, DEEP_BLOCKS)]
     geometries = {(s, e, ()): block_geometry(chain, s, e) for plan in plans for s, e in plan.blocks}

@@ -16,16 +16,14 @@ import os
 import time
 
 import numpy as np
-import torch
 
 from quiet_fidelity import solved  # benchmarks/ is the script's folder, so on sys.path
+from mobilenet_setup import SHAPE, mobilenet_v2
 from dpcompress.backends import get_backend
 from dpcompress.graph.geometry import block_geometry
 from dpcompress.graph.rewrite import merged_model
-from dpcompress.graph.trace import trace_model
 from dpcompress.latency.network_timing import packed_network, packed_plan
 from dpcompress.latency.timing import alternate, round_medians
-from dpcompress.models import build_model
 from dpcompress.tables import read_latency_table
 
 ITERS_PER_ROUND = 10
@@ -38,10 +36,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    shape = (1, 3, 224, 224)
-    model = build_model("torchvision:mobilenet_v2", None).eval()
-    traced = trace_model(model, shape, spec="torchvision:mobilenet_v2")
+    model, traced = mobilenet_v2()
+    shape = SHAPE
     chain = traced.chain
     table = read_latency_table(f"latency_tables/cpu_{args.backend}/mobilenet_v2.csv")
     geometries = {(s, e, ()): block_geometry(chain, s, e) for s, e in chain.valid_blocks()}

@@ -19,15 +19,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from bench_runtimes import predicted  # benchmarks/ is the script's folder, so on sys.path
 from quiet_fidelity import solved
+from mobilenet_setup import SHAPE, mobilenet_v2
 from dpcompress.backends import get_backend
 from dpcompress.graph.rewrite import merged_model
-from dpcompress.graph.trace import trace_model
 from dpcompress.latency.timing import alternate, round_medians
-from dpcompress.models import build_model
 from dpcompress.tables import read_latency_table
 
 GROUPS = [(0.0, 1.0), (1.0, 1.03), (1.03, 1.06), (1.06, 1.1), (1.1, 1.15), (1.15, 1.3), (1.3, float("inf"))]
@@ -41,10 +39,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    shape = (1, 3, 224, 224)
-    model = build_model("torchvision:mobilenet_v2", None).eval()
-    traced = trace_model(model, shape, spec="torchvision:mobilenet_v2")
+    model, traced = mobilenet_v2()
+    shape = SHAPE
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}, load {os.getloadavg()[0]:.2f}")
     print("| backend | plan | predicted | original / level | rounds | speed-up (median) | plan ms (median) |")
     print("|---|---|---|---|---|---|---|")
