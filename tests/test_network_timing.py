@@ -205,6 +205,11 @@ def test_an_interrupted_in_network_profile_resumes_without_retiming(tiny_traced,
     assert result.resumed_blocks >= len(singles)
     assert result.meta.get("singles_rest_ms", result.meta["rest_ms"]) == rest
     assert result.meta["network_rests"][0][1] == pytest.approx(rest)  # the first run's networks count in the fit
+    # Run again on the finished table: nothing is timed, and the rest and its fit stay as they were.
+    again = profile_table(tiny_traced.chain, CountingBackend(), out, traced=tiny_traced, warmup=1, iters=3)
+    assert again.timed_shapes == 0
+    assert [again.meta.get(k) for k in ("rest_ms", "rest_per_block", "singles_rest_ms")] == \
+        [result.meta.get(k) for k in ("rest_ms", "rest_per_block", "singles_rest_ms")]
     # The network of single convs (one part per conv) was not profiled again; the others were.
     assert resumed.parts and len(singles) not in resumed.parts
     assert not partial_rows.exists() and set(read_latency_table(out).latency_ms) == set(tiny_traced.chain.valid_blocks())

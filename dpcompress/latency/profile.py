@@ -88,7 +88,7 @@ from dpcompress.errors import UserError
 from dpcompress.fileio import write_json_atomic, write_text_atomic
 from dpcompress.graph.geometry import BlockGeometry, block_geometry, block_merge_bytes, max_merge_bytes, pruning_options
 from dpcompress.tables import PRUNED_COLUMN, Pruned, format_pruned, meta_path_for, read_latency_table
-from dpcompress.latency.timing import QUIET_MARGIN, quiet_level, time_runner
+from dpcompress.latency.timing import QUIET_MARGIN, quiet_level, quiet_rounds, time_runner
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn
@@ -462,7 +462,7 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
     valid = set(blocks)
     existing, found = _existing_rows(table_path, meta, overwrite)
     overhead_by_shape: Dict[str, float] = dict(found.get("call_overhead_ms") or {})
-    rest_ms: Optional[float] = found.get("rest_ms")
+    rest_ms: Optional[float] = found.get("singles_rest_ms", found.get("rest_ms"))  # the singles' network's
     # Each quiet network's blocks' sum, rest and anchor level (None without an anchor), for ``fit_rest``.
     network_rests: List[List[Optional[float]]] = [list(entry) for entry in found.get("network_rests") or []]
     rows = {b: r for b, r in existing.items() if b in valid}
@@ -770,8 +770,12 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
     if timing == "in-network" and meta.get("rest_ms") is not None:
         # A network's rest grows with the network (OpenVINO: a deep plan's is smaller than the original's):
         # fitted over the networks that stayed quiet by the whole profile's level, where the fit holds.
+        if anchor is not None and anchor.history:
+            level_ms: Optional[float] = quiet_level(anchor.history)
+        else:  # nothing timed now: the level the networks were judged by when they were
+            level_ms = found.get("anchor_quiet_ms")
         quiet_rests = [(blocks_ms, rest) for blocks_ms, rest, level in network_rests
-                       if level is None or anchor is None or anchor.is_quiet(level)]
+                       if level is None or level_ms is None or quiet_rounds([level], level_ms)[0]]
         fitted = fit_rest(quiet_rests)  # type: ignore[arg-type]
         if fitted is not None:
             meta.update(singles_rest_ms=meta["rest_ms"], rest_ms=fitted[0], rest_per_block=fitted[1])
