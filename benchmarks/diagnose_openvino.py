@@ -68,8 +68,8 @@ def main() -> None:
 
         original_wall = statistics.median(r[0].wall_ms for r in runs)
         plan_wall = statistics.median(r[1].wall_ms for r in runs)
-        rest_singles = statistics.median(r[0].wall_ms - sum(v for v, _ in r[0].blocks.values()) for r in runs)
-        rest_plan = statistics.median(r[1].wall_ms - sum(v for v, _ in r[1].blocks.values()) for r in runs)
+        rest_singles = statistics.median(r[0].rest_ms for r in runs)
+        rest_plan = statistics.median(r[1].rest_ms for r in runs)
         predicted_ms = math.fsum([*(table.latency_ms[b] for b in plan.blocks), table.rest_ms])
         singles_in_plan = math.fsum(median_ms(1, b) for b in plan.blocks if b[1] - b[0] == 1)
         singles_in_table = math.fsum(table.latency_ms[b] for b in plan.blocks if b[1] - b[0] == 1)

@@ -62,10 +62,8 @@ class LatencyTable:
     def rest_ms(self) -> float:
         """What the network spends outside the table's blocks (head, pooling, layout conversions, the
         call), paid by every plan alike: meta ``rest_ms``, written by in-network timing; 0 without it."""
-        value = self.meta.get("rest_ms")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
-        return 0.0
+        value = _meta_number(self.meta, "rest_ms")
+        return 0.0 if value is None else value
 
     def original_latency_ms(self) -> float:
         """Latency of the uncompressed network: the sum of the single-conv blocks (p-1, p) plus the rest."""
@@ -138,10 +136,16 @@ def read_latency_table(path: PathLike) -> LatencyTable:
 def rest_per_block(meta: Mapping[str, Any]) -> float:
     """The meta's ``rest_per_block``: how much a network's rest grows per ms of its blocks (in-network
     tables fit it over their networks); 0 where absent or not a finite, non-negative number."""
-    value = meta.get("rest_per_block")
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+    value = _meta_number(meta, "rest_per_block")
+    return 0.0 if value is None or value < 0 else value
+
+
+def _meta_number(meta: Mapping[str, Any], key: str) -> Optional[float]:
+    """``meta[key]`` where it is a finite number (not a bool), else None."""
+    value = meta.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
-    return 0.0
+    return None
 
 
 def read_importance_table(path: PathLike) -> ImportanceTable:

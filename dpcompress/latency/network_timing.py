@@ -156,6 +156,16 @@ class NetworkTiming:
     quiet: bool = True  # from quiet rounds; False: too few were quiet, every round counted
     anchor_ms: Optional[float] = None  # the anchor's median around the rounds counted (with an anchor)
 
+    @property
+    def blocks_ms(self) -> float:
+        """The blocks' times added up."""
+        return math.fsum(ms for ms, _ in self.blocks.values())
+
+    @property
+    def rest_ms(self) -> float:
+        """What the network spent outside its blocks (head, pooling, layout conversions, the call)."""
+        return self.wall_ms - self.blocks_ms
+
 
 class Anchor:
     """The network of single convs, ready to run plainly: its median over ``runs`` runs, taken

@@ -730,20 +730,16 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                             shape_anchor[shape] = anchor_ms
                         if latency > 0:
                             best_rate = max(best_rate, flops[shape] / latency)
-                for result in results:
-                    if result is not None and result.quiet:
-                        blocks_ms = math.fsum(latency for latency, _ in result.blocks.values())
-                        network_rests.append([blocks_ms, result.wall_ms - blocks_ms, result.anchor_ms])
+                network_rests.extend([result.blocks_ms, result.rest_ms, result.anchor_ms] for result in results
+                                     if result is not None and result.quiet)
                 meta["network_rests"] = network_rests
-                write_json_atomic(partial_meta, meta)
                 if singles_network:
                     assert results[0] is not None
-                    rest_ms = results[0].wall_ms - sum(latency for latency, _ in results[0].blocks.values())
-                    rest_anchor_ms = results[0].anchor_ms
+                    rest_ms, rest_anchor_ms = results[0].rest_ms, results[0].anchor_ms
                     if stale_rest is not None and (rest_anchor_ms is None or rest_anchor_ms >= stale_rest[1]):
                         rest_ms, rest_anchor_ms = stale_rest
                     meta["rest_ms"] = rest_ms
-                    write_json_atomic(partial_meta, meta)
+                write_json_atomic(partial_meta, meta)
                 timed += len(timed_now)
                 handled += len(timed_now & set(pending))
                 pending = [shape for shape in pending if shape not in timed_now]
@@ -842,15 +838,15 @@ def median_of_tables(tables: Sequence["os.PathLike[str] | str"], out: "os.PathLi
                 capped_blocks=_option_entries(capped),
                 bounded_blocks=sum(1 for option, row in rows.items() if not row["timed"] and option not in capped),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    meta.pop("network_rests", None)  # each table's own evidence for its fit
-    for key in ("rest_per_block", "singles_rest_ms"):
+    for key in ("network_rests", "rest_per_block", "singles_rest_ms"):  # the first table's own fit
         meta.pop(key, None)
+    singles_rests = [m.get("singles_rest_ms", m.get("rest_ms")) for m in metas]
     if all(m.get("rest_per_block") is not None for m in metas):  # every table fitted its rest: the medians
         meta.update(rest_ms=statistics.median(m["rest_ms"] for m in metas),
                     rest_per_block=statistics.median(m["rest_per_block"] for m in metas),
-                    singles_rest_ms=statistics.median(m["singles_rest_ms"] for m in metas))
-    elif all(m.get("singles_rest_ms", m.get("rest_ms")) is not None for m in metas):
-        meta["rest_ms"] = statistics.median(m.get("singles_rest_ms", m.get("rest_ms")) for m in metas)
+                    singles_rest_ms=statistics.median(singles_rests))
+    elif all(rest is not None for rest in singles_rests):
+        meta["rest_ms"] = statistics.median(singles_rests)
     if all(m.get("anchor_quiet_ms") is not None for m in metas):
         meta["anchor_quiet_ms"] = statistics.median(m["anchor_quiet_ms"] for m in metas)
         meta["loaded_networks"] = sum(m.get("loaded_networks") or 0 for m in metas)
