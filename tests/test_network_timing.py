@@ -151,6 +151,17 @@ def test_in_network_table_has_every_block_the_rest_and_says_how_it_was_timed(tin
     raw = {(r["start"], r["end"]): r["latency_ms"] for r in result.rows if r["pruned"] == ""}
     assert table.latency_ms == pytest.approx({block: growth * ms for block, ms in raw.items()}, abs=2e-6)  # 6 decimals
     assert all(len(entry) == 3 and entry[0] > 0 for entry in meta["network_rests"])
+    # The plan networks' blocks are summed by the table's rows: a cover's, as plan_covers finds it.
+    from dpcompress.latency.profile import plan_covers
+
+    timed = {(r["start"], r["end"]): r["latency_ms"] for r in result.rows if r["pruned"] == "" and r["timed"]}
+    covers = plan_covers(tiny_traced.chain.num_positions, timed)
+    cover_sums = [math.fsum([*(raw[b] for b in cover),
+                             *(raw[(p - 1, p)] for p in range(1, table.num_positions + 1)
+                               if not any(s < p <= e for s, e in cover))]) for cover in covers]
+    assert len(meta["plan_networks"]) <= len(covers)
+    for blocks_ms, wall_ms, anchor_ms in meta["plan_networks"]:
+        assert any(blocks_ms == pytest.approx(c, abs=1e-5) for c in cover_sums) and wall_ms > 0 and anchor_ms > 0
     singles = math.fsum(table.latency_ms[(p - 1, p)] for p in range(1, table.num_positions + 1))
     assert table.original_latency_ms() == pytest.approx(singles + meta["rest_ms"])
     # A budget between the smallest achievable latency and the original's (both depend on the timings).
@@ -206,8 +217,10 @@ def test_an_interrupted_in_network_profile_resumes_without_retiming(tiny_traced,
     assert result.meta.get("singles_rest_ms", result.meta["rest_ms"]) == rest
     assert result.meta["network_rests"][0][1] == pytest.approx(rest)  # the first run's networks count in the fit
     # Run again on the finished table: nothing is timed, and the rest and its fit stay as they were.
-    again = profile_table(tiny_traced.chain, CountingBackend(), out, traced=tiny_traced, warmup=1, iters=3)
-    assert again.timed_shapes == 0
+    finished = CountingBackend()
+    again = profile_table(tiny_traced.chain, finished, out, traced=tiny_traced, warmup=1, iters=3)
+    assert again.timed_shapes == 0 and finished.parts == []  # nor its plan networks again
+    assert again.meta["plan_networks"] == result.meta["plan_networks"]
     assert [again.meta.get(k) for k in ("rest_ms", "rest_per_block", "singles_rest_ms")] == \
         [result.meta.get(k) for k in ("rest_ms", "rest_per_block", "singles_rest_ms")]
     # The network of single convs (one part per conv) was not profiled again; the others were.

@@ -25,7 +25,12 @@ blocks per network, each block's time read from the runtime's per-node profiler 
 scaled to the network's plain latency (``dpcompress/latency/network_timing.py``); the network of
 single convs gives the table's ``rest_ms`` (head, pooling, layout conversions, the call),
 which the solver adds to every plan's latency, so that a plan's predicted latency is the
-whole network's. ``standalone``: each block is its own model, timed cache-hot, the call
+whole network's. That rest grows with the network, and a node's time depends on the network
+around it (OpenVINO's run faster in a network as light as a deep plan), so once the rows are done
+the profile also times two plan networks (``plan_covers``: the cheapest cover of the chain by its
+rows, and every other merged block of it) and fits the rest as ``rest_ms`` plus ``rest_per_block``
+times a plan's blocks (``fit_rest``) over every network that stayed quiet: each packed network's
+wall against its own blocks, each plan network's against its rows (``plan_network_rests``). ``standalone``: each block is its own model, timed cache-hot, the call
 overhead subtracted; predictions from such tables run ahead of measurements for deep
 merges (benchmarks/RESULTS.md).
 
@@ -124,6 +129,8 @@ ANCHOR_MAX_BYTES = 256 << 20
 # span at least REST_FIT_SPAN (largest over smallest): with fewer, or closer, the slope is noise.
 MIN_REST_NETWORKS = 5
 REST_FIT_SPAN = 1.2
+# Plan networks (``plan_covers``) short of quiet rounds are timed again, up to this many times in all.
+PLAN_NETWORK_TRIES = 3
 
 Option = Tuple[int, int, Pruned]  # a block and the convs it replaces by identity (() for none)
 Row = Dict[str, Any]
@@ -132,8 +139,8 @@ Row = Dict[str, Any]
 def fit_rest(networks: Sequence[Tuple[float, float]]) -> Optional[Tuple[float, float]]:
     """The rest as a fixed part plus a share of the blocks: least squares of each network's rest (its wall less
     its blocks) on its blocks' sum, from ``(blocks_ms, rest_ms)`` pairs. Returns ``(fixed_ms, per_block)``, or
-    None where there are too few networks, their sums span too little, or the fit is negative anywhere (a rest
-    that shrinks as the network grows is noise, not a cost)."""
+    None where there are too few networks, their sums span too little, or the rest shrinks as the network
+    grows (noise, not a cost). A fixed part fitted below 0 is none: the share is then fitted alone."""
     if len(networks) < MIN_REST_NETWORKS:
         return None
     sums = [blocks for blocks, _ in networks]
@@ -144,9 +151,53 @@ def fit_rest(networks: Sequence[Tuple[float, float]]) -> Optional[Tuple[float, f
     spread = math.fsum((x - mean_x) ** 2 for x in sums)
     per_block = math.fsum((x - mean_x) * (y - mean_y) for x, y in networks) / spread
     fixed_ms = mean_y - per_block * mean_x
-    if per_block < 0 or fixed_ms < 0:
+    if fixed_ms < 0:
+        fixed_ms, per_block = 0.0, math.fsum(x * y for x, y in networks) / math.fsum(x * x for x in sums)
+    if per_block < 0:
         return None
     return fixed_ms, per_block
+
+
+def plan_network_rests(plan_networks: Sequence[Sequence[float]],
+                       singles_wall_ms: float) -> List[List[float]]:
+    """Each plan network's ``[rows_ms, wall_ms, anchor_ms]`` as a point of ``fit_rest``: ``[rows_ms, rest_ms,
+    anchor_ms]``, where the wall is the plan's against the anchor's beside it, times the network of single
+    convs' own wall (``singles_wall_ms``): the state cancels in the ratio, where a plan timed in a slower state
+    than the single convs would read as rows that run slow in a plan."""
+    return [[rows_ms, wall_ms / anchor_ms * singles_wall_ms - rows_ms, anchor_ms]
+            for rows_ms, wall_ms, anchor_ms in plan_networks]
+
+
+def cover_blocks(num_positions: int, merged: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    """Every block of the plan that merges ``merged`` (disjoint) and keeps every other conv single."""
+    inside = {p for start, end in merged for p in range(start + 1, end + 1)}
+    return [*merged, *((p - 1, p) for p in range(1, num_positions + 1) if p not in inside)]
+
+
+def plan_covers(num_positions: int, latency_ms: Dict[Tuple[int, int], float]) -> List[List[Tuple[int, int]]]:
+    """The merged blocks of the plan networks a profile times to check its rows as whole plans pay them:
+    the cheapest cover of positions 0..``num_positions`` by the blocks of ``latency_ms`` (a deep plan, as the
+    solver picks at its smallest budgets), and every other merged block of it (a plan half as deep). Empty
+    where the cheapest cover merges nothing."""
+    best: Dict[int, Tuple[float, int]] = {0: (0.0, 0)}  # position -> cheapest cost there, the block's start
+    for start, end in sorted(latency_ms, key=lambda block: block[1]):
+        if start in best:
+            cost = best[start][0] + latency_ms[(start, end)]
+            if end not in best or cost < best[end][0]:
+                best[end] = (cost, start)
+    if num_positions not in best:
+        return []
+    merged: List[Tuple[int, int]] = []
+    end = num_positions
+    while end > 0:
+        start = best[end][1]
+        if end - start > 1:
+            merged.append((start, end))
+        end = start
+    merged.reverse()
+    if not merged:
+        return []
+    return [merged, merged[::2]] if len(merged) > 1 else [merged]
 
 
 class BlockShape(NamedTuple):
@@ -465,6 +516,8 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
     rest_ms: Optional[float] = found.get("singles_rest_ms", found.get("rest_ms"))  # the singles' network's
     # Each quiet network's blocks' sum, rest and anchor level (None without an anchor), for ``fit_rest``.
     network_rests: List[List[Optional[float]]] = [list(entry) for entry in found.get("network_rests") or []]
+    # Each quiet plan network's (``plan_covers``) blocks' sum by the table's rows, wall and anchor level.
+    plan_networks: List[List[Optional[float]]] = [list(entry) for entry in found.get("plan_networks") or []]
     rows = {b: r for b, r in existing.items() if b in valid}
     capped = {_capped_option(entry) for entry in found.get("capped_blocks") or []} & set(rows)
     resumed = len(rows)
@@ -565,6 +618,8 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
         meta["rest_ms"] = rest_ms
 
     partial_table, partial_meta = partial_paths(table_path)
+    # Plan networks are timed once the rows are done: by a run that timed rows, or that resumes one cut short.
+    time_plans = timing == "in-network" and "plan_networks" not in found and (bool(to_time) or partial_table.exists())
     write_json_atomic(partial_meta, meta)
     write_text_atomic(partial_table, table_text(rows.values(), columns))  # drops a line cut short last time
     started = time.perf_counter()
@@ -659,7 +714,7 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
             pending = list(order)
             model_bytes = _parameter_bytes(traced)
             anchor = _anchor(backend, traced, geometries, network_input, precision, warmup) \
-                if pending and model_bytes <= ANCHOR_MAX_BYTES else None
+                if (pending or time_plans) and model_bytes <= ANCHOR_MAX_BYTES else None
             loaded = int(found.get("loaded_networks") or 0)
             networks_per_round = max(1, min(NETWORKS_PER_ROUND, NETWORK_BYTES_PER_ROUND // max(1, model_bytes)))
 
@@ -762,7 +817,28 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                     timed -= len(pending)
                     handled -= len(pending)
                     meta["retimed_shapes"] = len(pending)
+            if time_plans and rest_ms is not None and anchor is not None:
+                # A node's time depends on the network around it (OpenVINO's run faster in a light network):
+                # whole plans' walls against their rows' sums tell how a plan pays its rows.
+                row_ms = {(s, e): r["latency_ms"] for (s, e, pruned), r in rows.items() if not pruned and r["timed"]}
+                covers = plan_covers(chain.num_positions, row_ms)
+                for _ in range(PLAN_NETWORK_TRIES):  # a loaded state can outlast one try's extra rounds
+                    results = time_networks(backend, traced, [packed_plan(chain, cover) for cover in covers],
+                                            geometries, network_input, precision, warmup, iters, overhead, anchor=anchor)
+                    for cover, result in zip(covers, results):
+                        if result is not None and result.quiet:
+                            table_ms = math.fsum(row_ms[block] for block in cover_blocks(chain.num_positions, cover))
+                            plan_networks.append([table_ms, result.wall_ms, result.anchor_ms])
+                    covers = [cover for cover, result in zip(covers, results) if result is not None and not result.quiet]
+                    if not covers:
+                        break
+                meta["plan_networks"] = plan_networks
+                write_json_atomic(partial_meta, meta)
 
+    if network_rests:  # kept by a run that timed nothing, as the fit below is
+        meta["network_rests"] = network_rests
+    if time_plans or "plan_networks" in found:
+        meta["plan_networks"] = plan_networks
     if timing == "in-network" and meta.get("rest_ms") is not None:
         # A network's rest grows with the network (OpenVINO: a deep plan's is smaller than the original's):
         # fitted over the networks that stayed quiet by the whole profile's level, where the fit holds.
@@ -770,7 +846,10 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
             level_ms: Optional[float] = quiet_level(anchor.history)
         else:  # nothing timed now: the level the networks were judged by when they were
             level_ms = found.get("anchor_quiet_ms")
-        quiet_rests = [(blocks_ms, rest) for blocks_ms, rest, level in network_rests
+        singles_wall_ms = math.fsum([*(rows[(p - 1, p, ())]["latency_ms"] for p in range(1, chain.num_positions + 1)),
+                                     meta["rest_ms"]])
+        plan_rests = plan_network_rests(plan_networks, singles_wall_ms)
+        quiet_rests = [(blocks_ms, rest) for blocks_ms, rest, level in [*network_rests, *plan_rests]
                        if level is None or level_ms is None or quiet_rounds([level], level_ms)[0]]
         fitted = fit_rest(quiet_rests)  # type: ignore[arg-type]
         if fitted is not None:
@@ -838,7 +917,7 @@ def median_of_tables(tables: Sequence["os.PathLike[str] | str"], out: "os.PathLi
                 capped_blocks=_option_entries(capped),
                 bounded_blocks=sum(1 for option, row in rows.items() if not row["timed"] and option not in capped),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    for key in ("network_rests", "rest_per_block", "singles_rest_ms"):  # the first table's own fit
+    for key in ("network_rests", "plan_networks", "rest_per_block", "singles_rest_ms"):  # the first table's own fit
         meta.pop(key, None)
     singles_rests = [m.get("singles_rest_ms", m.get("rest_ms")) for m in metas]
     if all(m.get("rest_per_block") is not None for m in metas):  # every table fitted its rest: the medians
