@@ -129,7 +129,11 @@ ANCHOR_MAX_BYTES = 256 << 20
 # span at least REST_FIT_SPAN (largest over smallest): with fewer, or closer, the slope is noise.
 MIN_REST_NETWORKS = 5
 REST_FIT_SPAN = 1.2
-# Plan networks (``plan_covers``) short of quiet rounds are timed again, up to this many times in all.
+# Plan networks (``plan_covers``) count in the fit where the anchor ran within PLAN_NETWORK_MARGIN of its quiet
+# level beside them (a loaded state raises a deep plan's speed-up by some 0.6 of the original's slowdown, and
+# these few networks weigh most in the fit's slope); those that did not are timed again, up to PLAN_NETWORK_TRIES
+# times in all.
+PLAN_NETWORK_MARGIN = 1.05
 PLAN_NETWORK_TRIES = 3
 
 Option = Tuple[int, int, Pruned]  # a block and the convs it replaces by identity (() for none)
@@ -825,11 +829,14 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                 for _ in range(PLAN_NETWORK_TRIES):  # a loaded state can outlast one try's extra rounds
                     results = time_networks(backend, traced, [packed_plan(chain, cover) for cover in covers],
                                             geometries, network_input, precision, warmup, iters, overhead, anchor=anchor)
+                    near = [result is not None and result.quiet and result.anchor_ms is not None
+                            and result.anchor_ms <= PLAN_NETWORK_MARGIN * quiet_level(anchor.history)
+                            for result in results]
                     for cover, result in zip(covers, results):
                         if result is not None and result.quiet:
                             table_ms = math.fsum(row_ms[block] for block in cover_blocks(chain.num_positions, cover))
                             plan_networks.append([table_ms, result.wall_ms, result.anchor_ms])
-                    covers = [cover for cover, result in zip(covers, results) if result is not None and not result.quiet]
+                    covers = [cover for cover, result, ok in zip(covers, results, near) if result is not None and not ok]
                     if not covers:
                         break
                 meta["plan_networks"] = plan_networks
@@ -848,7 +855,8 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
             level_ms = found.get("anchor_quiet_ms")
         singles_wall_ms = math.fsum([*(rows[(p - 1, p, ())]["latency_ms"] for p in range(1, chain.num_positions + 1)),
                                      meta["rest_ms"]])
-        plan_rests = plan_network_rests(plan_networks, singles_wall_ms)
+        plan_rests = [entry for entry in plan_network_rests(plan_networks, singles_wall_ms)
+                      if level_ms is None or entry[2] <= PLAN_NETWORK_MARGIN * level_ms]
         quiet_rests = [(blocks_ms, rest) for blocks_ms, rest, level in [*network_rests, *plan_rests]
                        if level is None or level_ms is None or quiet_rounds([level], level_ms)[0]]
         fitted = fit_rest(quiet_rests)  # type: ignore[arg-type]
