@@ -310,9 +310,8 @@ def profile(model_spec: str, weights: Optional[str], input_shape: str, submodule
                    "read from all their rounds: the machine was loaded; profile again when it is quiet")
     if result.meta.get("rest_per_block") is not None:
         click.echo(f"rest outside the blocks: {result.meta['rest_ms']:.3f} ms + {result.meta['rest_per_block']:.3f} x "
-                   f"a plan's blocks (fitted over the profile's quiet networks, "
-                   f"{len(result.meta.get('plan_networks') or [])} of them whole plans; the network of single convs' "
-                   f"own: {result.meta['singles_rest_ms']:.3f} ms)")
+                   f"a plan's blocks (fitted over the profile's quiet networks and whole plans; the network of "
+                   f"single convs' own: {result.meta['singles_rest_ms']:.3f} ms)")
     if result.meta.get("retimed_shapes"):
         click.echo(f"{result.meta['retimed_shapes']} block shapes were timed again: their networks ran in a state "
                    "taken for quiet until a quieter one showed")
