@@ -30,9 +30,9 @@ around it (OpenVINO's run faster in a network as light as a deep plan), so once 
 the profile also times two plan networks (``plan_covers``: the cheapest cover of the chain by its
 rows, and every other merged block of it) and fits the rest as ``rest_ms`` plus ``rest_per_block``
 times a plan's blocks (``fit_rest``) over every network that stayed quiet: each packed network's
-wall against its own blocks, each plan network's against its rows (``plan_network_rests``). ``standalone``: each block is its own model, timed cache-hot, the call
-overhead subtracted; predictions from such tables run ahead of measurements for deep
-merges (benchmarks/RESULTS.md).
+wall against its own blocks, each plan network's against its rows (``plan_network_rests``).
+``standalone``: each block is its own model, timed cache-hot, the call overhead subtracted;
+predictions from such tables run ahead of measurements for deep merges (benchmarks/RESULTS.md).
 
 Pruning options (``prune``, LayerMerge's search space): each valid block has one row per
 pruned set of ``pruning_options`` (the empty set included), the ``pruned`` column listing the
@@ -520,7 +520,7 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
     rest_ms: Optional[float] = found.get("singles_rest_ms", found.get("rest_ms"))  # the singles' network's
     # Each quiet network's blocks' sum, rest and anchor level (None without an anchor), for ``fit_rest``.
     network_rests: List[List[Optional[float]]] = [list(entry) for entry in found.get("network_rests") or []]
-    # Each quiet plan network's (``plan_covers``) blocks' sum by the table's rows, wall and anchor level.
+    # Each plan network's (``plan_covers``) quiet try: its blocks' sum by the table's rows, wall and anchor level.
     plan_networks: List[List[Optional[float]]] = [list(entry) for entry in found.get("plan_networks") or []]
     rows = {b: r for b, r in existing.items() if b in valid}
     capped = {_capped_option(entry) for entry in found.get("capped_blocks") or []} & set(rows)
