@@ -160,8 +160,11 @@ def test_in_network_table_has_every_block_the_rest_and_says_how_it_was_timed(tin
                              *(raw[(p - 1, p)] for p in range(1, table.num_positions + 1)
                                if not any(s < p <= e for s, e in cover))]) for cover in covers]
     assert len(meta["plan_networks"]) <= PLAN_NETWORK_TRIES * len(covers)  # timed again where loaded
-    for blocks_ms, wall_ms, anchor_ms in meta["plan_networks"]:
+    singles_wall = math.fsum([*(raw[(p - 1, p)] for p in range(1, table.num_positions + 1)),
+                              meta.get("singles_rest_ms", meta["rest_ms"])])
+    for blocks_ms, wall_ms, anchor_ms, singles_wall_ms in meta["plan_networks"]:
         assert any(blocks_ms == pytest.approx(c, abs=1e-5) for c in cover_sums) and wall_ms > 0 and anchor_ms > 0
+        assert singles_wall_ms == pytest.approx(singles_wall, abs=1e-5)
     singles = math.fsum(table.latency_ms[(p - 1, p)] for p in range(1, table.num_positions + 1))
     assert table.original_latency_ms() == pytest.approx(singles + meta["rest_ms"])
     # A budget between the smallest achievable latency and the original's (both depend on the timings).

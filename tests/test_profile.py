@@ -348,7 +348,7 @@ def test_a_plan_network_is_read_against_the_anchor_beside_it():
 
     # A plan whose rows add up to 0.7 ms ran at 0.8 ms beside the anchor's 1.6 ms: half the original, whose
     # network of single convs ran at 1.5 ms; in a state 1.25x slower for both, the same point.
-    quiet, slow = plan_network_rests([[0.7, 0.8, 1.6], [0.7, 1.0, 2.0]], singles_wall_ms=1.5)
+    quiet, slow = plan_network_rests([[0.7, 0.8, 1.6, 1.5], [0.7, 1.0, 2.0, 1.5]])
     assert quiet == pytest.approx([0.7, 0.05, 1.6]) and slow[:2] == pytest.approx(quiet[:2])
 
 

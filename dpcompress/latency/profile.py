@@ -162,14 +162,13 @@ def fit_rest(networks: Sequence[Tuple[float, float]]) -> Optional[Tuple[float, f
     return fixed_ms, per_block
 
 
-def plan_network_rests(plan_networks: Sequence[Sequence[float]],
-                       singles_wall_ms: float) -> List[List[float]]:
-    """Each plan network's ``[rows_ms, wall_ms, anchor_ms]`` as a point of ``fit_rest``: ``[rows_ms, rest_ms,
-    anchor_ms]``, where the wall is the plan's against the anchor's beside it, times the network of single
-    convs' own wall (``singles_wall_ms``): the state cancels in the ratio, where a plan timed in a slower state
-    than the single convs would read as rows that run slow in a plan."""
+def plan_network_rests(plan_networks: Sequence[Sequence[float]]) -> List[List[float]]:
+    """Each plan network's ``[rows_ms, wall_ms, anchor_ms, singles_wall_ms]`` as a point of ``fit_rest``:
+    ``[rows_ms, rest_ms, anchor_ms]``, where the wall is the plan's against the anchor's beside it, times the
+    network of single convs' own wall (its rows and rest): the state cancels in the ratio, where a plan timed in
+    a slower state than the single convs would read as rows that run slow in a plan."""
     return [[rows_ms, wall_ms / anchor_ms * singles_wall_ms - rows_ms, anchor_ms]
-            for rows_ms, wall_ms, anchor_ms in plan_networks]
+            for rows_ms, wall_ms, anchor_ms, singles_wall_ms in plan_networks]
 
 
 def cover_blocks(num_positions: int, merged: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
@@ -520,7 +519,8 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
     rest_ms: Optional[float] = found.get("singles_rest_ms", found.get("rest_ms"))  # the singles' network's
     # Each quiet network's blocks' sum, rest and anchor level (None without an anchor), for ``fit_rest``.
     network_rests: List[List[Optional[float]]] = [list(entry) for entry in found.get("network_rests") or []]
-    # Each plan network's (``plan_covers``) quiet try: its blocks' sum by the table's rows, wall and anchor level.
+    # Each plan network's (``plan_covers``) quiet try: its blocks' sum by the table's rows, wall, anchor level and
+    # the network of single convs' wall it is scaled to (``plan_network_rests``).
     plan_networks: List[List[Optional[float]]] = [list(entry) for entry in found.get("plan_networks") or []]
     rows = {b: r for b, r in existing.items() if b in valid}
     capped = {_capped_option(entry) for entry in found.get("capped_blocks") or []} & set(rows)
@@ -825,6 +825,7 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                 # A node's time depends on the network around it (OpenVINO's run faster in a light network):
                 # whole plans' walls against their rows' sums tell how a plan pays its rows.
                 row_ms = {(s, e): r["latency_ms"] for (s, e, pruned), r in rows.items() if not pruned and r["timed"]}
+                singles_wall_ms = math.fsum([*(row_ms[(p - 1, p)] for p in range(1, chain.num_positions + 1)), rest_ms])
                 covers = plan_covers(chain.num_positions, row_ms)
                 for _ in range(PLAN_NETWORK_TRIES):  # a loaded state can outlast one try's extra rounds
                     results = time_networks(backend, traced, [packed_plan(chain, cover) for cover in covers],
@@ -835,11 +836,12 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
                     for cover, result in zip(covers, results):
                         if result is not None and result.quiet:
                             table_ms = math.fsum(row_ms[block] for block in cover_blocks(chain.num_positions, cover))
-                            plan_networks.append([table_ms, result.wall_ms, result.anchor_ms])
+                            plan_networks.append([table_ms, result.wall_ms, result.anchor_ms, singles_wall_ms])
                     covers = [cover for cover, result, ok in zip(covers, results, near) if result is not None and not ok]
                     if not covers:
                         break
-                meta["plan_networks"] = plan_networks
+                # The level as the fit judges by it: a profile run again on the table judges by the meta's.
+                meta.update(plan_networks=plan_networks, anchor_quiet_ms=quiet_level(anchor.history))
                 write_json_atomic(partial_meta, meta)
 
     if network_rests:  # kept by a run that timed nothing, as the fit below is
@@ -853,9 +855,7 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
             level_ms: Optional[float] = quiet_level(anchor.history)
         else:  # nothing timed now: the level the networks were judged by when they were
             level_ms = found.get("anchor_quiet_ms")
-        singles_wall_ms = math.fsum([*(rows[(p - 1, p, ())]["latency_ms"] for p in range(1, chain.num_positions + 1)),
-                                     meta["rest_ms"]])
-        plan_rests = [entry for entry in plan_network_rests(plan_networks, singles_wall_ms)
+        plan_rests = [entry for entry in plan_network_rests(plan_networks)
                       if level_ms is None or entry[2] <= PLAN_NETWORK_MARGIN * level_ms]
         quiet_rests = [(blocks_ms, rest) for blocks_ms, rest, level in [*network_rests, *plan_rests]
                        if level is None or level_ms is None or quiet_rounds([level], level_ms)[0]]
