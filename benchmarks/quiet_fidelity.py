@@ -27,7 +27,7 @@ from dpcompress.backends import get_backend
 from dpcompress.graph.rewrite import merged_model
 from dpcompress.graph.trace import trace_model
 from dpcompress.latency.bench import bench_modules
-from dpcompress.latency.profile import fit_rest, profile_table
+from dpcompress.latency.profile import profile_rest_fit, profile_table
 from dpcompress.models import build_model
 from dpcompress.errors import UserError
 from dpcompress.search.solver import frontier, resolve_budget, solve_for_model
@@ -108,10 +108,7 @@ def main() -> None:
 def predicted_without_plan_networks(table, meta, plan) -> float:
     """The plan's predicted speed-up with the rest fitted to the packed networks alone (as before plan networks
     were timed; the singles' rest where they do not fit), from the same rows."""
-    level = meta.get("anchor_quiet_ms")
-    quiet = [(blocks_ms, rest) for blocks_ms, rest, anchor_ms in meta.get("network_rests") or []
-             if anchor_ms is None or level is None or dpcompress.latency.timing.quiet_rounds([anchor_ms], level)[0]]
-    fitted = fit_rest(quiet)
+    fitted = profile_rest_fit(meta.get("network_rests") or [], [], meta.get("anchor_quiet_ms"))
     fixed_ms, per_block = fitted or (meta.get("singles_rest_ms", meta["rest_ms"]), 0.0)
     growth = 1 + rest_per_block(meta)  # the rows' file values: the table reads them priced
 

@@ -352,6 +352,19 @@ def test_a_plan_network_is_read_against_the_anchor_beside_it():
     assert quiet == pytest.approx([0.7, 0.05, 1.6]) and slow[:2] == pytest.approx(quiet[:2])
 
 
+def test_the_profiles_fit_takes_quiet_networks_and_plans_timed_near_the_level():
+    from dpcompress.latency.profile import fit_rest, profile_rest_fit
+
+    level = 1.0
+    quiet = [[blocks, 0.05 + 0.04 * blocks, 1.1] for blocks in (1.0, 1.2, 1.4, 1.6)]
+    loaded = [[1.3, 0.9, 1.5]]  # its anchor over QUIET_MARGIN x the level: left out
+    near = [[0.7, 0.8, 1.04, 1.5]]  # plans as plan_network_rests reads them; anchors at 1.04 and 1.1 x the level
+    far = [[0.7, 0.5, 1.1, 1.5]]
+    points = [(b, r) for b, r, _ in quiet] + [(0.7, 0.8 / 1.04 * 1.5 - 0.7)]
+    assert profile_rest_fit(quiet + loaded, near + far, level) == fit_rest(points)
+    assert profile_rest_fit(quiet, [], None) == fit_rest([(b, r) for b, r, _ in quiet])  # no level: all count
+
+
 def test_plan_covers_are_the_cheapest_cover_and_every_other_merged_block_of_it():
     import itertools
     import random

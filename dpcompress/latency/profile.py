@@ -171,6 +171,19 @@ def plan_network_rests(plan_networks: Sequence[Sequence[float]]) -> List[List[fl
             for rows_ms, wall_ms, anchor_ms, singles_wall_ms in plan_networks]
 
 
+def profile_rest_fit(network_rests: Sequence[Sequence[Optional[float]]],
+                     plan_networks: Sequence[Sequence[float]],
+                     level_ms: Optional[float]) -> Optional[Tuple[float, float]]:
+    """``fit_rest`` over a profile's evidence (meta ``network_rests`` and ``plan_networks``), judged by its quiet
+    level ``level_ms`` (None: everything counts): the packed networks that were quiet, and the plan networks
+    timed within PLAN_NETWORK_MARGIN of the level."""
+    quiet = [(blocks_ms, rest) for blocks_ms, rest, anchor_ms in network_rests
+             if anchor_ms is None or level_ms is None or quiet_rounds([anchor_ms], level_ms)[0]]
+    near = [(rows_ms, rest) for rows_ms, rest, anchor_ms in plan_network_rests(plan_networks)
+            if level_ms is None or anchor_ms <= PLAN_NETWORK_MARGIN * level_ms]
+    return fit_rest([*quiet, *near])  # type: ignore[list-item]
+
+
 def cover_blocks(num_positions: int, merged: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
     """Every block of the plan that merges ``merged`` (disjoint) and keeps every other conv single."""
     inside = {p for start, end in merged for p in range(start + 1, end + 1)}
@@ -855,11 +868,7 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
             level_ms: Optional[float] = quiet_level(anchor.history)
         else:  # nothing timed now: the level the networks were judged by when they were
             level_ms = found.get("anchor_quiet_ms")
-        plan_rests = [entry for entry in plan_network_rests(plan_networks)
-                      if level_ms is None or entry[2] <= PLAN_NETWORK_MARGIN * level_ms]
-        quiet_rests = [(blocks_ms, rest) for blocks_ms, rest, level in [*network_rests, *plan_rests]
-                       if level is None or level_ms is None or quiet_rounds([level], level_ms)[0]]
-        fitted = fit_rest(quiet_rests)  # type: ignore[arg-type]
+        fitted = profile_rest_fit(network_rests, plan_networks, level_ms)  # type: ignore[arg-type]
         if fitted is not None:
             meta.update(singles_rest_ms=meta["rest_ms"], rest_ms=fitted[0], rest_per_block=fitted[1])
     meta = dict(meta, num_blocks=len(chain.valid_blocks()), num_rows=len(blocks), unique_shapes=len(groups),
