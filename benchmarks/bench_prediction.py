@@ -3,12 +3,18 @@
 For each model: a latency table (a given one, else profiled into ``--out-dir`` with the default
 timing, resumable), plans solved with uniform importance at each budget ratio and at the smallest
 feasible latency, and each plan's merged network benched against the original with
-``dpcompress.latency.bench.bench_modules`` (alternating rounds in one process), ``--repeats`` times.
-Prints one markdown row per plan: predicted, the measured speed-ups, their median and the
-prediction error of the median; writes the rows as JSON too.
+``dpcompress.latency.bench.bench_modules`` (alternating rounds in one process), ``--repeats`` times,
+on ``--backend`` (ONNX Runtime or OpenVINO). Prints one markdown row per plan: predicted, the
+measured speed-ups, their median, the prediction error of the median, and the original's median
+in the benches against the table's own figure for it (a bench in another state than the table's
+moves a deep plan's speed-up); writes the rows as JSON too. With ``--table-state``, each bench judges
+the original's rounds against the table's quiet level (its ``anchor_quiet_ms``, as ``compress``'s
+closed loop does) and takes its figures from the rounds that met it; with ``--min-seconds``, each
+bench goes on that long, to meet such rounds; a bench that never met the table's state is run again,
+up to ``--tries`` times in all, kept in the JSON and marked in the row where no try met it.
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_prediction.py \
-    --models mobilenet_v2,resnet18 [--batch-size 8] [--ratios 0.9,0.7,0.5,min] [--repeats 3]
+    --models mobilenet_v2,resnet18 [--backend openvino] [--batch-size 8] [--ratios 0.9,0.7,0.5,min] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from dpcompress.graph.trace import trace_model
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="mobilenet_v2", help="torchvision names or full specs, comma-separated")
+    parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "openvino"])
     parser.add_argument("--table", default=None, help="use this table (one model only) instead of profiling")
     parser.add_argument("--tables-dir", default="latency_tables",
                         help="reuse a table made in-network for the same chain and settings from here")
@@ -46,6 +53,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating benches per plan")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--min-seconds", type=float, default=0.0, help="each bench lasts at least this long")
+    parser.add_argument("--table-state", action="store_true",
+                        help="judge each bench's rounds against the table's quiet level (anchor_quiet_ms)")
+    parser.add_argument("--tries", type=int, default=1, help="runs of a bench that does not meet the table's state")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--timing", default=None, help="in-network or standalone (profiling)")
     parser.add_argument("--out-dir", default="out/bench_prediction")
@@ -53,12 +64,13 @@ def main() -> None:
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    backend = get_backend("onnxruntime", threads=args.threads)
+    backend = get_backend(args.backend, threads=args.threads)
     shape = (args.batch_size, 3, args.size, args.size)
     print(f"# {platform.node()} {backend.describe()}, input {'x'.join(map(str, shape))}, "
           f"load average {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d %H:%M')}")
-    print("| model | budget | blocks | predicted | measured (each bench) | measured median | error |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | budget | blocks | predicted | measured (each bench) | measured median | error "
+          "| original in the benches / in the table |")
+    print("|---|---|---|---|---|---|---|---|")
     records = []
     for name in args.models.split(","):
         spec = name if ":" in name else f"torchvision:{name}"
@@ -83,26 +95,41 @@ def main() -> None:
             budget = smallest if ratio == "min" else resolve_budget(table, None, float(ratio))
             if budget < smallest:
                 print(f"| {name} | {ratio} | infeasible: smallest is {smallest / table.original_latency_ms():.2f} "
-                      "of the original | | | | |", flush=True)
+                      "of the original | | | | | |", flush=True)
                 continue
             plan, _ = solve_for_model(table, None, budget, chain=traced.chain)
             merged = merged_model(traced, plan)
-            measured = []
+            level = table.meta.get("anchor_quiet_ms") if args.table_state else None
+            measured, originals_ms, met, not_met = [], [], [], []
             for _ in range(args.repeats):
-                result = bench_modules(backend, model, merged, input_shape=shape, rounds=args.rounds,
-                                       iters_per_round=args.iters, plan=plan)
+                for _ in range(max(1, args.tries)):
+                    result = bench_modules(backend, model, merged, input_shape=shape, rounds=args.rounds,
+                                           iters_per_round=args.iters, plan=plan, min_seconds=args.min_seconds,
+                                           quiet_level_ms=level)
+                    if level is None or result.quiet_level_ms == level:
+                        break
+                    not_met.append(result.measured_speedup)
                 measured.append(result.measured_speedup)
+                originals_ms.append(result.original.median_ms)
+                met.append(level is None or result.quiet_level_ms == level)
             predicted = plan.original_latency_ms / plan.latency_ms
             median = statistics.median(measured)
             label = "min" if ratio == "min" else ratio
             record = {"model": spec, "budget": label, "budget_ratio": budget / plan.original_latency_ms,
                       "blocks": len(plan.blocks), "predicted": predicted, "measured": measured,
                       "measured_median": median, "error": predicted / median - 1, "table": str(table_path),
-                      "input_shape": list(shape)}
+                      "input_shape": list(shape), "backend": backend.name, "originals_ms": originals_ms,
+                      "table_original_ms": plan.original_latency_ms,
+                      "table_quiet_level_ms": level, "met_table_state": met,
+                      "benches_not_meeting_it": not_met}
             records.append(record)
+            benches = ", ".join(f"{m:.2f}x" + ("" if ok else " (never met)") for m, ok in zip(measured, met))
+            if not_met:
+                benches += f"; {len(not_met)} run again: {', '.join(f'{m:.2f}x' for m in not_met)}"
             print(f"| {name} | {label} ({record['budget_ratio']:.2f}) | {len(plan.blocks)} | {predicted:.2f}x | "
-                  f"{', '.join(f'{m:.2f}x' for m in measured)} | {median:.2f}x | {record['error']:+.1%} |", flush=True)
-    (out / f"prediction_{args.size}_b{args.batch_size}.json").write_text(json.dumps(records, indent=2))
+                  f"{benches} | {median:.2f}x | {record['error']:+.1%} | "
+                  f"{statistics.median(originals_ms) / plan.original_latency_ms:.2f} |", flush=True)
+    (out / f"prediction_{backend.name}_{args.size}_b{args.batch_size}.json").write_text(json.dumps(records, indent=2))
 
 
 if __name__ == "__main__":

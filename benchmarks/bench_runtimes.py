@@ -4,7 +4,10 @@ For one model, a latency table per runtime (shipped ones under latency_tables/, 
 in-network into ``--out-dir``), plans solved from each table with uniform importance at each
 budget ratio, and every plan benched on both runtimes against the original (alternating rounds,
 ``--repeats`` benches, median). Prints, per budget, the 2x2 table of measured speed-ups with each
-plan's predicted speed-up on each table (the plan's blocks summed in that table plus its rest).
+plan's predicted speed-up on each table (the plan's blocks summed in that table plus its rest). With
+``--table-state``, a bench on a runtime takes its figures from the rounds in which the original ran
+near that runtime's table's quiet level (``anchor_quiet_ms``), going on for ``--min-seconds`` to meet them;
+a bench that met none is run again, up to ``--tries`` times in all, and marked * where no try met it.
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_runtimes.py [--model torchvision:mobilenet_v2]
 """
@@ -40,6 +43,11 @@ def predicted(table, plan) -> float:
     return table.original_latency_ms() / latency
 
 
+def benches(cell) -> str:
+    """A cell's benches, * marking one that never met its table's state."""
+    return ", ".join(f"{m:.2f}" + ("" if ok else "*") for m, ok in zip(cell["measured"], cell["met_table_state"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="torchvision:mobilenet_v2")
@@ -47,6 +55,10 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.9,0.7,0.5")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--min-seconds", type=float, default=0.0, help="each bench lasts at least this long")
+    parser.add_argument("--table-state", action="store_true",
+                        help="judge each bench's rounds against its runtime's table's quiet level")
+    parser.add_argument("--tries", type=int, default=1, help="runs of a bench that does not meet the table's state")
     parser.add_argument("--out-dir", default="out/bench_runtimes")
     args = parser.parse_args()
 
@@ -83,15 +95,22 @@ def main() -> None:
             merged = merged_model(traced, plan)
             cells = {}
             for run_on, backend in backends.items():
-                speedups = [bench_modules(backend, model, merged, input_shape=shape).measured_speedup
-                            for _ in range(args.repeats)]
+                level = tables[run_on].meta.get("anchor_quiet_ms") if args.table_state else None
+                speedups, met = [], []
+                for _ in range(args.repeats):
+                    for _ in range(max(1, args.tries)):
+                        result = bench_modules(backend, model, merged, input_shape=shape,
+                                               min_seconds=args.min_seconds, quiet_level_ms=level)
+                        if level is None or result.quiet_level_ms == level:
+                            break
+                    speedups.append(result.measured_speedup)
+                    met.append(level is None or result.quiet_level_ms == level)
                 cells[run_on] = {"predicted": predicted(tables[run_on], plan), "measured": speedups,
-                                 "median": statistics.median(speedups)}
+                                 "met_table_state": met, "median": statistics.median(speedups)}
             records.append({"ratio": ratio, "made_for": made_for, "blocks": len(plan.blocks), **cells})
             ort, ov = cells["onnxruntime"], cells["openvino"]
             print(f"| {ratio:g} | {made_for} | {len(plan.blocks)} | {ort['predicted']:.2f}x | {ort['median']:.2f}x "
-                  f"({', '.join(f'{m:.2f}' for m in ort['measured'])}) | {ov['predicted']:.2f}x | "
-                  f"{ov['median']:.2f}x ({', '.join(f'{m:.2f}' for m in ov['measured'])}) |", flush=True)
+                  f"({benches(ort)}) | {ov['predicted']:.2f}x | {ov['median']:.2f}x ({benches(ov)}) |", flush=True)
     (out / "runtimes.json").write_text(json.dumps(records, indent=2))
 
 
