@@ -109,7 +109,7 @@ def predicted_without_plan_networks(table, meta, plan) -> float:
     """The plan's predicted speed-up with the rest fitted to the packed networks alone (as before plan networks
     were timed; the singles' rest where they do not fit), from the same rows."""
     fitted = profile_rest_fit(meta.get("network_rests") or [], [], meta.get("anchor_quiet_ms"))
-    fixed_ms, per_block = fitted or (meta.get("singles_rest_ms", meta["rest_ms"]), 0.0)
+    fixed_ms, per_block = fitted[:2] if fitted else (meta.get("singles_rest_ms", meta["rest_ms"]), 0.0)
     growth = 1 + rest_per_block(meta)  # the rows' file values: the table reads them priced
 
     def latency(blocks) -> float:

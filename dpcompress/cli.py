@@ -296,6 +296,8 @@ def profile(model_spec: str, weights: Optional[str], input_shape: str, submodule
         _profile_in_processes(settings, out, processes, quiet)
         return
     result = _profile_from_settings(settings, out, quiet)
+    from dpcompress.latency.profile import REST_FIT_WORDS
+
     unbuildable = len(result.meta["unbuildable_blocks"])
     capped = len(result.meta["capped_blocks"])
     click.echo(f"wrote {result.table_path} ({len(result.rows)} rows, {result.timed_shapes} shapes timed now, "
@@ -304,15 +306,15 @@ def profile(model_spec: str, weights: Optional[str], input_shape: str, submodule
                + (f"{unbuildable} left out as their merge needs more than {size_text(result.meta['max_merge_bytes'])} "
                   "(DPCOMPRESS_MAX_MERGE_BYTES), " if unbuildable else "")
                + f"{result.resumed_blocks} rows resumed) and {result.meta_path}")
-    if result.meta.get("loaded_networks"):
+    if result.meta.get("loaded_networks") and result.timed_shapes:
         click.echo(f"{result.meta['loaded_networks']} profiled networks met too few quiet rounds (the original "
                    f"within {result.meta['quiet_margin']:.2f}x of {result.meta['anchor_quiet_ms']:.3f} ms) and were "
                    "read from all their rounds: the machine was loaded; profile again when it is quiet")
     if result.meta.get("rest_per_block") is not None:
         click.echo(f"rest outside the blocks: {result.meta['rest_ms']:.3f} ms + {result.meta['rest_per_block']:.3f} x "
-                   f"a plan's blocks (fitted over the profile's quiet networks and whole plans; the network of "
-                   f"single convs' own: {result.meta['singles_rest_ms']:.3f} ms)")
-    if result.meta.get("retimed_shapes"):
+                   f"a plan's blocks (fitted over {REST_FIT_WORDS.get(result.meta.get('rest_fit'), 'its networks')}; "
+                   f"the network of single convs' own: {result.meta['singles_rest_ms']:.3f} ms)")
+    if result.meta.get("retimed_shapes") and result.timed_shapes:
         click.echo(f"{result.meta['retimed_shapes']} block shapes were timed again: their networks ran in a state "
                    "taken for quiet until a quieter one showed")
 

@@ -39,13 +39,20 @@ def test_each_row_is_its_median_over_the_tables(tmp_path, monkeypatch):
     meta = median_of_tables(paths, tmp_path / "median.csv")
     assert meta["anchor_quiet_ms"] == 2.6 and meta["loaded_networks"] == 3 and meta["retimed_shapes"] == 6
     # Rests fitted in every table: the medians of the fixed part, the share and the singles' rest.
-    for path, (fixed, share, singles) in zip(paths, [(0.05, 0.04, 0.12), (0.07, 0.02, 0.15), (0.06, 0.06, 0.1)]):
+    fits = ["whole networks", "all quiet networks", "whole networks"]
+    for path, (fixed, share, singles), fit in zip(paths, [(0.05, 0.04, 0.12), (0.07, 0.02, 0.15), (0.06, 0.06, 0.1)],
+                                                  fits):
         made = json.loads(meta_path_for(path).read_text())
-        meta_path_for(path).write_text(json.dumps(dict(made, rest_ms=fixed, rest_per_block=share,
+        meta_path_for(path).write_text(json.dumps(dict(made, rest_ms=fixed, rest_per_block=share, rest_fit=fit,
                                                        singles_rest_ms=singles, network_rests=[[1.0, 0.1, None]])))
     meta = median_of_tables(paths, tmp_path / "median.csv")
     assert (meta["rest_ms"], meta["rest_per_block"], meta["singles_rest_ms"]) == (0.06, 0.04, 0.12)
     assert "network_rests" not in meta  # each table's own evidence
+    assert "rest_fit" not in meta  # medians of fits over different networks: neither kind
+    for path in paths[1:2]:
+        made = json.loads(meta_path_for(path).read_text())
+        meta_path_for(path).write_text(json.dumps(dict(made, rest_fit="whole networks")))
+    assert median_of_tables(paths, tmp_path / "median.csv")["rest_fit"] == "whole networks"
     # One table without a fit: the median of the singles' rests, and no share.
     made = json.loads(meta_path_for(paths[0]).read_text())
     meta_path_for(paths[0]).write_text(json.dumps({k: v for k, v in made.items()

@@ -226,9 +226,31 @@ def test_an_interrupted_in_network_profile_resumes_without_retiming(tiny_traced,
     assert again.meta["plan_networks"] == result.meta["plan_networks"]
     assert [again.meta.get(k) for k in ("rest_ms", "rest_per_block", "singles_rest_ms")] == \
         [result.meta.get(k) for k in ("rest_ms", "rest_per_block", "singles_rest_ms")]
+    assert "anchor_quiet_ms" in result.meta  # the state the closed loop benches against, kept as all the rest is
+    assert {k: v for k, v in again.meta.items() if k != "date"} == {k: v for k, v in result.meta.items() if k != "date"}
     # The network of single convs (one part per conv) was not profiled again; the others were.
     assert resumed.parts and len(singles) not in resumed.parts
     assert not partial_rows.exists() and set(read_latency_table(out).latency_ms) == set(tiny_traced.chain.valid_blocks())
+
+
+def test_a_hand_edited_meta_whose_networks_are_malformed_is_refused_in_one_line(tiny_traced, tmp_path):
+    from dpcompress.errors import UserError
+    from dpcompress.tables import meta_path_for
+
+    out = tmp_path / "t.csv"
+    backend = get_backend("onnxruntime", threads=1)
+    profile_table(tiny_traced.chain, backend, out, traced=tiny_traced, warmup=1, iters=3)
+    meta_path = meta_path_for(out)
+    good = json.loads(meta_path.read_text())
+    rows = out.read_text()
+    for key, entries in (("plan_networks", [[1.0, 2.0, 3.0]]),  # the form before singles_wall_ms
+                         ("network_rests", [[1.0, "0.1", None]]), ("network_rests", {"a": 1})):
+        meta_path.write_text(json.dumps(dict(good, **{key: entries})))
+        with pytest.raises(UserError, match=f"{key} must be a list of"):
+            profile_table(tiny_traced.chain, backend, out, traced=tiny_traced, warmup=1, iters=3)
+        assert out.read_text() == rows  # nothing written
+    meta_path.write_text(json.dumps(good))  # as made: accepted, nothing timed
+    assert profile_table(tiny_traced.chain, backend, out, traced=tiny_traced, warmup=1, iters=3).timed_shapes == 0
 
 
 def test_a_call_overhead_larger_than_the_network_never_zeroes_its_blocks(tiny_traced):

@@ -353,16 +353,44 @@ def test_a_plan_network_is_read_against_the_anchor_beside_it():
 
 
 def test_the_profiles_fit_takes_quiet_networks_and_plans_timed_near_the_level():
-    from dpcompress.latency.profile import fit_rest, profile_rest_fit
+    from dpcompress.latency.profile import ALL_NETWORKS, fit_rest, profile_rest_fit
 
     level = 1.0
     quiet = [[blocks, 0.05 + 0.04 * blocks, 1.1] for blocks in (1.0, 1.2, 1.4, 1.6)]
     loaded = [[1.3, 0.9, 1.5]]  # its anchor over QUIET_MARGIN x the level: left out
-    near = [[0.7, 0.8, 1.04, 1.5]]  # plans as plan_network_rests reads them; anchors at 1.04 and 1.1 x the level
-    far = [[0.7, 0.5, 1.1, 1.5]]
-    points = [(b, r) for b, r, _ in quiet] + [(0.7, 0.8 / 1.04 * 1.5 - 0.7)]
-    assert profile_rest_fit(quiet + loaded, near + far, level) == fit_rest(points)
-    assert profile_rest_fit(quiet, [], None) == fit_rest([(b, r) for b, r, _ in quiet])  # no level: all count
+    near = [[0.7, 0.5, 1.04, 1.5]]  # plans as plan_network_rests reads them; anchors at 1.04 and 1.1 x the level
+    far = [[0.7, 0.8, 1.1, 1.5]]  # its rest (0.39 ms) would turn the slope negative: no fit
+    points = [(b, r) for b, r, _ in quiet] + [(0.7, 0.5 / 1.04 * 1.5 - 0.7)]
+    assert profile_rest_fit(quiet + loaded, near + far, level) == (*fit_rest(points), ALL_NETWORKS)
+    everything = [(b, r) for b, r, _ in quiet + loaded]
+    assert profile_rest_fit(quiet + loaded, [], None) == (*fit_rest(everything), ALL_NETWORKS)  # no level: all count
+
+
+def test_with_plans_near_the_level_the_rest_is_fitted_over_whole_networks_alone():
+    from dpcompress.latency.profile import ALL_NETWORKS, WHOLE_NETWORKS, fit_rest, profile_rest_fit
+
+    # Whole networks pay 1.08 x their rows less 0.03 ms (a deep plan's convs run faster than its rows say);
+    # packed networks' own rests follow another line.
+    def wall(rows_ms):
+        return -0.03 + 1.08 * rows_ms
+
+    singles_rows, level = 1.4, 1.5
+    singles_rest = wall(singles_rows) - singles_rows
+    packed = [[blocks, 0.1 + 0.01 * blocks, level] for blocks in (1.0, 1.2, 1.4, 1.6, 1.8)]
+    # Two plans timed in a state 1.03x slower than the single convs' (the anchor beside them too): it cancels.
+    plans = [[rows, 1.03 * wall(rows), 1.03 * wall(singles_rows), wall(singles_rows)] for rows in (0.7, 0.85)]
+    fitted = profile_rest_fit(packed, plans, level, singles_rest)
+    assert fitted.over == WHOLE_NETWORKS
+    # Read only between the deepest plan and the original, the line keeps its negative fixed part.
+    assert (fitted.fixed_ms, fitted.per_block) == (pytest.approx(-0.03), pytest.approx(0.08))
+    # No singles' rest given, or every plan far from the level: every quiet network, as before.
+    every = profile_rest_fit(packed, plans, level)
+    assert every.over == ALL_NETWORKS and every[:2] == pytest.approx(
+        fit_rest([(b, r) for b, r, _ in packed] + [(rows, wall(rows) - rows) for rows in (0.7, 0.85)]))
+    assert profile_rest_fit(packed, plans, 0.9 * level, singles_rest).over == ALL_NETWORKS
+    # Whole networks whose rest shrinks as the network grows (a deep plan paying more outside its rows than
+    # the original): no cost to fit, so every quiet network.
+    assert profile_rest_fit(packed, plans, level, singles_rest_ms=0.0).over == ALL_NETWORKS
 
 
 def test_plan_covers_are_the_cheapest_cover_and_every_other_merged_block_of_it():

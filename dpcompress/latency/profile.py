@@ -29,8 +29,11 @@ whole network's. That rest grows with the network, and a node's time depends on 
 around it (OpenVINO's run faster in a network as light as a deep plan), so once the rows are done
 the profile also times two plan networks (``plan_covers``: the cheapest cover of the chain by its
 rows, and every other merged block of it) and fits the rest as ``rest_ms`` plus ``rest_per_block``
-times a plan's blocks (``fit_rest``) over every network that stayed quiet: each packed network's
-wall against its own blocks, each plan network's against its rows (``plan_network_rests``).
+times a plan's blocks (``profile_rest_fit``) over whole networks: each plan network's wall against
+its rows (``plan_network_rests``), and the network of single convs' against its own. Where no plan
+network ran near the quiet level, or whole networks give a rest that shrinks as the network grows,
+the fit is over every network that stayed quiet: the plan networks and each packed network's wall
+against its own blocks (meta ``rest_fit`` says which).
 ``standalone``: each block is its own model, timed cache-hot, the call overhead subtracted;
 predictions from such tables run ahead of measurements for deep merges (benchmarks/RESULTS.md).
 
@@ -140,12 +143,15 @@ Option = Tuple[int, int, Pruned]  # a block and the convs it replaces by identit
 Row = Dict[str, Any]
 
 
-def fit_rest(networks: Sequence[Tuple[float, float]]) -> Optional[Tuple[float, float]]:
+def fit_rest(networks: Sequence[Tuple[float, float]], min_networks: int = MIN_REST_NETWORKS,
+             interpolating: bool = False) -> Optional[Tuple[float, float]]:
     """The rest as a fixed part plus a share of the blocks: least squares of each network's rest (its wall less
     its blocks) on its blocks' sum, from ``(blocks_ms, rest_ms)`` pairs. Returns ``(fixed_ms, per_block)``, or
-    None where there are too few networks, their sums span too little, or the rest shrinks as the network
-    grows (noise, not a cost). A fixed part fitted below 0 is none: the share is then fitted alone."""
-    if len(networks) < MIN_REST_NETWORKS:
+    None where there are fewer than ``min_networks`` networks, their sums span too little, or the rest shrinks
+    as the network grows (noise, not a cost). A fixed part fitted below 0 is none: the share is then fitted
+    alone; unless ``interpolating``, where the networks are the smallest and largest plans the line will price
+    (the deepest plan and the original), and it holds their walls between them whatever its value at 0."""
+    if len(networks) < min_networks:
         return None
     sums = [blocks for blocks, _ in networks]
     if min(sums) <= 0 or max(sums) < REST_FIT_SPAN * min(sums):
@@ -155,7 +161,7 @@ def fit_rest(networks: Sequence[Tuple[float, float]]) -> Optional[Tuple[float, f
     spread = math.fsum((x - mean_x) ** 2 for x in sums)
     per_block = math.fsum((x - mean_x) * (y - mean_y) for x, y in networks) / spread
     fixed_ms = mean_y - per_block * mean_x
-    if fixed_ms < 0:
+    if fixed_ms < 0 and not interpolating:
         fixed_ms, per_block = 0.0, math.fsum(x * y for x, y in networks) / math.fsum(x * x for x in sums)
     if per_block < 0:
         return None
@@ -171,17 +177,42 @@ def plan_network_rests(plan_networks: Sequence[Sequence[float]]) -> List[List[fl
             for rows_ms, wall_ms, anchor_ms, singles_wall_ms in plan_networks]
 
 
+class RestFit(NamedTuple):
+    """A profile's fitted rest: ``fixed_ms`` plus ``per_block`` times a plan's blocks, and the networks it was
+    fitted ``over`` (meta ``rest_fit``: WHOLE_NETWORKS or ALL_NETWORKS)."""
+    fixed_ms: float
+    per_block: float
+    over: str
+
+
+# The network of single convs and the plan networks: the original and plans as the solver returns them, each
+# whole network's wall against the table's rows. A packed network's rest is its wall against its own nodes'
+# times, which leaves out what its blocks' neighbours change in them.
+WHOLE_NETWORKS = "whole networks"
+ALL_NETWORKS = "all quiet networks"
+REST_FIT_WORDS = {WHOLE_NETWORKS: "the original and whole plans, each network against the table's rows",
+                  ALL_NETWORKS: "the profile's quiet networks"}
+
+
 def profile_rest_fit(network_rests: Sequence[Sequence[Optional[float]]],
                      plan_networks: Sequence[Sequence[float]],
-                     level_ms: Optional[float]) -> Optional[Tuple[float, float]]:
-    """``fit_rest`` over a profile's evidence (meta ``network_rests`` and ``plan_networks``), judged by its quiet
-    level ``level_ms`` (None: everything counts): the packed networks that were quiet, and the plan networks
-    timed within PLAN_NETWORK_MARGIN of the level."""
+                     level_ms: Optional[float], singles_rest_ms: Optional[float] = None) -> Optional[RestFit]:
+    """The rest fitted over a profile's evidence (meta ``network_rests`` and ``plan_networks``), judged by its
+    quiet level ``level_ms`` (None: everything counts). Where plan networks were timed within
+    PLAN_NETWORK_MARGIN of the level, over the whole networks (those plans, and the network of single convs:
+    its rows' sum and ``singles_rest_ms``, from the wall each plan was scaled to); else, or where the whole
+    networks' rest shrinks as the network grows, over those plans and the packed networks that were quiet."""
     quiet = [(blocks_ms, rest) for blocks_ms, rest, anchor_ms in network_rests
              if anchor_ms is None or level_ms is None or quiet_rounds([anchor_ms], level_ms)[0]]
-    near = [(rows_ms, rest) for rows_ms, rest, anchor_ms in plan_network_rests(plan_networks)
-            if level_ms is None or anchor_ms <= PLAN_NETWORK_MARGIN * level_ms]
-    return fit_rest([*quiet, *near])  # type: ignore[list-item]
+    near_entries = [entry for entry in plan_networks if level_ms is None or entry[2] <= PLAN_NETWORK_MARGIN * level_ms]
+    near = [(rows_ms, rest) for rows_ms, rest, _ in plan_network_rests(near_entries)]
+    if near and singles_rest_ms is not None:
+        singles = sorted({(singles_wall_ms - singles_rest_ms, singles_rest_ms) for *_, singles_wall_ms in near_entries})
+        whole = fit_rest([*near, *singles], min_networks=2, interpolating=True)
+        if whole is not None:
+            return RestFit(*whole, WHOLE_NETWORKS)
+    fitted = fit_rest([*quiet, *near])  # type: ignore[list-item]
+    return RestFit(*fitted, ALL_NETWORKS) if fitted is not None else None
 
 
 def cover_blocks(num_positions: int, merged: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
@@ -455,8 +486,30 @@ def _existing_rows(table_path: Path, meta: Dict[str, Any],
         if rows_path.exists():
             found = _read_meta(found_path, table_path)
             _check_resumable(found_path, found, meta, table_path)
+            _check_evidence(found_path, found, table_path)
             return read_rows(rows_path), found
     return {}, {}
+
+
+# The meta's networks a profile refits its rest over, and each entry's fields (``fit_rest``).
+EVIDENCE_FIELDS = {"network_rests": ("blocks_ms", "rest_ms", "anchor_ms"),
+                   "plan_networks": ("rows_ms", "wall_ms", "anchor_ms", "singles_wall_ms")}
+
+
+def _check_evidence(path: Path, found: Dict[str, Any], table_path: Path) -> None:
+    """A resumed meta's networks are what its rest is fitted over again: entries of the wrong form
+    (a hand-edited meta) are refused here, in one line, rather than failing the fit."""
+    for key, fields in EVIDENCE_FIELDS.items():
+        entries = found.get(key) or []
+        optional = {"anchor_ms"} if key == "network_rests" else set()  # no anchor: models over its limit
+        well_formed = isinstance(entries, list) and all(
+            isinstance(entry, list) and len(entry) == len(fields)
+            and all((isinstance(v, (int, float)) and not isinstance(v, bool)) or (v is None and f in optional)
+                    for f, v in zip(fields, entry))
+            for entry in entries)
+        if not well_formed:
+            raise UserError(f"{path}: {key} must be a list of [{', '.join(fields)}] entries; "
+                            f"use a new --out or --overwrite to replace {table_path}")
 
 
 def _floored(latency_ms: float, overhead_ms: float) -> bool:
@@ -859,6 +912,9 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
 
     if network_rests:  # kept by a run that timed nothing, as the fit below is
         meta["network_rests"] = network_rests
+    for key in ("quiet_margin", "anchor_quiet_ms", "loaded_networks", "retimed_shapes"):
+        if key not in meta and key in found:  # set by the run that timed the networks; this one timed none
+            meta[key] = found[key]
     if time_plans or "plan_networks" in found:
         meta["plan_networks"] = plan_networks
     if timing == "in-network" and meta.get("rest_ms") is not None:
@@ -868,9 +924,10 @@ def profile_table(chain: Chain, backend: "Backend", out: "os.PathLike[str] | str
             level_ms: Optional[float] = quiet_level(anchor.history)
         else:  # nothing timed now: the level the networks were judged by when they were
             level_ms = found.get("anchor_quiet_ms")
-        fitted = profile_rest_fit(network_rests, plan_networks, level_ms)  # type: ignore[arg-type]
+        fitted = profile_rest_fit(network_rests, plan_networks, level_ms, meta["rest_ms"])  # type: ignore[arg-type]
         if fitted is not None:
-            meta.update(singles_rest_ms=meta["rest_ms"], rest_ms=fitted[0], rest_per_block=fitted[1])
+            meta.update(singles_rest_ms=meta["rest_ms"], rest_ms=fitted.fixed_ms, rest_per_block=fitted.per_block,
+                        rest_fit=fitted.over)
     meta = dict(meta, num_blocks=len(chain.valid_blocks()), num_rows=len(blocks), unique_shapes=len(groups),
                 identity_rows=sum(1 for g in geometries.values() if g.identity),
                 bounded_blocks=sum(1 for b, r in rows.items() if not r["timed"] and b not in capped),
@@ -934,13 +991,16 @@ def median_of_tables(tables: Sequence["os.PathLike[str] | str"], out: "os.PathLi
                 capped_blocks=_option_entries(capped),
                 bounded_blocks=sum(1 for option, row in rows.items() if not row["timed"] and option not in capped),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    for key in ("network_rests", "plan_networks", "rest_per_block", "singles_rest_ms"):  # the first table's own fit
-        meta.pop(key, None)
+    for key in ("network_rests", "plan_networks", "rest_per_block", "singles_rest_ms", "rest_fit"):
+        meta.pop(key, None)  # the first table's own fit
     singles_rests = [m.get("singles_rest_ms", m.get("rest_ms")) for m in metas]
     if all(m.get("rest_per_block") is not None for m in metas):  # every table fitted its rest: the medians
         meta.update(rest_ms=statistics.median(m["rest_ms"] for m in metas),
                     rest_per_block=statistics.median(m["rest_per_block"] for m in metas),
                     singles_rest_ms=statistics.median(singles_rests))
+        fits = {m.get("rest_fit") for m in metas}
+        if len(fits) == 1 and None not in fits:  # each over the same kind of networks
+            meta["rest_fit"] = fits.pop()
     elif all(rest is not None for rest in singles_rests):
         meta["rest_ms"] = statistics.median(singles_rests)
     if all(m.get("anchor_quiet_ms") is not None for m in metas):
