@@ -116,7 +116,7 @@ def main() -> None:
             median = statistics.median(measured)
             label = "min" if ratio == "min" else ratio
             record = {"model": spec, "budget": label, "budget_ratio": budget / plan.original_latency_ms,
-                      "blocks": len(plan.blocks), "predicted": predicted, "measured": measured,
+                      "blocks": [list(b) for b in plan.blocks], "predicted": predicted, "measured": measured,
                       "measured_median": median, "error": predicted / median - 1, "table": str(table_path),
                       "input_shape": list(shape), "backend": backend.name, "originals_ms": originals_ms,
                       "table_original_ms": plan.original_latency_ms,

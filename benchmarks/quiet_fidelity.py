@@ -93,7 +93,8 @@ def main() -> None:
                   f"{result.quiet_rounds}/{result.rounds} | {load:.2f} | {tries}"
                   f"{'' if result.quiet_level_ms == level else ', never met'} |", flush=True)
             with records.open("a") as f:
-                f.write(json.dumps({"table": str(path), "ratio": ratio, "predicted": expected,
+                f.write(json.dumps({"table": str(path), "ratio": ratio, "blocks": [list(b) for b in plan.blocks],
+                                    "predicted": expected,
                                     "predicted_without_plan_networks": expected_before, "measured": measured,
                                     "all_rounds": result.all_rounds_speedup,
                                     "bench_original_ms": result.original.median_ms,
