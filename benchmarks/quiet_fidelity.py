@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -26,14 +25,14 @@ import dpcompress.latency.timing
 from dpcompress.backends import get_backend
 from dpcompress.graph.rewrite import merged_model
 from dpcompress.graph.trace import trace_model
-from dpcompress.latency.bench import bench_modules
 from dpcompress.latency.profile import profile_rest_fit, profile_table
 from dpcompress.models import build_model
 from dpcompress.errors import UserError
 from dpcompress.search.solver import frontier, resolve_budget, solve_for_model
 from dpcompress.tables import read_latency_table, rest_per_block
 
-from bench_runtimes import predicted  # benchmarks/ is the script's folder, so on sys.path
+from bench_runtimes import bench_in_table_state, met_table_state, predicted  # the script's folder: on sys.path
+from rest_fit_forms import priced_speedup
 
 
 def main() -> None:
@@ -80,18 +79,16 @@ def main() -> None:
             expected_before = predicted_without_plan_networks(table, meta, plan)
             load = os.getloadavg()[0]
             level = meta.get("anchor_quiet_ms")
-            for tries in range(1, args.bench_tries + 1):  # until a bench meets the table's state
-                result = bench_modules(backend, model, merged_model(traced, plan), input_shape=shape,
-                                       min_seconds=args.bench_seconds, quiet_level_ms=level)
-                if level is None or result.quiet_level_ms == level:
-                    break
+            result, missed = bench_in_table_state(backend, model, merged_model(traced, plan), level, args.bench_tries,
+                                                  input_shape=shape, min_seconds=args.bench_seconds)
+            tries = len(missed) + 1
             measured = result.measured_speedup
             print(f"| {index} | {meta.get('loaded_networks')} | {meta.get('anchor_quiet_ms', 0):.2f} | "
                   f"{rest_per_block(meta):.3f} | {ratio:.2f} | {expected_before:.3f}x | {expected:.3f}x | "
                   f"{result.original.median_ms:.2f} | {measured:.3f}x | {100 * (expected_before / measured - 1):+.1f}% | "
                   f"{100 * (expected / measured - 1):+.1f}% | {result.all_rounds_speedup:.2f}x | "
                   f"{result.quiet_rounds}/{result.rounds} | {load:.2f} | {tries}"
-                  f"{'' if result.quiet_level_ms == level else ', never met'} |", flush=True)
+                  f"{'' if met_table_state(result, level) else ', never met'} |", flush=True)
             with records.open("a") as f:
                 f.write(json.dumps({"table": str(path), "ratio": ratio, "blocks": [list(b) for b in plan.blocks],
                                     "predicted": expected,
@@ -102,7 +99,7 @@ def main() -> None:
                                     "table_original_ms": table.original_latency_ms(), "quiet_rounds": result.quiet_rounds,
                                     "rounds": result.rounds, "loaded_networks": meta.get("loaded_networks"),
                                     "anchor_quiet_ms": level, "load": load, "bench_tries": tries,
-                                    "met_table_state": result.quiet_level_ms == level,
+                                    "met_table_state": met_table_state(result, level),
                                     "date": time.strftime("%Y-%m-%d %H:%M")}) + "\n")
 
 
@@ -110,14 +107,7 @@ def predicted_without_plan_networks(table, meta, plan) -> float:
     """The plan's predicted speed-up with the rest fitted to the packed networks alone (as before plan networks
     were timed; the singles' rest where they do not fit), from the same rows."""
     fitted = profile_rest_fit(meta.get("network_rests") or [], [], meta.get("anchor_quiet_ms"))
-    fixed_ms, per_block = fitted[:2] if fitted else (meta.get("singles_rest_ms", meta["rest_ms"]), 0.0)
-    growth = 1 + rest_per_block(meta)  # the rows' file values: the table reads them priced
-
-    def latency(blocks) -> float:
-        return fixed_ms + (1 + per_block) * math.fsum(table.latency_ms[block] / growth for block in blocks)
-
-    singles = [(p - 1, p) for p in range(1, table.num_positions + 1)]
-    return latency(singles) / latency(plan.blocks)
+    return priced_speedup(table, plan.blocks, fitted[:2] if fitted else None)
 
 
 def solved(table, chain, ratio: float):

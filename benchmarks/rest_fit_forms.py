@@ -21,38 +21,48 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from dpcompress.latency.profile import PLAN_NETWORK_MARGIN, fit_rest, plan_network_rests, profile_rest_fit
-from dpcompress.tables import read_latency_table, rest_per_block
+from dpcompress.tables import LatencyTable, read_latency_table, rest_per_block
 
 Fit = Optional[Tuple[float, float]]
 
 
-def whole_networks_points(meta: dict, singles_rows_ms: float) -> List[Tuple[float, float]]:
-    """The plan networks near the level and the network of single convs, as ``fit_rest`` points; an entry
-    from before plan networks kept the single convs' wall has it from the rows and the singles' rest."""
-    singles_rest = meta.get("singles_rest_ms", meta.get("rest_ms"))
-    level = meta.get("anchor_quiet_ms")
-    entries = [entry if len(entry) == 4 else [*entry, singles_rows_ms + singles_rest]
-               for entry in meta.get("plan_networks") or []]
-    near = [entry for entry in entries if level is None or entry[2] <= PLAN_NETWORK_MARGIN * level]
-    if not near:
-        return []
-    singles = {(wall - singles_rest, singles_rest) for *_, wall in near}
-    return [(rows, rest) for rows, rest, _ in plan_network_rests(near)] + sorted(singles)
+def file_rows(table: LatencyTable) -> Dict[Tuple[int, int], float]:
+    """The table's rows as written: the table reads them priced by its own ``rest_per_block``."""
+    growth = 1 + rest_per_block(table.meta)
+    return {block: ms / growth for block, ms in table.latency_ms.items()}
 
 
-def forms(meta: dict, singles_rows_ms: float) -> Dict[str, Fit]:
+def priced_speedup(table: LatencyTable, blocks: Sequence[Tuple[int, int]], fit: Fit) -> float:
+    """A plan's predicted speed-up from the table's rows with the rest ``fit`` (fixed ms, share of the blocks);
+    None: the network of single convs' rest alone."""
+    rows = file_rows(table)
+    fixed, share = fit or (table.meta.get("singles_rest_ms", table.meta.get("rest_ms")), 0.0)
+
+    def latency(plan_blocks: Sequence[Tuple[int, int]]) -> float:
+        return fixed + (1 + share) * math.fsum(rows[b] for b in plan_blocks)
+
+    return latency([(p - 1, p) for p in range(1, table.num_positions + 1)]) / latency(blocks)
+
+
+def forms(table: LatencyTable) -> Dict[str, Fit]:
+    """Each form of the rest's fit over the table's recorded networks."""
+    meta = table.meta
     rests, level = meta.get("network_rests") or [], meta.get("anchor_quiet_ms")
     singles_rest = meta.get("singles_rest_ms", meta.get("rest_ms"))
-    plans = [entry if len(entry) == 4 else [*entry, singles_rows_ms + singles_rest]
-             for entry in meta.get("plan_networks") or []]
-    whole = whole_networks_points(meta, singles_rows_ms)
-    every = profile_rest_fit(rests, plans, level)
+    rows = file_rows(table)
+    singles_wall = math.fsum(rows[(p - 1, p)] for p in range(1, table.num_positions + 1)) + singles_rest
+    # An entry from before plan networks kept the single convs' wall has it from the rows and the singles' rest.
+    plans = [entry if len(entry) == 4 else [*entry, singles_wall] for entry in meta.get("plan_networks") or []]
+    near = [entry for entry in plans if level is None or entry[2] <= PLAN_NETWORK_MARGIN * level]
+    whole = ([(rows_ms, rest) for rows_ms, rest, _ in plan_network_rests(near)]
+             + sorted({(wall - singles_rest, singles_rest) for *_, wall in near}))
+    packed, every = profile_rest_fit(rests, [], level), profile_rest_fit(rests, plans, level)
     built = profile_rest_fit(rests, plans, level, singles_rest)
     fallback = every[:2] if every else None
     return {
-        "packed networks only": (lambda fit: fit[:2] if fit else None)(profile_rest_fit(rests, [], level)),
+        "packed networks only": packed[:2] if packed else None,
         "all quiet networks": fallback,
-        "whole networks, no negative fixed part": (fit_rest(whole, min_networks=2) or fallback) if whole else fallback,
+        "whole networks, no negative fixed part": (fit_rest(whole, min_networks=2) or fallback) if near else fallback,
         "whole networks (built)": built[:2] if built else None,
     }
 
@@ -73,18 +83,9 @@ def main() -> None:
     errors: Dict[str, List[float]] = {}
     for table_path, blocks, measured in records:
         table = read_latency_table(table_path)
-        growth = 1 + rest_per_block(table.meta)  # the rows as written: the table reads them priced
-        rows = {block: ms / growth for block, ms in table.latency_ms.items()}
-        singles = [(p - 1, p) for p in range(1, table.num_positions + 1)]
-        singles_rows = math.fsum(rows[b] for b in singles)
         line = [f"{table_path} {len(blocks)} blocks, measured {measured:.3f}x"]
-        for name, fit in forms(table.meta, singles_rows).items():
-            fixed, share = fit or (table.meta.get("singles_rest_ms", table.meta.get("rest_ms")), 0.0)
-
-            def latency(plan_blocks: Sequence[Tuple[int, int]], fixed=fixed, share=share) -> float:
-                return fixed + (1 + share) * math.fsum(rows[b] for b in plan_blocks)
-
-            error = latency(singles) / latency(blocks) / measured - 1
+        for name, fit in forms(table).items():
+            error = priced_speedup(table, blocks, fit) / measured - 1
             errors.setdefault(name, []).append(error)
             line.append(f"{name} {error:+.1%}")
         print(" | ".join(line))
