@@ -54,7 +54,7 @@ def extra_batch_speedup(run_dir: Path, weights: Path, batch: int, threads: int, 
     from dpcompress.latency.bench import bench_modules
     from dpcompress.training.finetune import load_finetuned
     from dpcompress.models import build_model
-    from dpcompress.search.plan import load_plan
+    from dpcompress.graph.plan import load_plan
     from dpcompress.graph.rewrite import merge_reference
     from dpcompress.graph.trace import trace_model
 

@@ -78,7 +78,7 @@ def speedup(args: argparse.Namespace) -> None:
     from dpcompress.graph.rewrite import merged_model
     from dpcompress.latency.timing import quiet_rounds
     from dpcompress.pipeline import traced_from_spec
-    from dpcompress.search.plan import load_plan
+    from dpcompress.graph.plan import load_plan
 
     torch.manual_seed(0)
     _, traced, _ = traced_from_spec(args.model, None, SHAPE, None)

@@ -16,7 +16,7 @@ import math
 import statistics
 from typing import Dict, List, Tuple
 
-from dpcompress.search.plan import Plan, load_plan
+from dpcompress.graph.plan import Plan, load_plan
 from dpcompress.tables import LatencyTable, read_latency_table
 
 

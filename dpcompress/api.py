@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from dpcompress.graph.chain import Chain
     from dpcompress.graph.trace import TracedModel
     from dpcompress.pipeline import CompressResult
-    from dpcompress.search.plan import Plan
+    from dpcompress.graph.plan import Plan
     from dpcompress.tables import ImportanceTable, LatencyTable
 
 PathLike = Union[str, Path]

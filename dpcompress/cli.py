@@ -154,7 +154,7 @@ def solve(latency_table_path: str, importance_source: str, budget_ms: Optional[f
           measure: bool, candidates: int, backend_name: Optional[str], threads: Optional[int],
           submodule: Optional[str]) -> None:
     """Choose the activations to keep and the convs to merge within a latency budget (no torch needed)."""
-    from dpcompress.search.plan import save_plan
+    from dpcompress.graph.plan import save_plan
     from dpcompress.search.solver import load_chain, resolve_budget, solve_for_model, write_frontier_csv
     from dpcompress.tables import read_importance_table, read_latency_table
 
@@ -494,7 +494,7 @@ def finetune(model_spec: str, weights: Optional[str], input_shape: str, plan_pat
     from dpcompress.training.data import load_data, parse_input_size
     from dpcompress.training.finetune import FinetuneSettings
     from dpcompress.training.finetune import finetune as run_finetune
-    from dpcompress.search.plan import load_plan
+    from dpcompress.graph.plan import load_plan
     from dpcompress.graph.trace import parse_input_shape
 
     settings = FinetuneSettings(epochs=epochs, lr=lr, batch_size=batch_size, distill=distill, seed=seed)

@@ -15,7 +15,7 @@ from dpcompress.graph.rewrite import merge_reference, reference_model
 from dpcompress.graph.trace import parse_input_shape
 from dpcompress.models import build_model
 from dpcompress.progress import profile_lines
-from dpcompress.search.plan import check_plan_against_chain, load_plan
+from dpcompress.graph.plan import check_plan_against_chain, load_plan
 
 DEFAULT_TABLES = Path(__file__).resolve().parent.parent / "latency_tables"
 
@@ -108,7 +108,7 @@ def compress_model(model: Any, input_shape: Sequence[int], out_dir: "str | Path"
     from dpcompress.latency.profile import default_timing, profile_table
     from dpcompress.search.frontier_plot import plot_frontier
     from dpcompress.search.importance import ImportanceSettings, compute_importance
-    from dpcompress.search.plan import save_plan
+    from dpcompress.graph.plan import save_plan
     from dpcompress.search.solver import resolve_budget, solve_for_model, write_frontier_csv
     from dpcompress.tables import read_importance_table, read_latency_table
 

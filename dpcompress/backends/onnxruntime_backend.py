@@ -22,7 +22,7 @@ import time
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from dpcompress.backends import (Backend, NetworkProfile, RunByRunProfile, Runner, check_precision, cpu_name,
+from dpcompress.backends.base import (Backend, NetworkProfile, RunByRunProfile, Runner, check_precision, cpu_name,
                                  default_threads, export_onnx_file)
 from dpcompress.errors import UserError
 from dpcompress.latency.timing import time_runner

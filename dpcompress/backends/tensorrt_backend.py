@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict, List, Sequence
 
-from dpcompress.backends import Backend, Runner, check_precision, export_onnx_bytes, require_cuda
+from dpcompress.backends.base import Backend, Runner, check_precision, export_onnx_bytes, require_cuda
 from dpcompress.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover

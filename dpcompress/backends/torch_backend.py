@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
-from dpcompress.backends import Backend, Runner, check_precision, cpu_name, default_threads, require_cuda
+from dpcompress.backends.base import Backend, Runner, check_precision, cpu_name, default_threads, require_cuda
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

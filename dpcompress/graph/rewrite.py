@@ -27,7 +27,7 @@ from dpcompress.graph import geometry, merge
 from dpcompress.graph.chain import Chain
 from dpcompress.graph.geometry import MAX_MERGE_BYTES_ENV, max_merge_bytes, merge_bytes, size_text
 from dpcompress.errors import UserError
-from dpcompress.search.plan import Plan, check_plan_against_chain
+from dpcompress.graph.plan import Plan, check_plan_against_chain
 from dpcompress.graph.trace import TracedModel
 
 BLOCK_PREFIX = "dpc_block_"

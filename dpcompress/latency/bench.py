@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch.nn
 
     from dpcompress.backends import Backend
-    from dpcompress.search.plan import Plan
+    from dpcompress.graph.plan import Plan
 
 
 # Rounds a given quiet level must be met in before it judges a bench (else the bench's own level does).
@@ -207,7 +207,7 @@ def bench_spec(backend: "Backend", model_spec: str, *, weights: Optional[str] = 
     compressed = plan = None
     if plan_path is not None:
         from dpcompress.graph.rewrite import merged_model
-        from dpcompress.search.plan import load_plan
+        from dpcompress.graph.plan import load_plan
 
         plan = load_plan(plan_path)
         compressed = merged_model(traced, plan)  # checks the plan

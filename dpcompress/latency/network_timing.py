@@ -46,7 +46,7 @@ from dpcompress.graph.geometry import BlockGeometry
 from dpcompress.latency.profile import MIN_KEPT_FRACTION
 from dpcompress.latency.timing import calm_rounds, in_rounds, quiet_level, quiet_rounds
 from dpcompress.memory import release_freed_memory
-from dpcompress.search.plan import Plan
+from dpcompress.graph.plan import Plan
 from dpcompress.tables import Pruned
 
 if TYPE_CHECKING:  # pragma: no cover

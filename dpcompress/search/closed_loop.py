@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Sequence
 
 from dpcompress.errors import UserError
-from dpcompress.search.plan import Plan
+from dpcompress.graph.plan import Plan
 from dpcompress.progress import Counted
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 from dpcompress.errors import UserError
 from dpcompress.fileio import PathLike, atomic_path
-from dpcompress.search.plan import Plan
+from dpcompress.graph.plan import Plan
 
 
 def plot_frontier(path: PathLike, frontier: Sequence[Plan], chosen: Optional[Plan] = None,

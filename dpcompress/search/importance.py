@@ -63,7 +63,7 @@ from dpcompress.graph.chain import Chain
 from dpcompress.errors import UserError
 from dpcompress.fileio import PathLike, write_json_atomic
 from dpcompress.graph.geometry import pruning_options
-from dpcompress.search.plan import Plan
+from dpcompress.graph.plan import Plan
 from dpcompress.tables import (PRUNED_COLUMN, ImportanceTable, Pruned, format_pruned, meta_path_for,
                                read_importance_table, write_importance_table)
 

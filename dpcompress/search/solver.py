@@ -45,7 +45,7 @@ import numpy as np
 
 from dpcompress.graph.chain import Chain
 from dpcompress.errors import UserError
-from dpcompress.search.plan import Plan
+from dpcompress.graph.plan import Plan
 from dpcompress.fileio import PathLike
 from dpcompress.tables import (
     Block,

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Optional
 from dpcompress.training import distributed
 from dpcompress.errors import UserError
 from dpcompress.fileio import PathLike, atomic_path
-from dpcompress.search.plan import Plan, check_plan_against_chain, plan_from_json
+from dpcompress.graph.plan import Plan, check_plan_against_chain, plan_from_json
 
 FINETUNE_FORMAT = "dpcompress-finetune/1"
 

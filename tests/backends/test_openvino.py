@@ -26,9 +26,9 @@ from dpcompress.graph.geometry import block_geometry
 from dpcompress.latency.profile import profile_table
 from dpcompress.tables import read_latency_table
 from dpcompress.latency.timing import time_runner
-from tests.test_backends import EXPENSIVE, slower_of_two
-from tests.test_export_cli import run_cli, workdir  # noqa: F401 (a fixture)
-from tests.test_network_timing import ThreeParts, tiny_traced  # noqa: F401 (a fixture)
+from tests.backends.test_backends import EXPENSIVE, slower_of_two
+from tests.pipeline.test_export_cli import run_cli, workdir  # noqa: F401 (a fixture)
+from tests.latency.test_network_timing import ThreeParts, tiny_traced  # noqa: F401 (a fixture)
 
 
 def openvino():

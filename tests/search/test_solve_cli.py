@@ -143,7 +143,7 @@ def test_a_table_alone_keeps_the_activations_its_meta_lists(tmp_path):
     from dpcompress.search.solver import solve_for_model
     from dpcompress.tables import read_latency_table
 
-    shipped = Path(__file__).resolve().parent.parent / "latency_tables" / "cpu_onnxruntime" / "resnet18.csv"
+    shipped = Path(__file__).resolve().parents[2] / "latency_tables" / "cpu_onnxruntime" / "resnet18.csv"
     table = read_latency_table(shipped)
     allowed = set(json.loads(shipped.with_suffix(".meta.json").read_text())["activation_positions"])
     assert allowed and len(allowed) < table.num_positions - 1

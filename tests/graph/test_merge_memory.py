@@ -16,12 +16,12 @@ from dpcompress.graph import merge
 from dpcompress.graph.geometry import ShapeOnly, block_merge_bytes, composition_cost
 from dpcompress.graph.rewrite import merged_model
 from dpcompress.latency.profile import profile_table
-from dpcompress.search.plan import Plan
+from dpcompress.graph.plan import Plan
 from dpcompress.search.solver import frontier, solve_for_model
 from dpcompress.tables import meta_path_for, read_latency_table
-from tests.test_merge import FEWER, Spec, conv_chains, min_input, random_input, run_sequence
-from tests.test_profile_bounds import FlopBackend
-from tests.test_rewrite import traced_strided
+from tests.graph.test_merge import FEWER, Spec, conv_chains, min_input, random_input, run_sequence
+from tests.latency.test_profile_bounds import FlopBackend
+from tests.graph.test_rewrite import traced_strided
 
 
 def strided_specs(count: int, channels: int = 3) -> List[Spec]:

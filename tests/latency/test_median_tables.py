@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-import tests.test_profile_bounds as bounds
+import tests.latency.test_profile_bounds as bounds
 from dpcompress.errors import UserError
 from dpcompress.latency.profile import median_of_tables, profile_table, read_rows
 from dpcompress.tables import meta_path_for
-from tests.test_export_cli import run_cli, workdir  # noqa: F401 - the fixture
-from tests.test_profile import mixed_chain
+from tests.pipeline.test_export_cli import run_cli, workdir  # noqa: F401 - the fixture
+from tests.latency.test_profile import mixed_chain
 
 
 def test_each_row_is_its_median_over_the_tables(tmp_path, monkeypatch):

@@ -8,9 +8,9 @@ import torch.nn as nn
 
 from dpcompress.errors import UserError
 from dpcompress.graph.geometry import block_geometry, greedy_boundaries
-from dpcompress.search.plan import Plan
+from dpcompress.graph.plan import Plan
 from dpcompress.graph.rewrite import ReorderedBlock, max_merge_bytes, merge_reference, merged_model, reference_model
-from tests.test_trace import MODELS, TinyResidual
+from tests.graph.test_trace import MODELS, TinyResidual
 from tests.bn_calibration import calibrate_batchnorm, randomize_batchnorm_affine
 from dpcompress.graph.trace import trace_model
 

@@ -14,9 +14,9 @@ from dpcompress.graph.geometry import block_geometry
 from dpcompress.graph.rewrite import merge_reference, reference_model
 from dpcompress.graph.trace import trace_model
 from dpcompress.models import build_model
-from dpcompress.search.plan import Plan
+from dpcompress.graph.plan import Plan
 from tests.bn_calibration import calibrate_batchnorm, randomize_batchnorm_affine
-from tests.test_rewrite import merged_equal_to_reference, random_plan
+from tests.graph.test_rewrite import merged_equal_to_reference, random_plan
 
 ZOO = ["dpcompress.zoo:tiny_mobilenet_v2", "dpcompress.zoo:digits_mobilenet_v2"]
 TORCHVISION = ["resnet18", "mobilenet_v2", "vgg11", "efficientnet_b0", "regnet_x_400mf"]

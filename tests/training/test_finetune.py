@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from dpcompress.cli import main
 from dpcompress.errors import UserError
 from dpcompress.training.finetune import FINETUNE_FORMAT, FinetuneSettings, finetune, load_finetuned, state_path_for
-from dpcompress.search.plan import Plan
+from dpcompress.graph.plan import Plan
 from dpcompress.graph.rewrite import merge_reference, reference_model
 from dpcompress.graph.trace import trace_model
 from dpcompress.training.train import mean_loss

@@ -11,7 +11,7 @@ same plans (boundaries and pruned convs included) and the same floats, bit for b
 one pruned segment are rare here; ``test_solver_pruning`` pins how those ties break.)
 
 To record again (only when an answer is meant to change):
-``python -m tests.test_solver_pruning_answers tests/solver_pruning_answers.json "<what solver>"``.
+``python -m tests.search.test_solver_pruning_answers tests/search/solver_pruning_answers.json "<what solver>"``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import pytest
 from dpcompress.errors import UserError
 from dpcompress.search import solver
 from dpcompress.tables import ImportanceTable, LatencyTable
-from tests.test_solver_pruning import _unpruned_cover, random_instance
+from tests.search.test_solver_pruning import _unpruned_cover, random_instance
 
 ANSWERS = Path(__file__).parent / "solver_pruning_answers.json"
 BUDGET_RATIOS = (0.2, 0.35, 0.5, 0.7, 0.85, 1.0)

@@ -79,7 +79,7 @@ def test_bad_pruning_rows_exit_2_with_one_line(tmp_path, latency, importance, me
 
 def test_plan_summary_counts_blocks_left_with_no_conv():
     from dpcompress.cli import plan_summary
-    from dpcompress.search.plan import Plan
+    from dpcompress.graph.plan import Plan
 
     plan = Plan(activations=[2], boundaries=[0, 1, 2, 4], num_positions=4, pruned=[2, 3], budget_ms=2.0,
                 latency_ms=1.5, importance=1.0)

@@ -14,7 +14,7 @@ from torch import nn
 from dpcompress.backends import get_backend
 from dpcompress.latency.bench import bench_modules, predicted_speedup
 from dpcompress.cli import main
-from dpcompress.search.plan import Plan
+from dpcompress.graph.plan import Plan
 from dpcompress.latency.timing import alternate, in_rounds, quiet_level, quiet_rounds, round_medians, summarize
 
 

@@ -19,7 +19,7 @@ from dpcompress.latency.network_timing import packed_plan, time_networks
 from dpcompress.latency.profile import MIN_KEPT_FRACTION, block_flops, profile_table
 from dpcompress.search.solver import solve_for_model
 from dpcompress.tables import meta_path_for, read_latency_table
-from tests.test_profile import OverheadBackend, RecordingBackend, mixed_chain, uniform_chain, unit
+from tests.latency.test_profile import OverheadBackend, RecordingBackend, mixed_chain, uniform_chain, unit
 
 FLOPS_PER_MS = 1e4
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dpcompress.training import distributed
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 WORKER = r'''
 import hashlib, json, sys

@@ -9,7 +9,7 @@ import pytest
 
 from dpcompress.graph.chain import Chain, ConvUnit, Residual
 from dpcompress.errors import UserError
-from dpcompress.search.plan import (
+from dpcompress.graph.plan import (
     PLAN_FORMAT,
     Plan,
     check_plan_against_chain,

@@ -17,7 +17,7 @@ from dpcompress.latency.profile import block_module, block_shape, partial_paths,
 from dpcompress.search.solver import frontier, solve_for_model
 from dpcompress.tables import ImportanceTable, meta_path_for, read_latency_table
 from tests.cost_backend import CostBackend, conv_cost
-from tests.test_profile import RecordingBackend, read_csv
+from tests.latency.test_profile import RecordingBackend, read_csv
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from dpcompress.graph.rewrite import reference_model
 from dpcompress.graph.trace import trace_model
 from tests.digits_helpers import INPUT_SHAPE, INPUT_SHAPE_ARG, TINY_SPEC, digits16, save_trained_tiny, trained_tiny
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

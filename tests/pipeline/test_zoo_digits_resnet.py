@@ -4,9 +4,9 @@ with convs pruned."""
 
 import pytest
 
-from dpcompress.search.plan import Plan
-from tests.test_rewrite import random_plan
-from tests.test_rewrite_pruning import assert_pruned_merged_matches, traced_zoo, with_random_pruning
+from dpcompress.graph.plan import Plan
+from tests.graph.test_rewrite import random_plan
+from tests.graph.test_rewrite_pruning import assert_pruned_merged_matches, traced_zoo, with_random_pruning
 
 SPEC = "dpcompress.zoo:digits_resnet"
 
