@@ -410,7 +410,7 @@ def bench(model_spec: str, weights: Optional[str], input_shape: str, submodule: 
           warmup: int, plan_path: Optional[str], rounds: int, iters: int, repeat: bool, ci: float,
           max_rounds: int, min_seconds: float, quiet_ms: Optional[float], as_json: bool) -> None:
     """Time the original model (and the plan's merged model, alternating) end to end."""
-    from dpcompress.latency.bench import bench_spec
+    from dpcompress.pipeline import bench_spec
     from dpcompress.graph.trace import parse_input_shape
 
     if rounds < 1 or iters < 1 or max_rounds < rounds:

@@ -11,10 +11,11 @@ from typing import Any, Callable, Dict, Optional, Sequence
 from dpcompress.errors import UserError
 from dpcompress.export import ExportReport, export_plan
 from dpcompress.fileio import write_json_atomic, write_text_atomic
-from dpcompress.graph.rewrite import merge_reference, reference_model
+from dpcompress.graph.rewrite import merge_reference, merged_model, reference_model
 from dpcompress.graph.trace import parse_input_shape
 from dpcompress.models import build_model
 from dpcompress.progress import profile_lines
+from dpcompress.report import report_markdown, shown_path
 from dpcompress.graph.plan import check_plan_against_chain, load_plan
 
 DEFAULT_TABLES = Path(__file__).resolve().parent.parent / "latency_tables"
@@ -47,14 +48,6 @@ class CompressSettings:
 def prune_default(prune: Optional[bool], chain: Any) -> bool:
     """``prune`` as given, else on where any conv of the chain is reducible (keeps its input's shape)."""
     return bool(chain.reducible_positions()) if prune is None else prune
-
-
-def _shown(path: Path) -> str:
-    """The path relative to the working directory where it lies under it (shorter to read)."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
 
 
 def find_table(tables_dir: Path, fingerprint: str, backend: str, precision: str, batch_size: int,
@@ -103,118 +96,31 @@ def compress_model(model: Any, input_shape: Sequence[int], out_dir: "str | Path"
     ``importance_table`` an ImportanceTable to use instead of measuring one; ``submodule`` the qualified
     name of the part to compress in place (``model_spec`` and ``weights`` are recorded in the report).
     """
-    from dpcompress.backends import choose_backend
-    from dpcompress.latency.bench import bench_modules
-    from dpcompress.latency.profile import default_timing, profile_table
-    from dpcompress.search.frontier_plot import plot_frontier
-    from dpcompress.search.importance import ImportanceSettings, compute_importance
-    from dpcompress.graph.plan import save_plan
-    from dpcompress.search.solver import resolve_budget, solve_for_model, write_frontier_csv
-    from dpcompress.tables import read_importance_table, read_latency_table
+    from dpcompress.graph.submodule import put_back, trace_target
 
-    method = "table" if importance_table is not None else (
-        settings.importance or ("finetune" if data is not None else "uniform"))
-    if method == "finetune" and data is None:
-        raise UserError("--importance finetune needs --data; without data use uniform or proxy")
-    if submodule is not None and (data is not None or method not in ("uniform", "table")):
-        raise UserError("with --submodule, dpcompress does not train or measure importance inside the whole "
-                        "model yet: use uniform importance (or an importance table) without --data, and fine-tune "
-                        "the returned reference model in your own training loop")
+    method = _importance_method(settings, data, importance_table, submodule)
     model = model.eval()
-    label = model_spec or type(model).__name__
-    from dpcompress.graph.submodule import trace_target
-
-    say(f"[1/7] trace {label}" + (f", submodule {submodule}" if submodule else ""))
+    say(f"[1/7] trace {model_spec or type(model).__name__}" + (f", submodule {submodule}" if submodule else ""))
     traced, site = trace_target(model, input_shape, submodule, spec=model_spec)
     if site is not None:
         say(f"      {submodule} receives {'x'.join(map(str, site.input_shape))}"
             + (" (its children, chained)" if site.chained_children else ""))
-    chain = traced.chain
-    chain_shape = chain.input_shape
-
-    from dpcompress.backends import Backend
-
-    if isinstance(settings.backend, Backend):  # the API may pass a backend object
-        backend, picked = settings.backend, None
-    else:
-        backend, picked = choose_backend(settings.backend, gpu=settings.gpu, threads=settings.threads)
-    if picked:
-        say(picked)
-    out = Path(out_dir)  # made only once the model and backend are known to work: a bad input writes nothing
-    out.mkdir(parents=True, exist_ok=True)
-    batch_size = settings.batch_size or int(chain_shape[0])
-    tables_dir = Path(settings.tables_dir) if settings.tables_dir else DEFAULT_TABLES
-    timing = default_timing(backend, traced)
-    prune = prune_default(settings.prune, chain)
-    table_path = find_table(tables_dir, chain.fingerprint(), backend.name, settings.precision, batch_size,
-                            settings.threads, timing, prune) if tables_dir.is_dir() else None
-    if table_path is not None:
-        say(f"[2/7] latency table: reusing {_shown(table_path)}")
-    else:
-        table_path = out / "latency.csv"
-        say(f"[2/7] latency table: profiling {len(chain.valid_blocks())} blocks on {backend.name} -> {table_path}")
-        profile_table(chain, backend, table_path, model_spec=model_spec, input_shape=chain_shape,
-                      batch_size=batch_size, precision=settings.precision, warmup=settings.warmup,
-                      iters=settings.iters, traced=traced, timing=timing, progress=profile_lines(say), prune=prune)
-    table = read_latency_table(table_path)
-
-    say(f"[3/7] importance: {'given' if method == 'table' else method}"
-        + ("" if method == "table" else f", pruning {'on' if prune else 'off'}"))
-    # Uniform importance needs no table, except to price pruned convs (without a row the solver prunes none).
-    if method not in ("uniform", "table") or (method == "uniform" and prune):
-        importance_path = out / "importance.csv"
-        compute_importance(traced, ImportanceSettings(method=method, steps=settings.importance_steps, prune=prune),
-                           importance_path, data=data, model_spec=model_spec, progress=say)
-        importance_table = read_importance_table(importance_path)
-
-    budget = resolve_budget(table, settings.budget_ms, settings.budget_ratio)
-    say(f"[4/7] solve at budget {budget:.4g} ms")
-    solved, frontier = solve_for_model(table, importance_table, budget, chain=chain, with_frontier=True)
-    bench_shape = (batch_size, *chain_shape[1:])
-    loop = None
-    plan = solved
-    if settings.measure:
-        from dpcompress.search.closed_loop import measure_candidates
-
-        say(f"      measuring the best {settings.candidates} candidates on {backend.name}")
-        loop = measure_candidates(backend, traced, frontier, budget, input_shape=bench_shape,
-                                  precision=settings.precision, count=settings.candidates, warmup=settings.warmup,
-                                  say=say)
-        plan = loop.plan
-        say(f"      {loop.reason}")
-    save_plan(out / "plan.json", plan)
-    write_frontier_csv(out / "frontier.csv", frontier)
-    plot_frontier(out / "frontier.png", frontier, chosen=plan, budget_ms=budget,
-                  original_latency_ms=plan.original_latency_ms)
-
-    accuracy: Dict[str, float] = {}
-    if data is not None and loop is not None and loop.kept_original:
-        say("[5/7] fine-tune: skipped (the original network was kept)")
-        reference = reference_model(traced, plan)
-    elif data is not None:
-        from dpcompress.training.finetune import FinetuneSettings, finetune
-
-        say(f"[5/7] fine-tune {settings.epochs} epochs on {data.spec}")
-        result = finetune(traced, plan, data, out / "finetuned.pt",
-                          FinetuneSettings(epochs=settings.epochs, distill=settings.distill), model_spec=model_spec,
-                          progress=say)
-        reference = result.network
-        accuracy = dict(result.accuracy)
-    else:
-        say("[5/7] fine-tune: skipped (no data)")
-        reference = reference_model(traced, plan)
-    reference.eval()
+    job = _Job(traced=traced, backend=_compress_backend(settings, say), settings=settings, model_spec=model_spec,
+               out=Path(out_dir), say=say)
+    job.out.mkdir(parents=True, exist_ok=True)  # only once the model and backend work: a bad input writes nothing
+    table_path, table = _latency_table(job)
+    importance_table = _importance(job, method, data, importance_table)
+    budget, solved, plan, loop = _solve(job, table, importance_table)
+    reference, accuracy = _finetuned_reference(job, plan, data, loop)
     merged = merge_reference(reference)
 
     say("[6/7] export + verify")
-    exported = export_site(model, traced.model, reference, merged, site, "onnx", out / "compressed.onnx",
+    exported = export_site(model, traced.model, reference, merged, site, "onnx", job.out / "compressed.onnx",
                            input_shape, tolerance=settings.tolerance)
     if exported.note:
         say(f"      {exported.note}")
     whole_reference, whole_merged = reference, merged
     if site is not None:
-        from dpcompress.graph.submodule import put_back
-
         whole_reference, whole_merged = put_back(model, site, reference), put_back(model, site, merged)
     if data is not None:
         from dpcompress.training.train import evaluate
@@ -222,23 +128,13 @@ def compress_model(model: Any, input_shape: Sequence[int], out_dir: "str | Path"
         accuracy["test_before"] = evaluate(model, data.test)
         accuracy["test_merged"] = evaluate(merged, data.test)
 
-    say(f"[7/7] bench on {backend.name}")
-    # Judged against the state the table was made in, where the table knows it and the bench meets it.
-    bench = bench_modules(backend, traced.model, merged, input_shape=bench_shape, precision=settings.precision,
-                          warmup=settings.warmup, plan=plan, quiet_level_ms=table.meta.get("anchor_quiet_ms"))
-    whole_bench = None
-    if site is not None and not (loop is not None and loop.kept_original):
-        from dpcompress.backends.torch_backend import TorchBackend
-
-        say("      bench the whole model in PyTorch, original against compressed (10 rounds of 2 runs)")
-        # Few runs: a whole detector's forward (post-processing included) can take seconds.
-        whole_bench = bench_modules(TorchBackend(threads=settings.threads), model, whole_merged,
-                                    input_shape=input_shape, warmup=2, rounds=10, iters_per_round=2)
+    bench, whole_bench = _benches(job, plan, merged, table, (model, whole_merged, input_shape) if site is not None
+                                  and not (loop is not None and loop.kept_original) else None)
     report = {
         "model": model_spec, "weights": weights, "input_shape": list(input_shape), "submodule": submodule,
         "submodule_input_shape": list(site.input_shape) if site is not None else None,
         "data": data.spec if data is not None else None,
-        "importance_method": method, "latency_table": str(table_path), "budget_ms": budget, "prune": prune,
+        "importance_method": method, "latency_table": str(table_path), "budget_ms": budget, "prune": job.prune,
         "plan": plan.to_json(), "predicted_latency_ms": plan.latency_ms,
         "predicted_speedup": bench.predicted_speedup, "measured_speedup": bench.measured_speedup,
         "measured_original_ms": bench.original.median_ms,
@@ -250,9 +146,179 @@ def compress_model(model: Any, input_shape: Sequence[int], out_dir: "str | Path"
         "solved_plan": solved.to_json(), "closed_loop": loop.to_json() if loop is not None else None,
         "kept_original": bool(loop is not None and loop.kept_original),
     }
-    write_json_atomic(out / "report.json", report)
-    write_text_atomic(out / "report.md", report_markdown(report))
+    write_json_atomic(job.out / "report.json", report)
+    write_text_atomic(job.out / "report.md", report_markdown(report))
     return CompressResult(model=whole_merged, plan=plan, report=report, reference=whole_reference)
+
+
+@dataclass
+class _Job:
+    """What every step of :func:`compress_model` after tracing works on."""
+
+    traced: Any  # the TracedModel (of the submodule, where one is compressed)
+    backend: Any
+    settings: CompressSettings
+    model_spec: Optional[str]
+    out: Path
+    say: Callable[[str], None]
+
+    @property
+    def chain(self) -> Any:
+        return self.traced.chain
+
+    @property
+    def batch_size(self) -> int:
+        return self.settings.batch_size or int(self.chain.input_shape[0])
+
+    @property
+    def bench_shape(self) -> "tuple[int, ...]":
+        return (self.batch_size, *self.chain.input_shape[1:])
+
+    @property
+    def prune(self) -> bool:
+        return prune_default(self.settings.prune, self.chain)
+
+
+def _importance_method(settings: CompressSettings, data: Any, importance_table: Any,
+                       submodule: Optional[str]) -> str:
+    """How importance is had: ``table`` (given), else the settings' method (default finetune with data,
+    else uniform); refused where it cannot be measured."""
+    method = "table" if importance_table is not None else (
+        settings.importance or ("finetune" if data is not None else "uniform"))
+    if method == "finetune" and data is None:
+        raise UserError("--importance finetune needs --data; without data use uniform or proxy")
+    if submodule is not None and (data is not None or method not in ("uniform", "table")):
+        raise UserError("with --submodule, dpcompress does not train or measure importance inside the whole "
+                        "model yet: use uniform importance (or an importance table) without --data, and fine-tune "
+                        "the returned reference model in your own training loop")
+    return method
+
+
+def _compress_backend(settings: CompressSettings, say: Callable[[str], None]) -> Any:
+    """The settings' backend: a Backend object as given (the API may pass one), else chosen by name."""
+    from dpcompress.backends import Backend, choose_backend
+
+    if isinstance(settings.backend, Backend):
+        return settings.backend
+    backend, picked = choose_backend(settings.backend, gpu=settings.gpu, threads=settings.threads)
+    if picked:
+        say(picked)
+    return backend
+
+
+def _latency_table(job: _Job) -> "tuple[Path, Any]":
+    """Step 2: a shipped or earlier table made for this chain and setting, else one profiled into the output."""
+    from dpcompress.latency.profile import default_timing, profile_table
+    from dpcompress.tables import read_latency_table
+
+    settings, chain = job.settings, job.chain
+    tables_dir = Path(settings.tables_dir) if settings.tables_dir else DEFAULT_TABLES
+    timing = default_timing(job.backend, job.traced)
+    table_path = find_table(tables_dir, chain.fingerprint(), job.backend.name, settings.precision, job.batch_size,
+                            settings.threads, timing, job.prune) if tables_dir.is_dir() else None
+    if table_path is not None:
+        job.say(f"[2/7] latency table: reusing {shown_path(table_path)}")
+    else:
+        table_path = job.out / "latency.csv"
+        job.say(f"[2/7] latency table: profiling {len(chain.valid_blocks())} blocks on {job.backend.name} "
+                f"-> {table_path}")
+        profile_table(chain, job.backend, table_path, model_spec=job.model_spec, input_shape=chain.input_shape,
+                      batch_size=job.batch_size, precision=settings.precision, warmup=settings.warmup,
+                      iters=settings.iters, traced=job.traced, timing=timing, progress=profile_lines(job.say),
+                      prune=job.prune)
+    return table_path, read_latency_table(table_path)
+
+
+def _importance(job: _Job, method: str, data: Any, importance_table: Any) -> Any:
+    """Step 3: the importance table (None: uniform, which needs none except to price pruned convs: without a
+    row the solver prunes none)."""
+    from dpcompress.search.importance import ImportanceSettings, compute_importance
+    from dpcompress.tables import read_importance_table
+
+    job.say(f"[3/7] importance: {'given' if method == 'table' else method}"
+            + ("" if method == "table" else f", pruning {'on' if job.prune else 'off'}"))
+    if method not in ("uniform", "table") or (method == "uniform" and job.prune):
+        importance_path = job.out / "importance.csv"
+        compute_importance(job.traced, ImportanceSettings(method=method, steps=job.settings.importance_steps,
+                                                          prune=job.prune),
+                           importance_path, data=data, model_spec=job.model_spec, progress=job.say)
+        return read_importance_table(importance_path)
+    return importance_table
+
+
+def _solve(job: _Job, table: Any, importance_table: Any) -> "tuple[float, Any, Any, Any]":
+    """Step 4: the solver's plan and frontier at the budget, then (``measure``) the closed loop's choice among
+    the best candidates; writes plan.json, frontier.csv and frontier.png. Returns the budget, the solver's plan,
+    the plan chosen (the loop's, else the solver's) and the loop's result (None without the loop)."""
+    from dpcompress.graph.plan import save_plan
+    from dpcompress.search.closed_loop import measure_candidates
+    from dpcompress.search.frontier_plot import plot_frontier
+    from dpcompress.search.solver import resolve_budget, solve_for_model, write_frontier_csv
+
+    settings = job.settings
+    budget = resolve_budget(table, settings.budget_ms, settings.budget_ratio)
+    job.say(f"[4/7] solve at budget {budget:.4g} ms")
+    solved, frontier = solve_for_model(table, importance_table, budget, chain=job.chain, with_frontier=True)
+    loop = None
+    plan = solved
+    if settings.measure:
+        job.say(f"      measuring the best {settings.candidates} candidates on {job.backend.name}")
+        loop = measure_candidates(job.backend, job.traced, frontier, budget, input_shape=job.bench_shape,
+                                  precision=settings.precision, count=settings.candidates, warmup=settings.warmup,
+                                  say=job.say)
+        plan = loop.plan
+        job.say(f"      {loop.reason}")
+    save_plan(job.out / "plan.json", plan)
+    write_frontier_csv(job.out / "frontier.csv", frontier)
+    plot_frontier(job.out / "frontier.png", frontier, chosen=plan, budget_ms=budget,
+                  original_latency_ms=plan.original_latency_ms)
+    return budget, solved, plan, loop
+
+
+def _finetuned_reference(job: _Job, plan: Any, data: Any, loop: Any) -> "tuple[Any, Dict[str, float]]":
+    """Step 5: the reference network (activations removed, not merged), fine-tuned where there is data and a
+    plan that changes something, in eval mode; and the fine-tuning's accuracy figures."""
+    accuracy: Dict[str, float] = {}
+    if data is not None and loop is not None and loop.kept_original:
+        job.say("[5/7] fine-tune: skipped (the original network was kept)")
+        reference = reference_model(job.traced, plan)
+    elif data is not None:
+        from dpcompress.training.finetune import FinetuneSettings, finetune
+
+        job.say(f"[5/7] fine-tune {job.settings.epochs} epochs on {data.spec}")
+        result = finetune(job.traced, plan, data, job.out / "finetuned.pt",
+                          FinetuneSettings(epochs=job.settings.epochs, distill=job.settings.distill),
+                          model_spec=job.model_spec, progress=job.say)
+        reference = result.network
+        accuracy = dict(result.accuracy)
+    else:
+        job.say("[5/7] fine-tune: skipped (no data)")
+        reference = reference_model(job.traced, plan)
+    return reference.eval(), accuracy
+
+
+def _benches(job: _Job, plan: Any, merged: Any, table: Any, whole: "Optional[tuple[Any, Any, Sequence[int]]]"
+             ) -> "tuple[Any, Any]":
+    """Step 7: the original against the merged network on the backend and, with ``whole`` (the whole model,
+    the whole model compressed, its input shape: where a submodule was compressed), the two whole models in
+    PyTorch."""
+    from dpcompress.latency.bench import bench_modules
+
+    settings = job.settings
+    job.say(f"[7/7] bench on {job.backend.name}")
+    # Judged against the state the table was made in, where the table knows it and the bench meets it.
+    bench = bench_modules(job.backend, job.traced.model, merged, input_shape=job.bench_shape,
+                          precision=settings.precision, warmup=settings.warmup, plan=plan,
+                          quiet_level_ms=table.meta.get("anchor_quiet_ms"))
+    if whole is None:
+        return bench, None
+    from dpcompress.backends.torch_backend import TorchBackend
+
+    model, whole_merged, input_shape = whole
+    job.say("      bench the whole model in PyTorch, original against compressed (10 rounds of 2 runs)")
+    # Few runs: a whole detector's forward (post-processing included) can take seconds.
+    return bench, bench_modules(TorchBackend(threads=settings.threads), model, whole_merged,
+                                input_shape=input_shape, warmup=2, rounds=10, iters_per_round=2)
 
 
 def export_site(model: Any, traced_module: Any, reference: Any, merged: Any, site: Any, fmt: str, out: Path,
@@ -305,68 +371,6 @@ def compress_from_spec(model_spec: str, weights: Optional[str], input_shape: Seq
                           model_spec=model_spec, weights=weights, say=say).report
 
 
-def report_markdown(report: Dict[str, Any]) -> str:
-    e = report["export"]
-    v = e["verification"]
-    lines = [
-        f"# dpcompress report: {report['model'] or 'in-memory model'}", "",
-        f"- input shape: {'x'.join(map(str, report['input_shape']))}; latency table: `{_shown(Path(report['latency_table']))}`",
-        f"- importance: {report['importance_method']}; budget: {report['budget_ms']:.4g} ms",
-        f"- kept activations: {len(report['plan']['activations'])}; blocks: {len(report['plan']['boundaries']) - 1}",
-        f"- pruning: {pruning_text(report['prune'], report['plan'].get('pruned') or [])}",
-        "", "| | before | after |", "|---|---|---|",
-        f"| predicted latency (ms) | {report['plan']['original_latency_ms']:.4g} | "
-        f"{report['predicted_latency_ms']:.4g} |",
-        f"| measured latency (ms, median) | {report['measured_original_ms']:.4g} | "
-        f"{report['measured_compressed_ms']:.4g} |",
-        f"| conv layers | {e['before']['conv_layers']} | {e['after']['conv_layers']} |",
-        f"| parameters | {e['before']['parameters']:,} | {e['after']['parameters']:,} |",
-        f"| FLOPs | {e['before']['flops'] / 1e6:.1f}M | {e['after']['flops'] / 1e6:.1f}M |",
-        "",
-        f"- predicted speed-up: {report['predicted_speedup']:.2f}x; "
-        f"measured speed-up: {report['measured_speedup']:.2f}x",
-        f"- verification: max relative error {v['max_rel_error']:.3g} ({'OK' if v['passed'] else 'FAILED'})",
-    ]
-    if report.get("submodule"):
-        whole = report["whole_model_bench"]
-        lines[3:3] = [f"- compressed submodule: `{report['submodule']}` (input "
-                      f"{'x'.join(map(str, report['submodule_input_shape']))}); the table below is the submodule's"]
-        lines.append(f"- export: {e['note']}")
-        if whole:
-            lines.append(f"- whole model in PyTorch: {whole['original']['median_ms']:.4g} ms before, "
-                         f"{whole['compressed']['median_ms']:.4g} ms after: "
-                         f"{whole['original']['median_ms'] / whole['compressed']['median_ms']:.2f}x")
-    loop = report.get("closed_loop")
-    if loop:
-        lines += ["", f"Closed loop: the budget is {loop['budget_ratio']:.1%} of the original's measured latency "
-                  f"in the same bench; {loop['reason']}.", "",
-                  "| candidate | kept activations | blocks | importance | predicted ms | measured ms | "
-                  "measured budget ms | measured speed-up | verdict |", "|---|---|---|---|---|---|---|---|---|"]
-        for index, c in enumerate(loop["candidates"], start=1):
-            verdict = ("chosen" if c["chosen"] else "within" if c["within_budget"] and c["faster"] else
-                       "over the budget" if not c["within_budget"] else "no faster than the original")
-            lines.append(f"| {index} | {len(c['activations'])} | {len(c['boundaries']) - 1} | {c['importance']:.4g} | "
-                         f"{c['predicted_ms']:.4g} | {c['measured_ms']:.4g} | {c['measured_budget_ms']:.4g} | "
-                         f"{c['measured_speedup']:.2f}x | {verdict} |")
-    else:
-        lines += ["", "Closed loop: off (--no-measure); the plan is the solver's, unmeasured before export."]
-    accuracy = report["accuracy"]
-    if accuracy:
-        lines.append("- accuracy: " + ", ".join(f"{k} {100 * val:.2f}%" for k, val in sorted(accuracy.items())))
-    else:
-        lines.append("- accuracy: not measured (no --data given)")
-    lines += ["", "![frontier](frontier.png)", ""]
-    return "\n".join(lines)
-
-
-def pruning_text(prune: bool, pruned: Sequence[int]) -> str:
-    """How the report and the plan summary say what was pruned."""
-    if not prune:
-        return "off (no conv may be replaced by identity)"
-    return (f"on; {len(pruned)} conv(s) replaced by identity ({' '.join(map(str, pruned))})" if pruned
-            else "on; no conv replaced by identity")
-
-
 def traced_from_spec(model_spec: str, weights: Optional[str], input_shape: Sequence[int],
                      submodule: Optional[str] = None) -> "tuple[Any, Any, Any]":
     """The model a spec names, its traced chain (of ``submodule`` where given, at the input it receives inside
@@ -375,6 +379,24 @@ def traced_from_spec(model_spec: str, weights: Optional[str], input_shape: Seque
 
     model = build_model(model_spec, weights)
     return (model, *trace_target(model, input_shape, submodule, spec=model_spec))
+
+
+def bench_spec(backend: Any, model_spec: str, *, weights: Optional[str] = None,
+               input_shape: Sequence[int] = (1, 3, 224, 224), plan_path: Optional[str] = None,
+               submodule: Optional[str] = None, **bench_settings: Any) -> Any:
+    """Build the model a spec names and bench it (:func:`~dpcompress.latency.bench.bench_modules`, which
+    ``bench_settings`` go to), against its merged version when a plan is given. With ``submodule``, bench
+    that submodule alone, at the input it receives inside the model."""
+    from dpcompress.latency.bench import bench_modules
+
+    _, traced, site = traced_from_spec(model_spec, weights, input_shape, submodule)
+    if site is not None:
+        input_shape = (input_shape[0], *site.input_shape[1:])
+    compressed = plan = None
+    if plan_path is not None:
+        plan = load_plan(plan_path)
+        compressed = merged_model(traced, plan)  # checks the plan
+    return bench_modules(backend, traced.model, compressed, input_shape=input_shape, plan=plan, **bench_settings)
 
 
 def export_from_spec(model_spec: str, weights: Optional[str], input_shape: str, plan_path: str, fmt: str,

@@ -1,8 +1,9 @@
-"""Human-readable text for the CLI: the chain table and export summaries."""
+"""Human-readable text: the chain table, export summaries and the compress report."""
 
 from __future__ import annotations
 
-from typing import List
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
 
 from dpcompress.graph.chain import Chain
 from dpcompress.export import ExportReport
@@ -62,3 +63,73 @@ def export_summary(report: ExportReport, out: str) -> str:
         lines.append(f"verify: max abs error {v.max_abs_error:.3g}, max relative error {v.max_rel_error:.3g} "
                      f"(output scale {v.output_scale:.3g}): {'OK' if v.passed else 'FAILED'}")
     return "\n".join(lines)
+
+
+def shown_path(path: Path) -> str:
+    """The path relative to the working directory where it lies under it (shorter to read)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def report_markdown(report: Dict[str, Any]) -> str:
+    e = report["export"]
+    v = e["verification"]
+    lines = [
+        f"# dpcompress report: {report['model'] or 'in-memory model'}", "",
+        f"- input shape: {'x'.join(map(str, report['input_shape']))}; latency table: `{shown_path(Path(report['latency_table']))}`",
+        f"- importance: {report['importance_method']}; budget: {report['budget_ms']:.4g} ms",
+        f"- kept activations: {len(report['plan']['activations'])}; blocks: {len(report['plan']['boundaries']) - 1}",
+        f"- pruning: {pruning_text(report['prune'], report['plan'].get('pruned') or [])}",
+        "", "| | before | after |", "|---|---|---|",
+        f"| predicted latency (ms) | {report['plan']['original_latency_ms']:.4g} | "
+        f"{report['predicted_latency_ms']:.4g} |",
+        f"| measured latency (ms, median) | {report['measured_original_ms']:.4g} | "
+        f"{report['measured_compressed_ms']:.4g} |",
+        f"| conv layers | {e['before']['conv_layers']} | {e['after']['conv_layers']} |",
+        f"| parameters | {e['before']['parameters']:,} | {e['after']['parameters']:,} |",
+        f"| FLOPs | {e['before']['flops'] / 1e6:.1f}M | {e['after']['flops'] / 1e6:.1f}M |",
+        "",
+        f"- predicted speed-up: {report['predicted_speedup']:.2f}x; "
+        f"measured speed-up: {report['measured_speedup']:.2f}x",
+        f"- verification: max relative error {v['max_rel_error']:.3g} ({'OK' if v['passed'] else 'FAILED'})",
+    ]
+    if report.get("submodule"):
+        whole = report["whole_model_bench"]
+        lines[3:3] = [f"- compressed submodule: `{report['submodule']}` (input "
+                      f"{'x'.join(map(str, report['submodule_input_shape']))}); the table below is the submodule's"]
+        lines.append(f"- export: {e['note']}")
+        if whole:
+            lines.append(f"- whole model in PyTorch: {whole['original']['median_ms']:.4g} ms before, "
+                         f"{whole['compressed']['median_ms']:.4g} ms after: "
+                         f"{whole['original']['median_ms'] / whole['compressed']['median_ms']:.2f}x")
+    loop = report.get("closed_loop")
+    if loop:
+        lines += ["", f"Closed loop: the budget is {loop['budget_ratio']:.1%} of the original's measured latency "
+                  f"in the same bench; {loop['reason']}.", "",
+                  "| candidate | kept activations | blocks | importance | predicted ms | measured ms | "
+                  "measured budget ms | measured speed-up | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+        for index, c in enumerate(loop["candidates"], start=1):
+            verdict = ("chosen" if c["chosen"] else "within" if c["within_budget"] and c["faster"] else
+                       "over the budget" if not c["within_budget"] else "no faster than the original")
+            lines.append(f"| {index} | {len(c['activations'])} | {len(c['boundaries']) - 1} | {c['importance']:.4g} | "
+                         f"{c['predicted_ms']:.4g} | {c['measured_ms']:.4g} | {c['measured_budget_ms']:.4g} | "
+                         f"{c['measured_speedup']:.2f}x | {verdict} |")
+    else:
+        lines += ["", "Closed loop: off (--no-measure); the plan is the solver's, unmeasured before export."]
+    accuracy = report["accuracy"]
+    if accuracy:
+        lines.append("- accuracy: " + ", ".join(f"{k} {100 * val:.2f}%" for k, val in sorted(accuracy.items())))
+    else:
+        lines.append("- accuracy: not measured (no --data given)")
+    lines += ["", "![frontier](frontier.png)", ""]
+    return "\n".join(lines)
+
+
+def pruning_text(prune: bool, pruned: Sequence[int]) -> str:
+    """How the report and the plan summary say what was pruned."""
+    if not prune:
+        return "off (no conv may be replaced by identity)"
+    return (f"on; {len(pruned)} conv(s) replaced by identity ({' '.join(map(str, pruned))})" if pruned
+            else "on; no conv replaced by identity")

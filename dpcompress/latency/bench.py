@@ -189,28 +189,3 @@ def bench_modules(backend: "Backend", original: "torch.nn.Module", compressed: O
                             if compressed is not None else None),
     )
 
-
-def bench_spec(backend: "Backend", model_spec: str, *, weights: Optional[str] = None,
-               input_shape: Sequence[int] = (1, 3, 224, 224), plan_path: Optional[str] = None,
-               precision: str = "fp32", warmup: int = 10, rounds: int = 10, iters_per_round: int = 10,
-               until_ci: Optional[float] = None, max_rounds: int = 100,
-               submodule: Optional[str] = None, min_seconds: float = 0.0,
-               quiet_level_ms: Optional[float] = None) -> BenchResult:
-    """Build the model a spec names and bench it, against its merged version when a plan is given. With
-    ``submodule``, bench that submodule alone, at the input it receives inside the model."""
-    from dpcompress.pipeline import traced_from_spec
-
-    _, traced, site = traced_from_spec(model_spec, weights, input_shape, submodule)
-    model = traced.model
-    if site is not None:
-        input_shape = (input_shape[0], *site.input_shape[1:])
-    compressed = plan = None
-    if plan_path is not None:
-        from dpcompress.graph.rewrite import merged_model
-        from dpcompress.graph.plan import load_plan
-
-        plan = load_plan(plan_path)
-        compressed = merged_model(traced, plan)  # checks the plan
-    return bench_modules(backend, model, compressed, input_shape=input_shape, precision=precision, warmup=warmup,
-                         rounds=rounds, iters_per_round=iters_per_round, plan=plan, until_ci=until_ci,
-                         max_rounds=max_rounds, min_seconds=min_seconds, quiet_level_ms=quiet_level_ms)
