@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from dpcompress.backends.onnx_export import flat_tensors, onnx_bytes, write_onnx
 from dpcompress.errors import UserError
 from dpcompress.fileio import PathLike, atomic_path, staged_beside
 from dpcompress.memory import release_freed_memory
@@ -50,30 +50,6 @@ def model_stats(model: nn.Module, input_shape: Sequence[int]) -> ModelStats:
         elif isinstance(module, nn.Linear):
             macs += int(np.prod(out)) * module.in_features
     return ModelStats(parameters=sum(p.numel() for p in model.parameters()), flops=2 * macs, conv_layers=convs)
-
-
-def write_onnx(model: nn.Module, path: PathLike, input_shape: Sequence[int], dynamic_batch: bool = False) -> None:
-    """The model as one self-contained ONNX file at ``path`` (static shapes unless ``dynamic_batch``).
-    Written straight to the file: the weights are not held in memory once more as bytes."""
-    sample = torch.randn(*input_shape)
-    with torch.no_grad():
-        count = len(flat_tensors(model.eval()(sample)))
-    output_names = ["output"] if count == 1 else [f"output_{index}" for index in range(count)]
-    dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # The exporter prints progress lines, and on failure the whole captured graph.
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            torch.onnx.export(model.eval(), (sample,), str(path), dynamo=True, external_data=False,
-                              input_names=["input"], output_names=output_names, dynamic_shapes=dynamic_shapes)
-
-
-def onnx_bytes(model: nn.Module, input_shape: Sequence[int], dynamic_batch: bool = False) -> bytes:
-    """:func:`write_onnx` as bytes (what a TensorRT build takes)."""
-    with tempfile.TemporaryDirectory(prefix="dpcompress_onnx_") as folder:
-        path = Path(folder) / "model.onnx"
-        write_onnx(model, path, input_shape, dynamic_batch)
-        return path.read_bytes()
 
 
 def export_bytes(model: nn.Module, fmt: str, input_shape: Sequence[int], dynamic_batch: bool = False,
@@ -135,17 +111,6 @@ def verify_openvino(model_path: PathLike, reference: nn.Module, input_shape: Seq
     compiled = ov.Core().compile_model(str(model_path), "CPU", {ov.properties.hint.inference_precision: ov.Type.f32})
     return compare_outputs(lambda x: [compiled({0: x})[output] for output in compiled.outputs], reference,
                            input_shape, tolerance, trials, seed)
-
-
-def flat_tensors(value: object) -> List[torch.Tensor]:
-    """The tensors of a model's output in the order exporters flatten them (dicts by insertion order)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in flat_tensors(v)]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in flat_tensors(v)]
-    return []
 
 
 def compare_outputs(run: Callable[[np.ndarray], Sequence[np.ndarray]], reference: nn.Module,

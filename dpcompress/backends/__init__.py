@@ -11,8 +11,8 @@ from typing import Optional, Tuple
 
 from dpcompress.backends.base import (  # noqa: F401  (the package's interface)
     BACKEND_NAMES, Backend, DEVICES, MEDIAN_OF_RUNS, NetworkProfile, PRECISIONS, PartTimes, RunByRunProfile,
-    Runner, check_precision, cpu_name, cuda_available, default_threads, export_onnx_bytes, export_onnx_file,
-    require_cuda)
+    Runner, check_precision, cpu_name, cuda_available, default_threads, require_cuda)
+from dpcompress.backends.onnx_export import export_onnx_bytes, export_onnx_file  # noqa: F401
 from dpcompress.errors import UserError
 
 

@@ -7,12 +7,11 @@ backend is one module beside this one that imports only this module (and its run
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from dpcompress.errors import UserError
 
@@ -207,83 +206,3 @@ def require_cuda(what: str) -> None:
     if not cuda_available():
         raise UserError(f"{what} needs a CUDA device and torch sees none (torch.cuda.is_available() is False); "
                         "run on a GPU machine or use --backend onnxruntime for the CPU")
-
-
-def export_onnx_file(module: "torch.nn.Module", example: "torch.Tensor", path: "os.PathLike[str] | str",
-                     fold_constants: bool = True) -> None:
-    """``module`` as an ONNX model at ``path`` with input ``x`` and output ``y``.
-
-    Written to a file, not to memory: a runtime reads it from there, so that no copy of the
-    weights is held in Python while the runtime builds its own. Over 2 GB the weights go to
-    files beside it, which runtimes read from the same folder.
-
-    The TorchScript exporter (``dynamo=False``) is used: it is several times faster
-    than the dynamo exporter for the small convolutions a latency table is made of.
-    Where it cannot export an op (alexnet's adaptive pooling to 6x6 from a 1x1 map at a
-    small input), the dynamo exporter is used, its nodes named by module scope as the
-    TorchScript exporter names them (``/<submodule>/...``), which in-network timing reads.
-
-    ``fold_constants=False`` leaves batch norms as nodes instead of folding them into the convs:
-    ONNX Runtime fuses them into the same optimized graph, and the exporter's transient memory
-    falls by about one copy of the weights (wide_resnet101_2: +1.5 GB over the model instead of
-    +2.0 GB). Node names then differ where a fused node takes the norm's name, so in-network
-    timing, which maps names to parts, keeps the folded export.
-    """
-    import warnings
-
-    import torch
-
-    try:
-        with warnings.catch_warnings(), _no_graph_dump_on_failure(torch):
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-            torch.onnx.export(module, (example,), str(path), input_names=["x"], output_names=["y"],
-                              opset_version=17, dynamo=False, do_constant_folding=fold_constants)
-    except torch.onnx.OnnxExporterError:
-        _dynamo_onnx_file(module, example, path)
-
-
-def export_onnx_bytes(module: "torch.nn.Module", example: "torch.Tensor") -> bytes:
-    """:func:`export_onnx_file` as bytes, for runtimes that read ONNX from memory (weights embedded)."""
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory(prefix="dpcompress_onnx_") as folder:
-        path = Path(folder) / "model.onnx"
-        export_onnx_file(module, example, path)
-        return path.read_bytes()
-
-
-@contextlib.contextmanager
-def _no_graph_dump_on_failure(torch: Any) -> Iterator[None]:
-    """Silence the TorchScript exporter's ONNX log while it runs. torch 2.13 turns that log on for every
-    export (it tests the function ``_jit_is_onnx_log_enabled`` instead of calling it), so an op it cannot
-    export prints the whole graph to stderr, though the caller goes on with the dynamo exporter."""
-    log = torch._C._jit_onnx_log
-    torch._C._jit_onnx_log = lambda *args: None
-    try:
-        yield
-    finally:
-        torch._C._jit_onnx_log = log
-
-
-def _dynamo_onnx_file(module: "torch.nn.Module", example: "torch.Tensor", path: "os.PathLike[str] | str") -> None:
-    import io
-    import warnings
-
-    import onnx
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
-            torch.onnx.export(module, (example,), str(path), input_names=["x"], output_names=["y"], dynamo=True,
-                              external_data=False)
-    model = onnx.load(str(path))
-    for node in model.graph.node:
-        # namespace ": pkg.Net/dpc_block_0: torch.nn.modules.conv.Conv2d/conv2d: aten.conv2d.default": the root,
-        # then one "name: class" per submodule, then the op.
-        namespace = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
-        scopes = [segment.split(":")[0].strip() for segment in namespace.split("/")[1:-1]]
-        if scopes:
-            node.name = "/" + "/".join(scopes) + "/" + node.name
-    onnx.save(model, str(path))

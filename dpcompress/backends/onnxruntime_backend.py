@@ -23,7 +23,8 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from dpcompress.backends.base import (Backend, NetworkProfile, RunByRunProfile, Runner, check_precision, cpu_name,
-                                 default_threads, export_onnx_file)
+                                 default_threads)
+from dpcompress.backends.onnx_export import export_onnx_file
 from dpcompress.errors import UserError
 from dpcompress.latency.timing import time_runner
 from dpcompress.memory import release_freed_memory

@@ -36,7 +36,8 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from dpcompress.backends.base import (Backend, NetworkProfile, PartTimes, Runner, check_precision, cpu_name,
-                                 default_threads, export_onnx_bytes)
+                                 default_threads)
+from dpcompress.backends.onnx_export import export_onnx_bytes
 from dpcompress.backends.onnxruntime_backend import graph_part_owners, scope_owner
 from dpcompress.errors import UserError
 from dpcompress.latency.timing import time_runner

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict, List, Sequence
 
-from dpcompress.backends.base import Backend, Runner, check_precision, export_onnx_bytes, require_cuda
+from dpcompress.backends.base import Backend, Runner, check_precision, require_cuda
+from dpcompress.backends.onnx_export import export_onnx_bytes
 from dpcompress.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
