@@ -3,7 +3,9 @@
 Latency table: one row per valid block, ``start,end,latency_ms`` required; any further
 columns (``std_ms``, ``in_channels``, ...) are kept in the file but ignored here. A block
 with no row is not allowed. Beside ``<name>.csv`` may sit ``<name>.meta.json`` (model spec,
-backend, chain fingerprint, ...); its ``rest_ms``, where present, is added to every plan's
+backend, chain fingerprint, ...). Its ``format`` is :data:`TABLE_FORMAT`: a table of another version is
+refused, since its rows may be priced differently (a meta without ``format``, written by hand, and a
+table without a meta are read as they are). Its ``rest_ms``, where present, is added to every plan's
 latency (what the network spends outside its trunk convs), and its ``rest_per_block``, where present,
 is the share of a plan's blocks that the rest grows by: the table's rows are read as that much
 larger (``latency_ms`` and ``pruned_latency_ms`` hold the rows so priced, the file the blocks' own).
@@ -37,6 +39,9 @@ Block = Tuple[int, int]
 Pruned = Tuple[int, ...]  # positions of pruned convs, ascending; () for none
 PrunedBlock = Tuple[int, int, Pruned]  # (start, end, pruned), pruned not empty
 
+# The latency table's version, written by ``profile`` into the meta and checked by every reader.
+# /2: rows priced with ``rest_per_block`` (a /1 reader would misprice them without a word).
+TABLE_FORMAT = "dpcompress-latency-table/2"
 LATENCY_COLUMNS = ("start", "end", "latency_ms")
 IMPORTANCE_COLUMNS = ("start", "end", "importance")
 PRUNED_COLUMN = "pruned"
@@ -117,20 +122,35 @@ def read_latency_table(path: PathLike) -> LatencyTable:
     rows = _read_rows(path, LATENCY_COLUMNS)
     latency, pruned_latency = _parse_values(path, rows, "latency_ms", allow_negative=False)
     num_positions = max(end for _, end, *_ in [*latency, *pruned_latency])
-    meta_file = meta_path_for(path)
-    meta: Dict[str, Any] = {}
-    if meta_file.exists():
-        try:
-            loaded = json.loads(meta_file.read_text())
-        except (OSError, ValueError) as err:
-            raise UserError(f"{meta_file}: not readable JSON ({err}); fix or delete it") from err
-        if not isinstance(loaded, dict):
-            raise UserError(f"{meta_file}: expected a JSON object; fix or delete it")
-        meta = loaded
+    meta = read_table_meta(path)
     growth = 1.0 + rest_per_block(meta)
     return LatencyTable(num_positions=num_positions, latency_ms={b: growth * ms for b, ms in latency.items()},
                         meta=meta, source=str(path),
                         pruned_latency_ms={b: growth * ms for b, ms in pruned_latency.items()})
+
+
+def read_table_meta(table_path: PathLike) -> Dict[str, Any]:
+    """The meta file beside a latency table ({} where there is none), checked to be of :data:`TABLE_FORMAT`."""
+    meta_file = meta_path_for(table_path)
+    if not meta_file.exists():
+        return {}
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{meta_file}: not readable JSON ({err}); fix or delete it") from err
+    if not isinstance(meta, dict):
+        raise UserError(f"{meta_file}: expected a JSON object; fix or delete it")
+    check_table_format(meta, meta_file)
+    return meta
+
+
+def check_table_format(meta: Mapping[str, Any], source: PathLike) -> None:
+    """Refuse a meta of a latency table format other than :data:`TABLE_FORMAT` (one without ``format``
+    passes: written by hand, it claims none)."""
+    found = meta.get("format", TABLE_FORMAT)
+    if found != TABLE_FORMAT:
+        raise UserError(f"{source}: latency table format {found!r}, but this dpcompress reads {TABLE_FORMAT!r}; "
+                        "profile the table again")
 
 
 def rest_per_block(meta: Mapping[str, Any]) -> float:

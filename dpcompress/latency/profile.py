@@ -105,7 +105,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from dpcompress.graph.trace import TracedModel
     from dpcompress.latency.network_timing import Anchor
 
-TABLE_FORMAT = "dpcompress-latency-table/1"
+from dpcompress.tables import TABLE_FORMAT  # noqa: E402  (the tables' to define)
 TABLE_COLUMNS = ("start", "end", "latency_ms", "std_ms", "in_channels", "out_channels",
                  "kernel", "stride", "groups", "in_h", "in_w", "timed")
 PRUNED_TABLE_COLUMNS = (*TABLE_COLUMNS, PRUNED_COLUMN)  # a table with pruning options

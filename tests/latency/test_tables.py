@@ -174,3 +174,38 @@ def chain_unit(position, in_channels, out_channels, stride=1):
                     kernel=(3, 3), stride=(stride, stride), padding=(1, 1), dilation=(1, 1), groups=1, bias=False,
                     in_shape=(1, in_channels, 8, 8), out_shape=(1, out_channels, size, size), activation="ReLU",
                     linked=True)
+
+
+@pytest.mark.parametrize("version", ["dpcompress-latency-table/1", "dpcompress-latency-table/3"])
+def test_a_table_of_another_format_is_refused_in_one_line(tmp_path, version):
+    from click.testing import CliRunner
+
+    from dpcompress.cli import main
+    from dpcompress.tables import TABLE_FORMAT
+
+    assert TABLE_FORMAT == "dpcompress-latency-table/2"
+    path = tmp_path / "net.csv"
+    rows = [{"start": 0, "end": 1, "latency_ms": 1.0}, {"start": 1, "end": 2, "latency_ms": 2.0},
+            {"start": 0, "end": 2, "latency_ms": 2.5}]
+    write_latency_table(path, rows, meta={"format": version, "rest_ms": 0.25})
+    with pytest.raises(UserError) as refused:
+        read_latency_table(path)
+    message = str(refused.value)
+    assert "\n" not in message and str(meta_path_for(path)) in message
+    assert repr(version) in message and repr(TABLE_FORMAT) in message
+    result = CliRunner().invoke(main, ["solve", "--latency-table", str(path), "--budget-ratio", "0.9",
+                                       "--out", str(tmp_path / "plan.json")])
+    assert result.exit_code == 2 and message in result.output and not (tmp_path / "plan.json").exists()
+    # The version this dpcompress writes is read, and so is a meta that claims none (written by hand).
+    for meta in ({"format": TABLE_FORMAT, "rest_ms": 0.25}, {"rest_ms": 0.25}):
+        meta_path_for(path).write_text(json.dumps(meta))
+        assert read_latency_table(path).original_latency_ms() == pytest.approx(3.25)
+
+
+def test_every_shipped_table_is_of_the_format_read():
+    from pathlib import Path
+
+    from dpcompress.tables import TABLE_FORMAT
+
+    metas = sorted((Path(__file__).resolve().parents[2] / "latency_tables").rglob("*.meta.json"))
+    assert metas and {json.loads(m.read_text())["format"] for m in metas} == {TABLE_FORMAT}
