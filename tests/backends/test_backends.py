@@ -14,9 +14,7 @@ from dpcompress.backends import choose_backend, cuda_available, export_onnx_byte
 from dpcompress.cli import main
 from dpcompress.errors import UserError
 from dpcompress.latency.timing import time_runner
-
-CHEAP = (nn.Conv2d(16, 16, 1), (1, 16, 32, 32))
-EXPENSIVE = (nn.Sequential(nn.Conv2d(16, 16, 7, padding=3), nn.ReLU()), (1, 16, 32, 32))  # ~49x the FLOPs
+from tests.backends.conv_pairs import CHEAP, EXPENSIVE, slower_of_two
 
 try:
     import tensorrt  # noqa: F401
@@ -27,13 +25,6 @@ except ImportError:
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 needs_tensorrt = pytest.mark.skipif(not (HAVE_TENSORRT and torch.cuda.is_available()), reason="needs TensorRT")
-
-
-def slower_of_two(backend, precision: str = "fp32") -> str:
-    medians = {}
-    for name, (module, shape) in (("cheap", CHEAP), ("expensive", EXPENSIVE)):
-        medians[name] = time_runner(backend.prepare(module, shape, precision), warmup=2, iters=7).median_ms
-    return max(medians, key=medians.__getitem__)
 
 
 def test_torch_and_onnxruntime_agree_on_the_slower_conv():

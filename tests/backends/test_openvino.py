@@ -26,8 +26,8 @@ from dpcompress.graph.geometry import block_geometry
 from dpcompress.latency.profile import profile_table
 from dpcompress.tables import read_latency_table
 from dpcompress.latency.timing import time_runner
-from tests.backends.test_backends import EXPENSIVE, slower_of_two
-from tests.pipeline.test_export_cli import run_cli, workdir  # noqa: F401 (a fixture)
+from tests.backends.conv_pairs import EXPENSIVE, slower_of_two
+from tests.cli_helpers import run_cli, workdir  # noqa: F401 (a fixture)
 from tests.latency.test_network_timing import ThreeParts, tiny_traced  # noqa: F401 (a fixture)
 
 

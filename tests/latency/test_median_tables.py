@@ -10,7 +10,7 @@ import tests.latency.test_profile_bounds as bounds
 from dpcompress.errors import UserError
 from dpcompress.latency.profile import median_of_tables, profile_table, read_rows
 from dpcompress.tables import meta_path_for
-from tests.pipeline.test_export_cli import run_cli, workdir  # noqa: F401 - the fixture
+from tests.cli_helpers import run_cli, workdir  # noqa: F401 - the fixture
 from tests.latency.test_profile import mixed_chain
 
 
