@@ -50,33 +50,51 @@ def _backend(backend: "str | Backend", threads: Optional[int]) -> "Backend":
 def profile(model: "nn.Module", input_shape: Sequence[int], *, backend: "str | Backend" = "onnxruntime",
             out: Optional[PathLike] = None, submodule: Optional[str] = None, precision: str = "fp32",
             threads: Optional[int] = None, timing: Optional[str] = None, warmup: int = 10, iters: int = 50,
-            progress: bool = True) -> "LatencyTable":
+            progress: bool = True, processes: int = 1) -> "LatencyTable":
     """Time every valid block of ``model`` (or ``submodule``) on ``backend`` and return the latency table.
 
     ``backend`` is a name (``onnxruntime``, ``openvino``, ``torch``, ``tensorrt``) or a Backend instance.
     With ``out`` (a .csv path) the table and its meta are kept there, and an interrupted run resumes
     from them; without, they are written to a temporary folder and removed. ``timing`` is
-    ``in-network`` or ``standalone`` (default: in-network where the backend can).
+    ``in-network`` or ``standalone`` (default: in-network where the backend can). With ``processes``
+    above 1, the table is made that many times, each in a fresh process (``backend`` then by name),
+    and each row is the median of theirs (``latency.processes.profile_in_processes``).
     """
-    from dpcompress.latency.profile import default_timing, profile_table
+    import functools
+
+    from dpcompress.latency.processes import profile_in_processes
     from dpcompress.tables import read_latency_table
 
-    traced, site = _traced(model, input_shape, submodule)
-    runtime = _backend(backend, threads)
-    shape = site.input_shape if site is not None else tuple(input_shape)
-    from dpcompress.progress import profile_lines
-
-    report = profile_lines(_progress_printer(progress))
+    if processes > 1 and not isinstance(backend, str):
+        raise ValueError("profile with processes > 1 needs the backend by name: each process makes its own")
+    make = functools.partial(_profile_into, model, tuple(input_shape), submodule, backend, threads, precision,
+                             timing, warmup, iters, progress)
 
     def run(path: Path) -> "LatencyTable":
-        profile_table(traced.chain, runtime, path, input_shape=shape, precision=precision, warmup=warmup,
-                      iters=iters, traced=traced, timing=timing or default_timing(runtime, traced), progress=report)
+        if processes > 1:
+            profile_in_processes(make, path, processes, overwrite=True, say=_progress_printer(progress))
+        else:
+            make(path)
         return read_latency_table(path)
 
     if out is not None:
         return run(Path(out))
     with tempfile.TemporaryDirectory(prefix="dpcompress_profile_") as folder:
         return run(Path(folder) / "latency.csv")
+
+
+def _profile_into(model: "nn.Module", input_shape: Sequence[int], submodule: Optional[str], backend: "str | Backend",
+                  threads: Optional[int], precision: str, timing: Optional[str], warmup: int, iters: int,
+                  progress: bool, path: Path) -> None:
+    """The table of :func:`profile` written at ``path`` (resumable), in this process."""
+    from dpcompress.latency.profile import profile_table
+    from dpcompress.progress import profile_lines
+
+    traced, site = _traced(model, input_shape, submodule)
+    runtime = _backend(backend, threads)
+    shape = site.input_shape if site is not None else tuple(input_shape)
+    profile_table(traced.chain, runtime, path, input_shape=shape, precision=precision, warmup=warmup, iters=iters,
+                  traced=traced, timing=timing, progress=profile_lines(_progress_printer(progress)))
 
 
 def solve(latency_table: "LatencyTable | PathLike", *, importance: "ImportanceTable | PathLike | None" = None,

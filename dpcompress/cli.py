@@ -296,7 +296,7 @@ def profile(model_spec: str, weights: Optional[str], input_shape: str, submodule
         _profile_in_processes(settings, out, processes, quiet)
         return
     result = _profile_from_settings(settings, out, quiet)
-    from dpcompress.latency.profile import REST_FIT_WORDS
+    from dpcompress.latency.calibration import REST_FIT_WORDS
 
     unbuildable = len(result.meta["unbuildable_blocks"])
     capped = len(result.meta["capped_blocks"])
@@ -317,6 +317,8 @@ def profile(model_spec: str, weights: Optional[str], input_shape: str, submodule
     if result.meta.get("retimed_shapes") and result.timed_shapes:
         click.echo(f"{result.meta['retimed_shapes']} block shapes were timed again: their networks ran in a state "
                    "taken for quiet until a quieter one showed")
+    for note in result.notes:
+        click.echo(note)
 
 
 def _profile_from_settings(settings: Dict[str, Any], out: str, quiet: bool) -> Any:
@@ -335,52 +337,32 @@ def _profile_from_settings(settings: Dict[str, Any], out: str, quiet: bool) -> A
                          max_block_seconds=s["max_block_seconds"], prune=prune_default(s["prune"], traced.chain))
 
 
-def _profile_in_child(settings: Dict[str, Any], out: str, quiet: bool) -> None:
+def _profile_in_child(settings: Dict[str, Any], quiet: bool, out: Path) -> None:
     """One process's table of ``profile --processes`` (a spawned process: nothing inherited)."""
-    try:
-        with click.Context(main, obj={"quiet": quiet}):  # what the command's helpers read
-            _profile_from_settings(settings, out, quiet)
-    except UserError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(2)
+    with click.Context(main, obj={"quiet": quiet}):  # what the command's helpers read
+        _profile_from_settings(settings, str(out), quiet)
 
 
 def _profile_in_processes(settings: Dict[str, Any], out: str, processes: int, quiet: bool) -> None:
-    """Make the table ``processes`` times, each in a fresh process (``TABLE.process<i>.csv``, resumable),
-    then write their row-by-row median at ``out`` and remove them."""
-    import multiprocessing
+    """``profile --processes``: the library's ``profile_in_processes``, each process profiling from ``settings``."""
+    import functools
 
-    from dpcompress.latency.profile import median_of_tables
+    from dpcompress.latency.processes import profile_in_processes
     from dpcompress.tables import meta_path_for
 
-    target = Path(out)
-    if target.exists() and not settings["overwrite"]:
-        raise UserError(f"{out} exists; use --overwrite to replace it, or a new --out")
     # Settle what a user can get wrong here, once, before any process starts.
     _backend(settings["backend_name"], settings["gpu"], settings["device"], settings["threads"],
              settings["cuda_graphs"], settings["channels_last"])
     _traced_model(settings["model_spec"], settings["weights"], settings["input_shape"], settings["submodule"])
-    parts = [target.with_name(f"{target.stem}.process{index}{target.suffix or '.csv'}")
-             for index in range(1, processes + 1)]
-    spawn = multiprocessing.get_context("spawn")
-    for index, part in enumerate(parts, 1):
-        if not quiet:
-            click.echo(f"[process {index}/{processes}] {part}", err=True)
-        child = spawn.Process(target=_profile_in_child, args=(settings, str(part), quiet))
-        child.start()
-        child.join()
-        if child.exitcode == 2:
-            sys.exit(2)  # the child said why, in one line
-        if child.exitcode != 0:
-            raise UserError(f"profiling in process {index} of {processes} failed (exit status {child.exitcode}); "
-                            f"the tables made so far stay beside {out}: run the same command again to resume")
-    meta = median_of_tables(parts, out)
-    for part in parts:
-        part.unlink()
-        meta_path_for(part).unlink()
+    meta = profile_in_processes(functools.partial(_profile_in_child, settings, quiet), out, processes,
+                                overwrite=settings["overwrite"], say=None if quiet else _say_on_stderr)
     originals = ", ".join(f"{ms:.3f}" for ms in meta["process_original_ms"])
     click.echo(f"wrote {out} (each row the median of {processes} tables made in fresh processes; their "
                f"original networks: {originals} ms) and {meta_path_for(out)}")
+
+
+def _say_on_stderr(line: str) -> None:
+    click.echo(line, err=True)
 
 
 @main.command()

@@ -38,13 +38,12 @@ import copy
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from dpcompress.graph.chain import Chain
 from dpcompress.graph.geometry import BlockGeometry
-from dpcompress.latency.profile import MIN_KEPT_FRACTION
-from dpcompress.latency.timing import calm_rounds, in_rounds, quiet_level, quiet_rounds
+from dpcompress.latency.timing import calm_rounds, in_rounds, kept_latency, quiet_level, quiet_rounds, summarize
 from dpcompress.memory import release_freed_memory
 from dpcompress.graph.plan import Plan
 from dpcompress.tables import Pruned
@@ -52,7 +51,7 @@ from dpcompress.tables import Pruned
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn
 
-    from dpcompress.backends import Backend, Runner
+    from dpcompress.backends import Backend, NetworkProfile, Runner
     from dpcompress.graph.trace import TracedModel
 
 Block = Tuple[int, int]
@@ -191,6 +190,19 @@ class Anchor:
         return quiet_rounds([ms], quiet_level(self.history))[0]
 
 
+
+@dataclass
+class _Network:
+    """A network being timed: its two sessions, its rounds, and its plain runs and rounds so far."""
+    names: Dict[str, Option]  # submodule name -> block
+    profiled: "NetworkProfile"
+    plain: "Runner"
+    per_round: int  # runs a round
+    rounds: int  # rounds planned
+    walls: List[float] = field(default_factory=list)  # plain runs, round after round
+    ran: List[int] = field(default_factory=list)  # the index of each of its rounds among all rounds
+
+
 def time_networks(backend: "Backend", traced: "TracedModel", plans: Sequence[Plan],
                   geometries: Dict[Option, BlockGeometry], input_shape: Sequence[int], precision: str,
                   warmup: int, iters: int, call_overhead_ms: float,
@@ -206,91 +218,127 @@ def time_networks(backend: "Backend", traced: "TracedModel", plans: Sequence[Pla
     """
     import torch
 
-    from dpcompress.latency.timing import summarize
-
-    prepared = []
-    kept: List[bool] = []
     with torch.no_grad():
-        for plan in plans:
-            began = time.perf_counter()
-            network, names = packed_network(traced, plan, geometries)
-            plain, profiled = backend.prepare_network_timing(network, input_shape, precision, list(names))
-            del network  # the runtime holds its own copy now: these weights (as many as the model's) and
-            release_freed_memory()  # the export's go before the next network is built
-            if max_seconds is not None:
-                first = plain.time(0, 1)[0]  # cold: over what the others will take, which errs towards the cap
-                if time.perf_counter() - began + minimum_runs(warmup) * first / 1e3 > max_seconds:
-                    profiled.part_times()  # ends its profiling: no trace is left behind
-                    kept.append(False)
-                    continue
-            profiled.run(0, warmup=max(1, warmup))
-            first = plain.time(max(1, warmup), 1)[0]
-            per_round = max(1, min(MAX_ITERS_PER_ROUND, int(0.25 / max(first / 1e3, 1e-6))))
-            rounds = max(MIN_ROUNDS, min(math.ceil(max(iters, backend.min_network_runs) / per_round),
-                                         math.ceil(SECONDS_PER_NETWORK / (per_round * max(first / 1e3, 1e-6)))))
-            prepared.append((names, profiled, plain, per_round, rounds, [], []))
-            kept.append(True)
-    planned = max((p[4] for p in prepared), default=0)
-    marks = [anchor.measure()] if anchor is not None and prepared else []  # the anchor before each round, and after
-    quiet: List[bool] = []  # per round so far
+        prepared = [_prepared(backend, traced, plan, geometries, input_shape, precision, warmup, iters, max_seconds)
+                    for plan in plans]
+    rounds = _Rounds([network for network in prepared if network is not None], anchor)
+    rounds.run()
+    timings = [None if network is None else rounds.timing(network, call_overhead_ms) for network in prepared]
+    prepared.clear()  # the sessions: all freed before the memory goes back
+    rounds.networks.clear()
+    release_freed_memory()
+    return timings
 
-    def kept_rounds(entry: tuple) -> List[bool]:
+
+def _prepared(backend: "Backend", traced: "TracedModel", plan: Plan, geometries: Dict[Option, BlockGeometry],
+              input_shape: Sequence[int], precision: str, warmup: int, iters: int,
+              max_seconds: Optional[float]) -> Optional[_Network]:
+    """A plan's network built, its sessions warmed up and its rounds planned; None where ``max_seconds``
+    shows it over the cap."""
+    began = time.perf_counter()
+    network, names = packed_network(traced, plan, geometries)
+    plain, profiled = backend.prepare_network_timing(network, input_shape, precision, list(names))
+    del network  # the runtime holds its own copy now: these weights (as many as the model's) and
+    release_freed_memory()  # the export's go before the next network is built
+    if max_seconds is not None:
+        first = plain.time(0, 1)[0]  # cold: over what the others will take, which errs towards the cap
+        if time.perf_counter() - began + minimum_runs(warmup) * first / 1e3 > max_seconds:
+            profiled.part_times()  # ends its profiling: no trace is left behind
+            return None
+    profiled.run(0, warmup=max(1, warmup))
+    first = plain.time(max(1, warmup), 1)[0]
+    per_round = max(1, min(MAX_ITERS_PER_ROUND, int(0.25 / max(first / 1e3, 1e-6))))
+    rounds = max(MIN_ROUNDS, min(math.ceil(max(iters, backend.min_network_runs) / per_round),
+                                 math.ceil(SECONDS_PER_NETWORK / (per_round * max(first / 1e3, 1e-6)))))
+    return _Network(names, profiled, plain, per_round, rounds)
+
+
+class _Rounds:
+    """Networks taking turns, round by round, the anchor measured before each round and after."""
+
+    def __init__(self, networks: List[_Network], anchor: Optional[Anchor]) -> None:
+        self.networks, self.anchor = networks, anchor
+        self.planned = max((network.rounds for network in networks), default=0)
+        self.marks = [anchor.measure()] if anchor is not None and networks else []
+        self.quiet: List[bool] = []  # per round so far
+
+    def kept(self, network: _Network) -> List[bool]:
         """Which of a network's rounds count: quiet for the anchor around it, and the network itself near
         its fastest tenth of rounds where it has enough to tell (a state can slow merged networks and
         leave the anchor be)."""
-        per_round, walls, ran = entry[3], entry[5], entry[6]
-        if anchor is None:
-            return [True] * len(ran)
-        return [quiet[k] and calm for k, calm in zip(ran, calm_rounds(walls, per_round))]
+        if self.anchor is None:
+            return [True] * len(network.ran)
+        return [self.quiet[k] and calm for k, calm in zip(network.ran, calm_rounds(network.walls, network.per_round))]
 
-    def wanted(entry: tuple) -> bool:
+    def wanted(self, network: _Network) -> bool:
         """Whether a network needs another round: planned, or short of quiet ones (and time is left)."""
-        rounds, ran = entry[4], entry[6]
-        if len(ran) < rounds:
+        if len(network.ran) < network.rounds:
             return True
-        if anchor is None or len(quiet) >= 3 * planned:
+        if self.anchor is None or len(self.quiet) >= 3 * self.planned:
             return False
-        return sum(kept_rounds(entry)) < max(MIN_ROUNDS, math.ceil(rounds / 2))
+        return sum(self.kept(network)) < max(MIN_ROUNDS, math.ceil(network.rounds / 2))
 
-    while True:
-        taking = [entry for entry in prepared if wanted(entry)]
-        if not taking:
-            break
-        for names, profiled, plain, per_round, rounds, walls, ran in taking:
-            profiled.run(per_round, warmup=1)
-            walls.extend(plain.time(1, per_round))
-            ran.append(len(quiet))
-        if anchor is None:
-            quiet.append(True)
-            continue
-        marks.append(anchor.measure())
-        quiet = anchor.quiet(marks)  # every round judged again: the level falls when a quiet state first shows
-    timings: List[Optional[NetworkTiming]] = []
-    for entry in prepared:
-        names, profiled, plain, per_round, rounds, walls, ran = entry
-        counted = kept_rounds(entry)
+    def run(self) -> None:
+        while True:
+            taking = [network for network in self.networks if self.wanted(network)]
+            if not taking:
+                break
+            for network in taking:
+                network.profiled.run(network.per_round, warmup=1)
+                network.walls.extend(network.plain.time(1, network.per_round))
+                network.ran.append(len(self.quiet))
+            if self.anchor is None:
+                self.quiet.append(True)
+                continue
+            self.marks.append(self.anchor.measure())
+            self.quiet = self.anchor.quiet(self.marks)  # every round judged again: the level falls when a quiet state first shows
+
+    def timing(self, network: _Network, call_overhead_ms: float) -> NetworkTiming:
+        """A network's figures from the rounds that count (every round where too few do)."""
+        counted = self.kept(network)
         enough = sum(counted) >= MIN_ROUNDS  # always, without an anchor: every round counts
-        if enough:
-            walls = in_rounds(walls, per_round, counted)
-        times = profiled.part_times(counted if enough else None)
+        walls = in_rounds(network.walls, network.per_round, counted) if enough else network.walls
+        times = network.profiled.part_times(counted if enough else None)
         anchor_ms = None
-        if anchor is not None:  # the marks before and after each counted round
-            around = [mark for k, c in zip(ran, counted) if c or not enough for mark in marks[k:k + 2]]
+        if self.anchor is not None:  # the marks before and after each counted round
+            around = [mark for k, c in zip(network.ran, counted) if c or not enough for mark in self.marks[k:k + 2]]
             anchor_ms = float(statistics.median(around))
         wall = summarize(walls).median_ms
         node_ms = times.total_ms
         # The call overhead is itself a noisy measurement: on a tiny network under load it can exceed
         # the wall, which would zero every block; the network is never credited below a floor of it.
-        kept_ms = max(wall - call_overhead_ms, MIN_KEPT_FRACTION * wall)
-        scale = kept_ms / node_ms if node_ms > 0 else 1.0
+        scale = kept_latency(wall, call_overhead_ms) / node_ms if node_ms > 0 else 1.0
         blocks = {}
-        for name, block in names.items():
+        for name, block in network.names.items():
             ms, spread = times.parts.get(name, (0.0, 0.0))
             blocks[block] = (scale * ms, scale * spread)
-        timings.append(NetworkTiming(blocks, wall, scale, len(walls), quiet=enough, anchor_ms=anchor_ms))
-    prepared.clear()  # the sessions, and the loops' last ones: all freed before the memory goes back
-    taking.clear()
-    entry = plain = profiled = None  # type: ignore[assignment]
-    release_freed_memory()
-    finished = iter(timings)
-    return [next(finished) if ok else None for ok in kept]
+        return NetworkTiming(blocks, wall, scale, len(walls), quiet=enough, anchor_ms=anchor_ms)
+
+
+@dataclass(frozen=True)
+class NetworkTimer:
+    """What every network of one profile is timed with: ``time`` a round of plans, or make the ``anchor``."""
+    backend: "Backend"
+    traced: "TracedModel"
+    geometries: Dict[Option, BlockGeometry]
+    input_shape: Tuple[int, ...]
+    precision: str
+    warmup: int
+    iters: int
+    call_overhead_ms: float
+
+    def time(self, plans: Sequence[Plan], max_seconds: Optional[float] = None,
+             anchor: Optional[Anchor] = None) -> List[Optional[NetworkTiming]]:
+        return time_networks(self.backend, self.traced, plans, self.geometries, self.input_shape, self.precision,
+                             self.warmup, self.iters, self.call_overhead_ms, max_seconds=max_seconds, anchor=anchor)
+
+    def anchor(self) -> Anchor:
+        """The network of single convs, prepared to run plainly between rounds (about 50 ms a time)."""
+        import torch
+
+        with torch.no_grad():
+            network, _ = packed_network(self.traced, packed_plan(self.traced.chain, []), self.geometries)
+            runner = self.backend.prepare(network, self.input_shape, self.precision)
+        del network
+        first_ms = min(runner.time(max(1, self.warmup), 3))
+        return Anchor(runner, max(3, min(10, math.ceil(50 / max(first_ms, 1e-3)))))

@@ -25,6 +25,9 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tupl
 # spreads over some 12% on this machine, the loaded one sits 30-40% above it.
 QUIET_MARGIN = 1.15
 QUIET_QUANTILE = 0.1
+# A row is never credited below this fraction of its raw median: the call overhead subtracted from it is
+# itself a noisy measurement, which on a tiny conv or network under load can exceed the median.
+MIN_KEPT_FRACTION = 0.1
 # A network judged by its own rounds (besides the reference) needs this many: with fewer, its fastest
 # tenth is its fastest round, and run-to-run noise alone would set rounds apart.
 MIN_SELF_JUDGED_ROUNDS = 20
@@ -51,6 +54,17 @@ class TimingStats:
 
     def to_json(self) -> Dict[str, Any]:
         return asdict(self)
+
+
+def kept_latency(median_ms: float, overhead_ms: float) -> float:
+    """A median less the call overhead it paid, floored at ``MIN_KEPT_FRACTION`` of the median."""
+    return max(median_ms - overhead_ms, MIN_KEPT_FRACTION * median_ms)
+
+
+def floored(latency_ms: float, overhead_ms: float) -> bool:
+    """Whether a latency holds the floor of :func:`kept_latency` rather than the median less the overhead:
+    ``max(m - o, f m)`` is the floor exactly when it is below ``o f / (1 - f)``."""
+    return latency_ms < overhead_ms * MIN_KEPT_FRACTION / (1 - MIN_KEPT_FRACTION)
 
 
 def median_interval(samples_ms: Sequence[float], z: float = 1.96) -> Tuple[float, float]:

@@ -20,7 +20,7 @@ from dpcompress.graph.plan import Plan
 from dpcompress.search.solver import frontier, solve_for_model
 from dpcompress.tables import meta_path_for, read_latency_table
 from tests.graph.test_merge import FEWER, Spec, conv_chains, min_input, random_input, run_sequence
-from tests.latency.test_profile_bounds import FlopBackend
+from tests.latency.helpers import FlopBackend
 from tests.graph.test_rewrite import traced_strided
 
 

@@ -6,22 +6,22 @@ import json
 
 import pytest
 
-import tests.latency.test_profile_bounds as bounds
 from dpcompress.errors import UserError
-from dpcompress.latency.profile import median_of_tables, profile_table, read_rows
+from dpcompress.latency.processes import median_of_tables
+from dpcompress.latency.profile import profile_table
+from dpcompress.latency.table_file import read_rows
 from dpcompress.tables import meta_path_for
 from tests.cli_helpers import run_cli, workdir  # noqa: F401 - the fixture
-from tests.latency.test_profile import mixed_chain
+from tests.latency.helpers import FlopBackend, mixed_chain
 
 
-def test_each_row_is_its_median_over_the_tables(tmp_path, monkeypatch):
+def test_each_row_is_its_median_over_the_tables(tmp_path):
     """Three tables of one chain made at three speeds: the median table is the middle one, row by row."""
     chain = mixed_chain()
     paths = []
     for rate in (1e4, 4e4, 2e4):
-        monkeypatch.setattr(bounds, "FLOPS_PER_MS", rate)
         path = tmp_path / f"rate{int(rate)}.csv"
-        profile_table(chain, bounds.FlopBackend(), path, warmup=0, iters=1, prune_margin=None)
+        profile_table(chain, FlopBackend(flops_per_ms=rate), path, warmup=0, iters=1, prune_margin=None)
         paths.append(path)
     meta = median_of_tables(paths, tmp_path / "median.csv")
     middle, median = read_rows(paths[2]), read_rows(tmp_path / "median.csv")
@@ -63,13 +63,14 @@ def test_each_row_is_its_median_over_the_tables(tmp_path, monkeypatch):
 
 def test_tables_made_with_other_settings_are_not_mixed(tmp_path):
     chain = mixed_chain()
-    profile_table(chain, bounds.FlopBackend(), tmp_path / "a.csv", warmup=0, iters=1, prune_margin=None)
-    profile_table(chain, bounds.FlopBackend(), tmp_path / "b.csv", warmup=0, iters=3, prune_margin=None)
+    profile_table(chain, FlopBackend(), tmp_path / "a.csv", warmup=0, iters=1, prune_margin=None)
+    profile_table(chain, FlopBackend(), tmp_path / "b.csv", warmup=0, iters=3, prune_margin=None)
     with pytest.raises(UserError, match="iters"):
         median_of_tables([tmp_path / "a.csv", tmp_path / "b.csv"], tmp_path / "m.csv")
     assert not (tmp_path / "m.csv").exists()
 
 
+@pytest.mark.slow
 def test_profile_in_two_processes_writes_the_median_and_removes_their_tables(workdir):  # noqa: F811
     args = ["profile", "--model", "nets.py:small", "--input-shape", "1,3,16,16", "--backend", "onnxruntime",
             "--threads", "1", "--warmup", "1", "--iters", "3", "--out", "t.csv"]
@@ -88,11 +89,11 @@ def test_profile_in_two_processes_writes_the_median_and_removes_their_tables(wor
 def test_a_row_timed_anywhere_takes_its_timed_median_and_a_row_bounded_everywhere_its_largest_bound(tmp_path):
     """Bounds are lower bounds of dominated blocks: mixed into a median they would price a huge merge
     below the convs it replaces (an OpenVINO table did: 0.28 ms for a block timed at 0.82 ms)."""
-    from dpcompress.latency.profile import TABLE_COLUMNS, table_text
+    from dpcompress.latency.table_file import TABLE_COLUMNS, table_text
 
     chain = mixed_chain()
     base = tmp_path / "base.csv"
-    profile_table(chain, bounds.FlopBackend(), base, warmup=0, iters=1, prune_margin=None)
+    profile_table(chain, FlopBackend(), base, warmup=0, iters=1, prune_margin=None)
     meta = meta_path_for(base).read_text()
     rows = read_rows(base)
     first, second = sorted(rows)[:2]

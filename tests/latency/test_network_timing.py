@@ -10,15 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from dpcompress import zoo
 from dpcompress.backends import Backend, Runner, RunByRunProfile, export_onnx_bytes, get_backend
 from dpcompress.backends.onnxruntime_backend import _owner_of, part_owners
 from dpcompress.latency.network_timing import pack, packed_network, packed_plan, time_networks
 from dpcompress.graph.geometry import block_geometry
-from dpcompress.latency.profile import MIN_KEPT_FRACTION, profile_table
+from dpcompress.latency.profile import profile_table
+from dpcompress.latency.timing import MIN_KEPT_FRACTION
 from dpcompress.search.solver import frontier, solve_for_model
 from dpcompress.tables import read_latency_table
-from dpcompress.graph.trace import trace_model
 
 
 class ThreeParts(nn.Module):
@@ -95,12 +94,6 @@ def test_pack_makes_disjoint_sets_within_the_limit():
             assert all(e1 <= s2 or e2 <= s1 for s2, e2 in members[i + 1:])
 
 
-@pytest.fixture(scope="module")
-def tiny_traced():
-    torch.manual_seed(0)
-    return trace_model(zoo.tiny_mobilenet_v2().eval(), (1, 3, 16, 16), spec="dpcompress.zoo:tiny_mobilenet_v2")
-
-
 def test_packed_network_computes_with_the_blocks_geometry(tiny_traced):
     chain = tiny_traced.chain
     blocks = [b for b in chain.valid_blocks() if b[1] - b[0] > 1][:1]
@@ -135,6 +128,7 @@ def test_single_conv_blocks_share_the_models_weights(tiny_traced):
     assert torch.isfinite(network(x)).all()
 
 
+@pytest.mark.slow
 def test_in_network_table_has_every_block_the_rest_and_says_how_it_was_timed(tiny_traced, tmp_path):
     backend = get_backend("onnxruntime", threads=1)
     out = tmp_path / "t.csv"
@@ -152,14 +146,14 @@ def test_in_network_table_has_every_block_the_rest_and_says_how_it_was_timed(tin
     assert table.latency_ms == pytest.approx({block: growth * ms for block, ms in raw.items()}, abs=2e-6)  # 6 decimals
     assert all(len(entry) == 3 and entry[0] > 0 for entry in meta["network_rests"])
     # The plan networks' blocks are summed by the table's rows: a cover's, as plan_covers finds it.
-    from dpcompress.latency.profile import PLAN_NETWORK_TRIES, plan_covers
+    from dpcompress.latency.calibration import DEFAULT_CALIBRATION, plan_covers
 
     timed = {(r["start"], r["end"]): r["latency_ms"] for r in result.rows if r["pruned"] == "" and r["timed"]}
     covers = plan_covers(tiny_traced.chain.num_positions, timed)
     cover_sums = [math.fsum([*(raw[b] for b in cover),
                              *(raw[(p - 1, p)] for p in range(1, table.num_positions + 1)
                                if not any(s < p <= e for s, e in cover))]) for cover in covers]
-    assert len(meta["plan_networks"]) <= PLAN_NETWORK_TRIES * len(covers)  # timed again where loaded
+    assert len(meta["plan_networks"]) <= DEFAULT_CALIBRATION.plan_network_tries * len(covers)  # timed again where loaded
     singles_wall = math.fsum([*(raw[(p - 1, p)] for p in range(1, table.num_positions + 1)),
                               meta.get("singles_rest_ms", meta["rest_ms"])])
     for blocks_ms, wall_ms, anchor_ms, singles_wall_ms in meta["plan_networks"]:
@@ -192,9 +186,10 @@ def test_in_network_timing_needs_the_model_and_a_backend_that_profiles_nodes(tin
     assert not (tmp_path / "a.csv").exists() and not (tmp_path / "b.csv").exists()
 
 
+@pytest.mark.slow
 def test_an_interrupted_in_network_profile_resumes_without_retiming(tiny_traced, tmp_path):
     from dpcompress.backends.onnxruntime_backend import OnnxRuntimeBackend
-    from dpcompress.latency.profile import partial_paths
+    from dpcompress.latency.table_file import partial_paths
 
     class CountingBackend(OnnxRuntimeBackend):
         def __init__(self, fail_at=None):
@@ -233,6 +228,7 @@ def test_an_interrupted_in_network_profile_resumes_without_retiming(tiny_traced,
     assert not partial_rows.exists() and set(read_latency_table(out).latency_ms) == set(tiny_traced.chain.valid_blocks())
 
 
+@pytest.mark.slow
 def test_a_hand_edited_meta_whose_networks_are_malformed_is_refused_in_one_line(tiny_traced, tmp_path):
     from dpcompress.errors import UserError
     from dpcompress.tables import meta_path_for
@@ -452,6 +448,7 @@ class StateScheduleBackend(Backend):
 LOADED, QUIET, WORSE = (3.5, 2.0), (2.5, 1.0), (4.5, 3.0)  # the anchor's ms, a part's ms
 
 
+@pytest.mark.slow
 def test_a_profile_that_starts_loaded_times_those_networks_again(tiny_traced, tmp_path):
     """The anchor's first measurements all loaded: the network of single convs takes that state for quiet, and
     only the profile's end, with quiet rounds seen since, shows it was not; its rows and rest are timed again."""

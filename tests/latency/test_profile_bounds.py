@@ -4,63 +4,22 @@ from __future__ import annotations
 
 import json
 import math
-from typing import List, Optional, Sequence
 
 import pytest
-import torch
 
-from dpcompress import zoo
-from dpcompress.backends import Backend, Runner, get_backend
+from dpcompress.backends import get_backend
 from dpcompress.errors import UserError
 from dpcompress.graph.chain import Chain
 from dpcompress.graph.geometry import block_geometry
-from dpcompress.graph.trace import trace_model
 from dpcompress.latency.network_timing import packed_plan, time_networks
-from dpcompress.latency.profile import MIN_KEPT_FRACTION, block_flops, profile_table
+from dpcompress.latency.blocks import block_flops
+from dpcompress.latency.profile import profile_table
+from dpcompress.latency.timing import MIN_KEPT_FRACTION
 from dpcompress.search.solver import solve_for_model
 from dpcompress.tables import meta_path_for, read_latency_table
-from tests.latency.test_profile import OverheadBackend, RecordingBackend, mixed_chain, uniform_chain, unit
+from tests.latency.helpers import (FLOPS_PER_MS, FlopBackend, OverheadBackend, RecordingBackend, mixed_chain,
+                                   uniform_chain, unit)
 
-FLOPS_PER_MS = 1e4
-
-
-class FlopBackend(Backend):
-    """Every conv 'runs' at FLOPS_PER_MS; convs with a kernel of ``slow_kernel`` taps or more take ``slow_ms``."""
-
-    name = "flops"
-    device = "cpu"
-
-    def __init__(self, slow_kernel: Optional[int] = None, slow_ms: float = 1e6) -> None:
-        self.slow_kernel, self.slow_ms = slow_kernel, slow_ms
-        self.prepared: List[tuple] = []
-        self.runs = 0
-
-    @property
-    def version(self) -> str:
-        return "1"
-
-    @property
-    def device_name(self) -> str:
-        return "FLOP counter"
-
-    def prepare(self, module, input_shape: Sequence[int], precision: str = "fp32") -> Runner:
-        conv = module[0]
-        self.prepared.append(tuple(conv.kernel_size))
-        n, _, h, w = input_shape
-        out_h = (h + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
-        out_w = (w + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
-        flops = 2.0 * n * out_h * out_w * conv.out_channels * conv.in_channels // conv.groups * math.prod(conv.kernel_size)
-        slow = self.slow_kernel is not None and conv.kernel_size[0] >= self.slow_kernel
-        return _CountingRunner(self, self.slow_ms if slow else flops / FLOPS_PER_MS)
-
-
-class _CountingRunner(Runner):
-    def __init__(self, backend: FlopBackend, value: float) -> None:
-        self.backend, self.value = backend, value
-
-    def time(self, warmup: int, iters: int) -> List[float]:
-        self.backend.runs += warmup + iters
-        return [self.value] * iters
 
 
 def bottleneck_chain() -> Chain:
@@ -190,12 +149,6 @@ def test_the_cap_must_be_positive(tmp_path):
     with pytest.raises(UserError, match="--max-block-seconds"):
         profile_table(uniform_chain(2), RecordingBackend(), tmp_path / "t.csv", max_block_seconds=0)
     assert list(tmp_path.iterdir()) == []
-
-
-@pytest.fixture(scope="module")
-def tiny_traced():
-    torch.manual_seed(0)
-    return trace_model(zoo.tiny_mobilenet_v2().eval(), (1, 3, 16, 16), spec="dpcompress.zoo:tiny_mobilenet_v2")
 
 
 def test_a_network_over_the_cap_is_dropped_after_one_run(tiny_traced):

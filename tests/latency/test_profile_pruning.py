@@ -8,22 +8,16 @@ import json
 import pytest
 import torch
 
-from dpcompress import zoo
 from dpcompress.backends import get_backend
 from dpcompress.graph.geometry import block_geometry, pruning_options
-from dpcompress.graph.trace import trace_model
 from dpcompress.latency.network_timing import packed_network, packed_plan
-from dpcompress.latency.profile import block_module, block_shape, partial_paths, profile_table
+from dpcompress.latency.blocks import block_module, block_shape
+from dpcompress.latency.profile import profile_table
+from dpcompress.latency.table_file import partial_paths
 from dpcompress.search.solver import frontier, solve_for_model
 from dpcompress.tables import ImportanceTable, meta_path_for, read_latency_table
 from tests.cost_backend import CostBackend, conv_cost
-from tests.latency.test_profile import RecordingBackend, read_csv
-
-
-@pytest.fixture(scope="module")
-def tiny_traced():
-    torch.manual_seed(0)
-    return trace_model(zoo.tiny_mobilenet_v2().eval(), (1, 3, 16, 16), spec="dpcompress.zoo:tiny_mobilenet_v2")
+from tests.latency.helpers import RecordingBackend, read_csv
 
 
 def all_options(chain):
@@ -139,6 +133,7 @@ def test_a_packed_network_leaves_no_node_for_an_identity_block(tiny_traced):
     assert network(torch.randn(1, 3, 16, 16)).shape == (1, 10)
 
 
+@pytest.mark.slow
 def test_in_network_profile_with_pruning_has_every_option(tiny_traced, tmp_path):
     chain = tiny_traced.chain
     out = tmp_path / "t.csv"
