@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test tables tables-openvino clean
+.PHONY: install demo test tables tables-openvino bench-quick clean
 
 install: $(STAMP)
 
@@ -39,6 +39,21 @@ tables: install
 tables-openvino: install
 	$(BIN)/dpcompress profile --model torchvision:mobilenet_v2 --backend openvino --no-prune --overwrite --out latency_tables/cpu_openvino/mobilenet_v2.csv
 	$(BIN)/dpcompress profile --model 'torchvision:mobilenet_v2?width_mult=1.4' --backend openvino --no-prune --overwrite --out latency_tables/cpu_openvino/mobilenet_v2_w1.4.csv
+
+# Every benchmark's --quick mode (a tiny model, one repeat: a smoke check, not figures), each to its end from
+# an empty folder (nothing resumed); records under out/bench_quick/<benchmark>/record.json.
+bench-quick: install
+	@set -e; for script in benchmarks/bench_*.py benchmarks/sweep_*.py; do \
+		name=$$(basename $$script .py); echo "== $$name --quick"; rm -rf out/bench_quick/$$name; \
+		OMP_NUM_THREADS=1 $(BIN)/python $$script --quick --out-dir out/bench_quick/$$name; \
+	done
+
+# The GPU check (issue 31, benchmarks/gpu_check.py): about 8 minutes on one CUDA GPU; needs no venv, only
+# torch, torchvision, numpy, onnx, onnxruntime and click where it runs. GPU_CHECK=--dry-run: the CPU path.
+.PHONY: gpu-check
+GPU_CHECK_OUT ?= out/gpu_check
+gpu-check:
+	PYTHONPATH=. $(PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK)
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -1,28 +1,33 @@
 """Rank correlation between proxy and finetune importance on the digits MobileNetV2.
 
-Trains ``dpcompress.zoo:digits_mobilenet_v2`` on the built-in digits data (seeded), then
+Trains ``dpcompress.zoo:digits_mobilenet_v2`` (or ``--model``) on the built-in digits data (seeded), then
 measures importance with ``--method proxy`` and ``--method finetune`` on every allowed
 segment and reports Spearman's rank correlation between the two (over all segments, and over
 the segments that remove at least one activation, since the base segments are ~0 in both).
-Outputs (resumable) go to ``--out-dir``; a JSON summary is printed last.
+Outputs (resumable) go to ``--out-dir``; the summary is printed last and is the record's result.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_importance.py --steps 20
+    .venv/bin/python benchmarks/bench_importance.py --quick   # the tiny model, 1 epoch, 1 step per segment
 """
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 import time
 from pathlib import Path
 
+import common
 import numpy as np
 from digits_model import SPEC, trained_digits_model
 
+from dpcompress.models import build_model
 from dpcompress.training.data import load_data
 from dpcompress.search.importance import ImportanceSettings, allowed_segments, base_segments, compute_importance
 from dpcompress.graph.trace import trace_model
 from dpcompress.training.train import evaluate
+
+QUICK = {"model": "dpcompress.zoo:tiny_mobilenet_v2", "epochs": 1, "steps": 1}
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -40,26 +45,27 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", default="out/bench_importance")
+    parser = common.parser(__doc__, "bench_importance")
+    parser.add_argument("--model", default=SPEC, help="a digits model's spec (10 classes, 32x32 input)")
     parser.add_argument("--epochs", type=int, default=8, help="Training epochs of the digits model.")
     parser.add_argument("--steps", type=int, default=20, help="Fine-tuning steps per segment.")
     parser.add_argument("--lr", type=float, default=0.01)
-    args = parser.parse_args()
+    args = common.parse(parser, QUICK)
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    record = common.Record(args)
     data = load_data("digits", (32, 32))
-    weights = out / "digits_mobilenet_v2.pt"
-    model, _ = trained_digits_model(weights, data.train, args.epochs)
-    traced = trace_model(model, (1, 3, 32, 32), spec=SPEC)
-    summary = {"model": SPEC, "num_positions": traced.chain.num_positions,
+    weights = out / f"{args.model.split(':')[-1]}.pt"
+    model, _ = trained_digits_model(weights, data.train, args.epochs, functools.partial(build_model, args.model),
+                                    seed=args.seed)
+    traced = trace_model(model, (1, 3, 32, 32), spec=args.model)
+    summary = {"model": args.model, "num_positions": traced.chain.num_positions,
                "segments": len(allowed_segments(traced.chain)),
                "holdout_acc": evaluate(model, data.holdout), "test_acc": evaluate(model, data.test)}
     tables = {}
     for method in ("proxy", "finetune"):
         began = time.perf_counter()
         settings = ImportanceSettings(method=method, steps=args.steps, lr=args.lr)
-        rows = compute_importance(traced, settings, out / f"{method}.csv", data=data, model_spec=SPEC)
+        rows = compute_importance(traced, settings, out / f"{method}.csv", data=data, model_spec=args.model)
         summary[f"{method}_seconds"] = round(time.perf_counter() - began, 1)
         tables[method] = {(r["start"], r["end"]): r["importance"] for r in rows}
     segments = sorted(tables["proxy"])
@@ -70,6 +76,7 @@ def main() -> None:
         summary[f"spearman_{name}"] = round(spearman(proxy, finetune), 4)
         summary[f"n_{name}"] = len(subset)
     print(json.dumps(summary, indent=2))
+    print(f"record: {record.write(summary)}")
 
 
 if __name__ == "__main__":

@@ -15,36 +15,32 @@ up to ``--tries`` times in all, kept in the JSON and marked in the row where no 
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_prediction.py \
     --models mobilenet_v2,resnet18 [--backend openvino] [--batch-size 8] [--ratios 0.9,0.7,0.5,min] [--repeats 3]
+       .venv/bin/python benchmarks/bench_prediction.py --quick   # tiny model at 32x32, two budgets, one bench
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
-import torch
+import common
+from table_state import bench_in_table_state, met_table_state  # benchmarks/ is the script's folder
 
 from dpcompress.backends import get_backend
-from dpcompress.pipeline import find_table
-from dpcompress.models import build_model
-from dpcompress.latency.profile import default_timing, profile_table
 from dpcompress.graph.rewrite import merged_model
+from dpcompress.latency.profile import default_timing, profile_table
+from dpcompress.pipeline import find_table
 from dpcompress.search.solver import frontier, resolve_budget, solve_for_model
 from dpcompress.tables import read_latency_table
-from dpcompress.graph.trace import trace_model
 
-from bench_runtimes import bench_in_table_state, met_table_state  # benchmarks/ is the script's folder
+QUICK = {"models": common.QUICK_SPEC, "size": common.QUICK_SIZE, "ratios": "0.7,min", "repeats": 1, "rounds": 4,
+         "iters": 4}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = common.parser(__doc__, "bench_prediction", backend=True)
     parser.add_argument("--models", default="mobilenet_v2", help="torchvision names or full specs, comma-separated")
-    parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "openvino"])
     parser.add_argument("--table", default=None, help="use this table (one model only) instead of profiling")
     parser.add_argument("--tables-dir", default="latency_tables",
                         help="reuse a table made in-network for the same chain and settings from here")
@@ -58,26 +54,20 @@ def main() -> None:
     parser.add_argument("--table-state", action="store_true",
                         help="judge each bench's rounds against the table's quiet level (anchor_quiet_ms)")
     parser.add_argument("--tries", type=int, default=1, help="runs of a bench that does not meet the table's state")
-    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--timing", default=None, help="in-network or standalone (profiling)")
-    parser.add_argument("--out-dir", default="out/bench_prediction")
-    args = parser.parse_args()
+    args = common.parse(parser, QUICK)
 
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    record = common.Record(args)
     backend = get_backend(args.backend, threads=args.threads)
     shape = (args.batch_size, 3, args.size, args.size)
-    print(f"# {platform.node()} {backend.describe()}, input {'x'.join(map(str, shape))}, "
-          f"load average {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d %H:%M')}")
-    print("| model | budget | blocks | predicted | measured (each bench) | measured median | error "
-          "| original in the benches / in the table |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"# {backend.describe()}, input {'x'.join(map(str, shape))}")
+    rows = common.Table(["model", "budget", "blocks", "predicted", "measured (each bench)", "measured median",
+                         "error", "original in the benches / in the table"])
     records = []
     for name in args.models.split(","):
-        spec = name if ":" in name else f"torchvision:{name}"
-        torch.manual_seed(0)
-        model = build_model(spec, None).eval()
-        traced = trace_model(model, shape, spec=spec)
+        spec = common.model_spec(name)
+        model, traced = common.seeded_traced(spec, shape, args.seed)
         found = find_table(Path(args.tables_dir), traced.chain.fingerprint(), backend.name, "fp32", args.batch_size,
                            backend.threads, args.timing or default_timing(backend, traced))
         if args.table or found:
@@ -95,8 +85,8 @@ def main() -> None:
         for ratio in args.ratios.split(","):
             budget = smallest if ratio == "min" else resolve_budget(table, None, float(ratio))
             if budget < smallest:
-                print(f"| {name} | {ratio} | infeasible: smallest is {smallest / table.original_latency_ms():.2f} "
-                      "of the original | | | | | |", flush=True)
+                rows.row([name, ratio, f"infeasible: smallest is {smallest / table.original_latency_ms():.2f} "
+                          "of the original", "", "", "", "", ""])
                 continue
             plan, _ = solve_for_model(table, None, budget, chain=traced.chain)
             merged = merged_model(traced, plan)
@@ -113,21 +103,22 @@ def main() -> None:
             predicted = plan.original_latency_ms / plan.latency_ms
             median = statistics.median(measured)
             label = "min" if ratio == "min" else ratio
-            record = {"model": spec, "budget": label, "budget_ratio": budget / plan.original_latency_ms,
-                      "blocks": [list(b) for b in plan.blocks], "predicted": predicted, "measured": measured,
-                      "measured_median": median, "error": predicted / median - 1, "table": str(table_path),
-                      "input_shape": list(shape), "backend": backend.name, "originals_ms": originals_ms,
-                      "table_original_ms": plan.original_latency_ms,
-                      "table_quiet_level_ms": level, "met_table_state": met,
-                      "benches_not_meeting_it": not_met}
-            records.append(record)
+            result_row = {"model": spec, "budget": label, "budget_ratio": budget / plan.original_latency_ms,
+                          "blocks": [list(b) for b in plan.blocks], "predicted": predicted, "measured": measured,
+                          "measured_median": median, "error": predicted / median - 1, "table": str(table_path),
+                          "input_shape": list(shape), "backend": backend.name, "originals_ms": originals_ms,
+                          "table_original_ms": plan.original_latency_ms,
+                          "table_quiet_level_ms": level, "met_table_state": met,
+                          "benches_not_meeting_it": not_met}
+            records.append(result_row)
             benches = ", ".join(f"{m:.2f}x" + ("" if ok else " (never met)") for m, ok in zip(measured, met))
             if not_met:
                 benches += f"; {len(not_met)} run again: {', '.join(f'{m:.2f}x' for m in not_met)}"
-            print(f"| {name} | {label} ({record['budget_ratio']:.2f}) | {len(plan.blocks)} | {predicted:.2f}x | "
-                  f"{benches} | {median:.2f}x | {record['error']:+.1%} | "
-                  f"{statistics.median(originals_ms) / plan.original_latency_ms:.2f} |", flush=True)
-    (out / f"prediction_{backend.name}_{args.size}_b{args.batch_size}.json").write_text(json.dumps(records, indent=2))
+            rows.row([name, f"{label} ({result_row['budget_ratio']:.2f})", len(plan.blocks), f"{predicted:.2f}x",
+                      benches, f"{median:.2f}x", f"{result_row['error']:+.1%}",
+                      f"{statistics.median(originals_ms) / plan.original_latency_ms:.2f}"])
+            record.write(records)
+    print(f"record: {record.write(records)}")
 
 
 if __name__ == "__main__":

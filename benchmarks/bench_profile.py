@@ -1,51 +1,54 @@
 """Wall time to profile the full mobilenet_v2 latency table on the CPU with ONNX Runtime.
 
 Target: under 3 minutes on the 2-core development machine. Run:
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_profile.py [--warmup 10 --iters 50 --out DIR]
-Prints the load average before and after, so a figure taken under load is recognisable.
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_profile.py [--warmup 10 --iters 50 --out-dir DIR]
+    .venv/bin/python benchmarks/bench_profile.py --quick   # the tiny model at 32x32, 2 warm-up runs, 5 timed
+The record has the load average before and after, so a figure taken under load is recognisable. The table
+is made again each run (``--out-dir``/table.csv).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import tempfile
 import time
 
+import common
+import torch
+
 from dpcompress.backends import get_backend
-from dpcompress.latency.profile import profile_table
 from dpcompress.graph.trace import chain_for_spec
+from dpcompress.latency.profile import profile_table
+
+QUICK = {"model": common.QUICK_SPEC, "size": common.QUICK_SIZE, "warmup": 2, "iters": 5}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__, "bench_profile")
     parser.add_argument("--model", default="torchvision:mobilenet_v2")
+    parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--iters", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", default=None, help="folder for the table (default: a temporary one)")
-    args = parser.parse_args()
+    args = common.parse(parser, QUICK)
 
-    load_before = os.getloadavg()
+    record = common.Record(args)
+    torch.manual_seed(args.seed)  # the model's weights (the latencies do not depend on them)
     started = time.perf_counter()
-    chain = chain_for_spec(args.model, (1, 3, 224, 224))
+    chain = chain_for_spec(args.model, (1, 3, args.size, args.size))
     traced = time.perf_counter()
     backend = get_backend("onnxruntime", threads=args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(args.out or tmp, "table.csv")
-        result = profile_table(chain, backend, out, model_spec=args.model, warmup=args.warmup, iters=args.iters,
-                               overwrite=True)
+    result = profile_table(chain, backend, os.path.join(args.out_dir, "table.csv"), model_spec=args.model,
+                           warmup=args.warmup, iters=args.iters, overwrite=True)
     finished = time.perf_counter()
-    print(json.dumps({
+    summary = {
         "model": args.model, "backend": backend.describe(), "warmup": args.warmup, "iters": args.iters,
         "blocks": len(result.rows), "unique_shapes": result.meta["unique_shapes"],
         "timed_shapes": result.timed_shapes, "bounded_blocks": result.meta["bounded_blocks"],
         "trace_s": round(traced - started, 1), "profile_s": round(finished - traced, 1),
         "total_s": round(finished - started, 1),
-        "loadavg_before": [round(x, 2) for x in load_before],
-        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-    }, indent=2))
+    }
+    print(json.dumps(summary, indent=2))
+    print(f"record: {record.write(summary)}")
 
 
 if __name__ == "__main__":

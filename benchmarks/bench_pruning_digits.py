@@ -15,11 +15,12 @@ per model and search space is profiled by the first run that needs it and found 
 (``tables_dir``: the model's folder).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_pruning_digits.py
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_pruning_digits.py --quick   # smoke check
+    .venv/bin/python benchmarks/bench_pruning_digits.py --quick   # the tiny model, budget 0.5, 1 epoch, 1 step
 
 ``--stage importance`` stops after the importance tables (run one process per model with ``--models`` to
 measure them side by side; a later run resumes from them). Results go to ``--out-dir``/results.md and
-results.json (default out/bench_pruning_digits, ignored by git).
+results.json (default out/bench_pruning_digits, ignored by git; a run with the same folder goes on where one
+stopped) and to the JSON record (``--out``).
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+import common
 from digits_model import run_log, trained_digits_model
 
 from dpcompress.errors import UserError
@@ -44,18 +45,21 @@ from dpcompress.training.data import DataBundle, load_data
 from dpcompress.training.train import evaluate
 
 INPUT_SHAPE = (1, 3, 32, 32)
-MODELS = {"mobilenet_v2": "dpcompress.zoo:digits_mobilenet_v2", "resnet": "dpcompress.zoo:digits_resnet"}
+MODELS = {"mobilenet_v2": "dpcompress.zoo:digits_mobilenet_v2", "resnet": "dpcompress.zoo:digits_resnet",
+          "tiny": "dpcompress.zoo:tiny_mobilenet_v2"}  # tiny: the quick mode's
 TARGET_DROP_POINTS = 1.0
 SPACES = {False: "today", True: "pruned"}  # CompressSettings.prune -> the search space's name in the tables
+QUICK = {"models": "tiny", "train_epochs": 1, "ratios": "0.5", "epochs": 1, "importance_steps": 1, "repeats": 1}
 
 Say = Callable[[str], None]
 
 
-def trained(name: str, model_dir: Path, data: DataBundle, epochs: int, say: Say) -> Any:
+def trained(name: str, model_dir: Path, data: DataBundle, epochs: int, seed: int, say: Say) -> Any:
     """The seeded, trained model ``name`` (reloaded where its weights exist)."""
     weights = model_dir / f"{name}.pt"
     began = time.perf_counter()
-    model, now = trained_digits_model(weights, data.train, epochs, functools.partial(build_model, MODELS[name]))
+    model, now = trained_digits_model(weights, data.train, epochs, functools.partial(build_model, MODELS[name]),
+                                      seed=seed)
     say(f"{name}: trained {epochs} epochs in {time.perf_counter() - began:.0f} s" if now
         else f"{name}: reusing trained weights {weights}")
     say(f"{name}: original holdout {100 * evaluate(model, data.holdout):.2f}%, test {100 * evaluate(model, data.test):.2f}%")
@@ -138,12 +142,10 @@ def markdown(rows: List[Dict[str, Any]], activations: Dict[str, int]) -> str:
     out: List[str] = []
     for name in dict.fromkeys(r["model"] for r in rows):
         mine = sorted((r for r in rows if r["model"] == name), key=lambda r: (-r["ratio"], r["space"] == "pruned"))
-        out += [f"### {MODELS[name]} ({activations[name]} removable activations)", "",
-                "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        table = common.Table(head, show=False)
         for r in mine:
             if "error" in r:
-                out.append(f"| {r['ratio']:.2f} | {r['space']} | " + " | ".join(["-"] * 3)
-                           + f" | infeasible: {r['error'][:80]} | " + " | ".join(["-"] * 5) + " |")
+                table.row([f"{r['ratio']:.2f}", r["space"], *["-"] * 3, f"infeasible: {r['error'][:80]}", *["-"] * 5])
                 continue
             cells = [f"{r['ratio']:.2f}", r["space"], str(r["kept_activations"]), str(r["blocks"]),
                      f"{len(r['pruned'])}" + (f" ({' '.join(map(str, r['pruned']))})" if r["pruned"] else ""),
@@ -152,8 +154,8 @@ def markdown(rows: List[Dict[str, Any]], activations: Dict[str, int]) -> str:
                      f"{r['measured_original_ms']:.3f} → {r['measured_compressed_ms']:.3f}",
                      f"{r['test_before']:.2f}% → {r['test_merged']:.2f}%", f"{r['delta_points']:+.2f}",
                      "yes" if r["within_target"] else "no"]
-            out.append("| " + " | ".join(cells) + " |")
-        out.append("")
+            table.row(cells)
+        out += [f"### {MODELS[name]} ({activations[name]} removable activations)", "", table.text()]
         for space in SPACES.values():
             within = [r for r in mine if r["space"] == space and r.get("within_target")]
             best = max(within, key=lambda r: r["measured_speedup"], default=None)
@@ -166,9 +168,8 @@ def markdown(rows: List[Dict[str, Any]], activations: Dict[str, int]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", default="out/bench_pruning_digits")
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    parser = common.parser(__doc__, "bench_pruning_digits", threads=1)
+    parser.add_argument("--models", default="mobilenet_v2,resnet", help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--train-epochs", type=int, default=8, help="epochs of each original digits model")
     parser.add_argument("--ratios", default="0.9,0.7,0.5,0.4,0.3")
     parser.add_argument("--epochs", type=int, default=8, help="fine-tuning epochs of each compressed model")
@@ -176,23 +177,16 @@ def main() -> None:
     parser.add_argument("--importance-steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3,
                         help="benches of each result at batch 1 after compress; the median is recorded")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="ONNX Runtime threads for the tables and the benches (1: a 32x32 model's convs take "
-                             "microseconds, and waking a second thread per op costs as much)")
     parser.add_argument("--stage", choices=("importance", "all"), default="all",
                         help="importance: stop once the importance tables are measured")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke check: 2 importance steps, budget 0.5 only, 1 fine-tuning epoch, 1 repeat")
-    args = parser.parse_args()
-    if args.quick:
-        args.ratios, args.epochs, args.importance_steps, args.repeats = "0.5", 1, 2, 1
-        args.out_dir = args.out_dir.rstrip("/") + "_quick"
+    # --threads defaults to 1 here: a 32x32 model's convs take microseconds, and waking a second thread per op
+    # costs as much
+    args = common.parse(parser, QUICK)
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    record = common.Record(args)
     say = run_log(out)
 
-    say(f"{time.strftime('%Y-%m-%d %H:%M:%S')} load average {os.getloadavg()}, OMP_NUM_THREADS="
-        f"{os.environ.get('OMP_NUM_THREADS')}, args {vars(args)}")
+    say(f"args {vars(args)}")
     data = load_data("digits", INPUT_SHAPE[2:])
     ratios = [float(r) for r in args.ratios.split(",")]
     results_path = out / "results.json"
@@ -201,7 +195,7 @@ def main() -> None:
     for name in args.models.split(","):
         model_dir = out / name
         model_dir.mkdir(exist_ok=True)
-        model = trained(name, model_dir, data, args.train_epochs, say)
+        model = trained(name, model_dir, data, args.train_epochs, args.seed, say)
         activations[name] = len(trace_model(model, INPUT_SHAPE, spec=MODELS[name]).chain.activation_positions)
         table = pruned_importance(name, model, model_dir, data, args.importance_steps, say)
         if args.stage == "importance":
@@ -214,15 +208,18 @@ def main() -> None:
                     continue
                 row = run_one(name, model, data, table if prune else without_pruning(table), prune, ratio,
                               model_dir, args, say)
-                row["load_average"] = os.getloadavg()
+                row["load_average"] = common.load_average()
                 rows.append(row)
                 results_path.write_text(json.dumps(rows, indent=1))
+                record.write(rows)
     if args.stage == "importance":
+        say(f"record: {record.write(rows)}")
         return
     text = (f"ONNX Runtime CPU, {args.threads} thread(s), batch 1, OMP_NUM_THREADS="
-            f"{os.environ.get('OMP_NUM_THREADS')}\n\n" + markdown(rows, activations))
+            f"{record.machine['omp_num_threads']}\n\n" + markdown(rows, activations))
     (out / "results.md").write_text(text)
     say("\n" + text)
+    say(f"record: {record.write(rows)}")
 
 
 if __name__ == "__main__":

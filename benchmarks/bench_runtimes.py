@@ -10,32 +10,27 @@ near that runtime's table's quiet level (``anchor_quiet_ms``), going on for ``--
 a bench that met none is run again, up to ``--tries`` times in all, and marked * where no try met it.
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_runtimes.py [--model torchvision:mobilenet_v2]
+       .venv/bin/python benchmarks/bench_runtimes.py --quick   # tiny model at 32x32, one budget, one bench
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
 import statistics
-import time
 from pathlib import Path
-from typing import List, Optional, Tuple
 
-import torch
+import common
+from table_state import bench_in_table_state, met_table_state  # benchmarks/ is the script's folder
 
 from dpcompress.backends import get_backend
-from dpcompress.latency.bench import BenchResult, bench_modules
-from dpcompress.pipeline import find_table
-from dpcompress.models import build_model
-from dpcompress.latency.profile import profile_table
 from dpcompress.graph.rewrite import merged_model
+from dpcompress.latency.profile import profile_table
+from dpcompress.pipeline import find_table
 from dpcompress.search.solver import resolve_budget, solve_for_model
 from dpcompress.tables import read_latency_table
-from dpcompress.graph.trace import trace_model
 
-RUNTIMES = ("onnxruntime", "openvino")
+RUNTIMES = common.BACKENDS
+QUICK = {"model": common.QUICK_SPEC, "size": common.QUICK_SIZE, "ratios": "0.7", "repeats": 1}
 
 
 def predicted(table, plan) -> float:
@@ -44,49 +39,27 @@ def predicted(table, plan) -> float:
     return table.original_latency_ms() / latency
 
 
-def met_table_state(result: BenchResult, level_ms: Optional[float]) -> bool:
-    """Whether a bench judged against a table's quiet level took its figures from rounds that met it."""
-    return level_ms is None or result.quiet_level_ms == level_ms
-
-
-def bench_in_table_state(backend, model, merged, level_ms: Optional[float], tries: int,
-                         **bench_args) -> Tuple[BenchResult, List[BenchResult]]:
-    """``bench_modules`` with the original's rounds judged against ``level_ms`` (a table's ``anchor_quiet_ms``;
-    None: its own), run again, up to ``tries`` times in all, while a bench meets no round in that state.
-    Returns the last bench and those run before it."""
-    missed: List[BenchResult] = []
-    while True:
-        result = bench_modules(backend, model, merged, quiet_level_ms=level_ms, **bench_args)
-        if met_table_state(result, level_ms) or len(missed) + 1 >= tries:
-            return result, missed
-        missed.append(result)
-
-
 def benches(cell) -> str:
     """A cell's benches, * marking one that never met its table's state."""
     return ", ".join(f"{m:.2f}" + ("" if ok else "*") for m, ok in zip(cell["measured"], cell["met_table_state"]))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = common.parser(__doc__, "bench_runtimes")
     parser.add_argument("--model", default="torchvision:mobilenet_v2")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--ratios", default="0.9,0.7,0.5")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--min-seconds", type=float, default=0.0, help="each bench lasts at least this long")
     parser.add_argument("--table-state", action="store_true",
                         help="judge each bench's rounds against its runtime's table's quiet level")
     parser.add_argument("--tries", type=int, default=1, help="runs of a bench that does not meet the table's state")
-    parser.add_argument("--out-dir", default="out/bench_runtimes")
-    args = parser.parse_args()
+    args = common.parse(parser, QUICK)
 
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    record = common.Record(args)
     shape = (1, 3, args.size, args.size)
-    torch.manual_seed(0)
-    model = build_model(args.model, None).eval()
-    traced = trace_model(model, shape, spec=args.model)
+    model, traced = common.seeded_traced(args.model, shape, args.seed)
     backends = {name: get_backend(name, threads=args.threads) for name in RUNTIMES}
     tables = {}
     for name, backend in backends.items():
@@ -98,18 +71,18 @@ def main() -> None:
                 profile_table(traced.chain, backend, found, model_spec=args.model, input_shape=shape, traced=traced)
         tables[name] = read_latency_table(found)
         print(f"<!-- {name}: {backends[name].describe()}, table {found} -->")
-    print(f"# {args.model} at {args.size}, load average {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d %H:%M')}")
-    print("| budget | plan solved on | blocks | predicted on ORT table | measured on ORT | "
-          "predicted on OpenVINO table | measured on OpenVINO |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"# {args.model} at {args.size}")
+    table = common.Table(["budget", "plan solved on", "blocks", "predicted on ORT table", "measured on ORT",
+                          "predicted on OpenVINO table", "measured on OpenVINO"])
     records = []
     for ratio in (float(r) for r in args.ratios.split(",")):
         for made_for in RUNTIMES:
-            table = tables[made_for]
+            made_table = tables[made_for]
             try:
-                plan, _ = solve_for_model(table, None, resolve_budget(table, None, ratio), chain=traced.chain)
+                plan, _ = solve_for_model(made_table, None, resolve_budget(made_table, None, ratio),
+                                          chain=traced.chain)
             except Exception as err:  # an infeasible budget on this table is a finding
-                print(f"| {ratio:g} | {made_for} | {err} | | | | |", flush=True)
+                table.row([f"{ratio:g}", made_for, err, "", "", "", ""])
                 continue
             merged = merged_model(traced, plan)
             cells = {}
@@ -125,9 +98,11 @@ def main() -> None:
                                  "met_table_state": met, "median": statistics.median(speedups)}
             records.append({"ratio": ratio, "made_for": made_for, "blocks": len(plan.blocks), **cells})
             ort, ov = cells["onnxruntime"], cells["openvino"]
-            print(f"| {ratio:g} | {made_for} | {len(plan.blocks)} | {ort['predicted']:.2f}x | {ort['median']:.2f}x "
-                  f"({benches(ort)}) | {ov['predicted']:.2f}x | {ov['median']:.2f}x ({benches(ov)}) |", flush=True)
-    (out / "runtimes.json").write_text(json.dumps(records, indent=2))
+            table.row([f"{ratio:g}", made_for, len(plan.blocks), f"{ort['predicted']:.2f}x",
+                       f"{ort['median']:.2f}x ({benches(ort)})", f"{ov['predicted']:.2f}x",
+                       f"{ov['median']:.2f}x ({benches(ov)})"])
+            record.write(records)
+    print(f"record: {record.write(records)}")
 
 
 if __name__ == "__main__":

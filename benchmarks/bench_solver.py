@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_solver.py [--repeats 5] [--sizes 100,300,1000]
         [--latency-table LAT.csv --importance IMP.csv [--name NAME]]
+    .venv/bin/python benchmarks/bench_solver.py --quick   # one run of each, scaling at L=100 only
 
 Instances:
 - ``mobilenet_v2-sized``: L=50 convs, ~170 valid blocks (spans up to 4 convs, a few
@@ -36,9 +37,7 @@ memory is the tracemalloc peak of one run (numpy allocations included).
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import os
 import statistics
 import subprocess
 import sys
@@ -46,20 +45,19 @@ import tempfile
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import common
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dpcompress.search.solver import (  # noqa: E402
+from dpcompress.search.solver import (
     build_segments,
     pruned_sets,
     run_stage1,
     solve,
     stage2_frontier,
 )
-from dpcompress.tables import (  # noqa: E402
+from dpcompress.tables import (
     ImportanceTable,
     LatencyTable,
     read_importance_table,
@@ -69,6 +67,9 @@ from dpcompress.tables import (  # noqa: E402
 )
 
 Block = Tuple[int, int]
+QUICK = {"repeats": 1, "sizes": "100"}
+HEAD = ["instance", "L", "blocks", "segments", "stage 1 ms", "segments ms", "solve@70% ms (min-max)", "solve MiB",
+        "whole frontier ms", "frontier MiB", "frontier points", "load"]
 
 
 def synthetic_tables(L: int, max_block_span: int, max_segment_span: Optional[int], missing: float,
@@ -172,8 +173,10 @@ def ms(times: Sequence[float]) -> str:
     return f"{statistics.median(times) * 1e3:.1f}"
 
 
-def bench_instance(name: str, table: LatencyTable, importance: Optional[ImportanceTable], repeats: int) -> None:
-    load = os.getloadavg()[0]
+def bench_instance(name: str, table: LatencyTable, importance: Optional[ImportanceTable], repeats: int,
+                   rows: common.Table) -> Dict[str, Any]:
+    """Time and measure one instance; print its row and return its figures."""
+    load = common.load_average()[0]
     budget = 0.7 * table.original_latency_ms()
     s1 = run_stage1(table)
     segments = build_segments(s1, importance, table)
@@ -187,17 +190,21 @@ def bench_instance(name: str, table: LatencyTable, importance: Optional[Importan
         return stage2_frontier(build_segments(first, importance, table))
 
     t_frontier, mem_frontier = measure(whole_frontier, repeats)
-    rows = "" if importance is None or not importance.pruned_importance else \
+    importance_rows = "" if importance is None or not importance.pruned_importance else \
         f" of {len(importance.importance) + len(importance.pruned_importance)}"
     with_options = "" if not table.pruned_latency_ms else \
         f" ({len({(start, end) for start, end, _ in table.pruned_latency_ms})} with options)"
-    print(f"| {name} | {table.num_positions} | {len(table.latency_ms) + len(table.pruned_latency_ms)}{with_options} | "
-          f"{segments.count()}{rows} | {ms(t_stage1)} | {ms(t_segments)} | "
-          f"{ms(t_budget)} ({min(t_budget) * 1e3:.1f}-{max(t_budget) * 1e3:.1f}) | {mem_budget:.1f} | "
-          f"{ms(t_frontier)} | {mem_frontier:.1f} | {frontier_size} | {load:.1f} |", flush=True)
+    rows.row([name, table.num_positions, f"{len(table.latency_ms) + len(table.pruned_latency_ms)}{with_options}",
+              f"{segments.count()}{importance_rows}", ms(t_stage1), ms(t_segments),
+              f"{ms(t_budget)} ({min(t_budget) * 1e3:.1f}-{max(t_budget) * 1e3:.1f})", f"{mem_budget:.1f}",
+              ms(t_frontier), f"{mem_frontier:.1f}", frontier_size, f"{load:.1f}"])
+    return {"instance": name, "L": table.num_positions, "blocks": len(table.latency_ms) + len(table.pruned_latency_ms),
+            "segments": segments.count(), "stage1_s": t_stage1, "segments_s": t_segments, "solve_s": t_budget,
+            "solve_mib": mem_budget, "frontier_s": t_frontier, "frontier_mib": mem_frontier,
+            "frontier_points": frontier_size, "load": load}
 
 
-def bench_cli(repeats: int) -> None:
+def bench_cli(repeats: int) -> Dict[str, Any]:
     """Wall time of the whole `dpcompress solve` command in a fresh interpreter."""
     table, importance = synthetic_tables(50, 4, 6, 0.1, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -217,10 +224,11 @@ def bench_cli(repeats: int) -> None:
     print(f"\n`dpcompress solve` (L=50 tables, fresh interpreter, {repeats} runs): "
           f"median {statistics.median(times) * 1e3:.0f} ms, min {min(times) * 1e3:.0f} ms, "
           f"max {max(times) * 1e3:.0f} ms")
+    return {"instance": "dpcompress solve, fresh interpreter", "L": 50, "solve_s": times}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.parser(__doc__, "bench_solver")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sizes", default="100,300,1000", help="scaling instances' L, comma-separated ('' for none)")
     parser.add_argument("--latency-table", type=Path, help="a real latency table to benchmark first")
@@ -228,30 +236,36 @@ def main() -> None:
     parser.add_argument("--name", default="table", help="the real tables' row name")
     parser.add_argument("--skip-uniform-above", type=int, default=1000,
                         help="skip the uniform-importance runs for larger L")
-    args = parser.parse_args()
+    args = common.parse(parser, QUICK)
     if (args.latency_table is None) != (args.importance is None):
         parser.error("give --latency-table and --importance together")
-    print("| instance | L | blocks | segments | stage 1 ms | segments ms | solve@70% ms (min-max) | solve MiB | "
-          "whole frontier ms | frontier MiB | frontier points | load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    record = common.Record(args)
+    rows = common.Table(HEAD)
+    results: List[Dict[str, Any]] = []
+
+    def bench(name: str, table: LatencyTable, importance: Optional[ImportanceTable], repeats: int) -> None:
+        results.append(bench_instance(name, table, importance, repeats, rows))
+        record.write(results)
+
+    seed = args.seed
     if args.latency_table is not None:
-        bench_instance(args.name, read_latency_table(args.latency_table), read_importance_table(args.importance),
-                       args.repeats)
-    bench_instance("mobilenet_v2-sized, table", *synthetic_tables(50, 4, 6, 0.1, seed=0), args.repeats)
-    table, _ = synthetic_tables(50, 4, None, 0.1, seed=0)
-    bench_instance("mobilenet_v2-sized, uniform", table, None, args.repeats)
-    table, importance = synthetic_tables(50, 4, 6, 0.1, seed=0)
+        bench(args.name, read_latency_table(args.latency_table), read_importance_table(args.importance), args.repeats)
+    bench("mobilenet_v2-sized, table", *synthetic_tables(50, 4, 6, 0.1, seed=seed), args.repeats)
+    table, _ = synthetic_tables(50, 4, None, 0.1, seed=seed)
+    bench("mobilenet_v2-sized, uniform", table, None, args.repeats)
+    table, importance = synthetic_tables(50, 4, 6, 0.1, seed=seed)
     assert importance is not None
-    bench_instance("mobilenet_v2-sized, table, pruning", *with_pruning(table, importance, seed=0), args.repeats)
-    for most, table, importance in mobilenet_v2_with_pruning((1, 2)):
-        bench_instance(f"mobilenet_v2 blocks, pruning <= {most}", table, importance, args.repeats)
+    bench("mobilenet_v2-sized, table, pruning", *with_pruning(table, importance, seed=seed), args.repeats)
+    for most, table, importance in mobilenet_v2_with_pruning((1, 2), seed=seed):
+        bench(f"mobilenet_v2 blocks, pruning <= {most}", table, importance, args.repeats)
     for size in (int(s) for s in args.sizes.split(",") if s):
         repeats = args.repeats if size <= 300 else 1
-        bench_instance("scaling, table", *synthetic_tables(size, 40, 40, 0.2, seed=size), repeats)
+        bench("scaling, table", *synthetic_tables(size, 40, 40, 0.2, seed=seed + size), repeats)
         if size <= args.skip_uniform_above:
-            table, _ = synthetic_tables(size, 40, None, 0.2, seed=size)
-            bench_instance("scaling, uniform", table, None, repeats)
-    bench_cli(args.repeats)
+            table, _ = synthetic_tables(size, 40, None, 0.2, seed=seed + size)
+            bench("scaling, uniform", table, None, repeats)
+    results.append(bench_cli(args.repeats))
+    print(f"record: {record.write(results)}")
 
 
 if __name__ == "__main__":

@@ -27,18 +27,18 @@ def run_log(out: Path) -> Callable[[str], None]:
 
 
 def trained_digits_model(weights: Path, train_set: Dataset, epochs: int,
-                         factory: Callable[[], torch.nn.Module] = zoo.digits_mobilenet_v2,
+                         factory: Callable[[], torch.nn.Module] = zoo.digits_mobilenet_v2, seed: int = 0,
                          ) -> "tuple[torch.nn.Module, bool]":
     """The model ``factory`` builds, with the weights at ``weights`` if that file exists, else trained
-    (SGD lr 0.1 cosine) and saved there.
+    (SGD lr 0.1 cosine, ``seed``) and saved there.
 
     Returns the model in eval mode and whether it was trained now.
     """
-    torch.manual_seed(0)  # the initial weights too: train() seeds only the data order and dropout
+    torch.manual_seed(seed)  # the initial weights too: train() seeds only the data order and dropout
     model = factory()
     trained = not weights.exists()
     if trained:
-        train(model, train_set, epochs=epochs, lr=0.1, seed=0)
+        train(model, train_set, epochs=epochs, lr=0.1, seed=seed)
         torch.save(model.state_dict(), weights)
     else:
         model.load_state_dict(torch.load(weights, weights_only=True))

@@ -2,8 +2,9 @@
 
 Every model runs in a fresh subprocess, so that its peak memory is its own (``os.wait4``
 gives the child's maximum resident set size) and a crash or a kill ends only that model.
-Results are appended to a JSONL file, one line per model; models already in it are skipped,
-so an interrupted sweep resumes where it stopped.
+Results are appended to a JSONL file (``--jsonl``), one line per model; models already in it are
+skipped, so an interrupted sweep resumes where it stopped. The run's own lines are its JSON record's
+results (``--out``). The sweeps behind the recorded figures are in benchmarks/records/.
 
 Per model: convs, valid blocks (and those of two or more convs), barriers by kind, profile
 time, peak memory, the smallest feasible latency as a fraction of the original (from the
@@ -12,9 +13,10 @@ its predicted and measured speed-up, and the export's max relative error. Where 
 can be merged, or no merge is faster than its convs, the line says why from the barrier
 kinds.
 
-    python benchmarks/sweep_zoo.py --out benchmarks/sweep_64.jsonl                # every torchvision classifier, 64x64
-    python benchmarks/sweep_zoo.py --size 224 --models resnet18,mobilenet_v2 --out benchmarks/sweep_224.jsonl
-    python benchmarks/sweep_zoo.py --models timm:resnet18,timm:efficientnet_b0 --out sweep_timm.jsonl
+    python benchmarks/sweep_zoo.py --jsonl benchmarks/records/sweep_64.jsonl     # every torchvision classifier, 64x64
+    python benchmarks/sweep_zoo.py --size 224 --models resnet18,mobilenet_v2 --jsonl benchmarks/records/sweep_224.jsonl
+    python benchmarks/sweep_zoo.py --models timm:resnet18,timm:efficientnet_b0 --jsonl sweep_timm.jsonl
+    python benchmarks/sweep_zoo.py --quick   # the tiny model at 32x32, run again each time
 
 A model is a torchvision name (``resnet18``) or any model spec (``timm:NAME``, ``file.py:factory``).
 """
@@ -36,7 +38,10 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, List
 
-REPO = Path(__file__).resolve().parents[1]
+import common
+
+REPO = common.REPO
+QUICK = {"models": common.QUICK_SPEC, "size": common.QUICK_SIZE, "redo": True, "timeout": 600}
 BUDGET_FRACTION = 0.3  # of the way from the smallest achievable latency to the original
 ALSO_READ = "position also read by "
 
@@ -55,10 +60,6 @@ def _op_name(text: str) -> str:
     return re.sub(r"\s*\(.*\)$", "", text).strip()
 
 
-def model_spec(name: str) -> str:
-    return name if ":" in name else f"torchvision:{name}"
-
-
 def torchvision_classifiers() -> List[str]:
     from dpcompress.tv_compat import import_torchvision
 
@@ -66,16 +67,10 @@ def torchvision_classifiers() -> List[str]:
     return list(torchvision.models.list_models(module=torchvision.models))
 
 
-def git_commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "dpcompress"], cwd=REPO, capture_output=True, text=True)
-    return result.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
 # ---- one model, in its own process ----
 
 
-def run_model(spec: str, size: int, threads: int, max_block_seconds: float, work: Path,
+def run_model(spec: str, size: int, threads: int, max_block_seconds: float, seed: int, work: Path,
               record: Dict[str, Any], save: Any) -> None:
     """Every stage for one model; ``record`` is filled (and ``save``d) as each stage ends."""
     import torch
@@ -90,7 +85,7 @@ def run_model(spec: str, size: int, threads: int, max_block_seconds: float, work
     from dpcompress.search.solver import frontier, solve_for_model
     from dpcompress.tables import read_latency_table
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     shape = (1, 3, size, size)
     started = time.perf_counter()
     model = build_model(spec).eval()  # random weights: latency and exactness do not depend on them
@@ -167,7 +162,8 @@ def worker(args: argparse.Namespace) -> int:
         result_path.write_text(json.dumps(record))
 
     try:
-        run_model(args.worker, args.size, args.threads, args.max_block_seconds, Path(args.work_dir), record, save)
+        run_model(args.worker, args.size, args.threads, args.max_block_seconds, args.seed, Path(args.work_dir),
+                  record, save)
         record["status"] = "ok"
     except UserError as err:
         record.update(status="error", error=str(err))
@@ -201,7 +197,8 @@ def run_one(spec: str, args: argparse.Namespace) -> Dict[str, Any]:
         result = Path(folder) / "result.json"
         command = [sys.executable, __file__, "--worker", spec, "--size", str(args.size), "--threads",
                    str(args.threads), "--work-dir", folder, "--result", str(result)]
-        command += ["--max-block-seconds", str(args.max_block_seconds)]
+        command += ["--max-block-seconds", str(args.max_block_seconds), "--seed", str(args.seed),
+                    "--out-dir", folder]
         started = time.perf_counter()
         with open(Path(folder) / "log.txt", "w") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
@@ -238,35 +235,36 @@ def wait_with_timeout(pid: int, timeout: float) -> Any:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__, "sweep_zoo", threads=2)
     parser.add_argument("--models", default=None,
                         help="Comma-separated torchvision names or specs [default: every torchvision classifier].")
     parser.add_argument("--size", type=int, default=64, help="Input height and width.")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-block-seconds", type=float, default=60.0, help="Profile's per-block time cap.")
     parser.add_argument("--timeout", type=float, default=1800, help="Seconds per model before it is killed.")
-    parser.add_argument("--out", default="benchmarks/sweep_zoo.jsonl", help="JSONL file to append to.")
+    parser.add_argument("--jsonl", default=None, help="JSONL file to append to (default OUT_DIR/sweep_zoo.jsonl).")
     parser.add_argument("--redo-failed", action="store_true",
                         help="Run again the models whose last record is not ok (after a fix); a new line is added.")
     parser.add_argument("--redo", action="store_true",
                         help="Run the models again even where recorded (after a change); a new line is added.")
-    parser.add_argument("--table", action="store_true", help="Print the Markdown table of --out and stop.")
+    parser.add_argument("--table", action="store_true", help="Print the Markdown table of --jsonl and stop.")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = common.parse(parser, QUICK)
     if args.worker:
         return worker(args)
+    jsonl = Path(args.jsonl or Path(args.out_dir) / "sweep_zoo.jsonl")
     if args.table:
-        print(markdown_table(latest_records(Path(args.out), args.size).values()))
+        print(markdown_table(latest_records(jsonl, args.size).values()))
         return 0
 
-    specs = [model_spec(m) for m in args.models.split(",")] if args.models else \
-        [model_spec(m) for m in torchvision_classifiers()]
-    out = Path(args.out)
-    done = set() if args.redo else {spec for spec, record in latest_records(out, args.size).items()
+    specs = [common.model_spec(m) for m in args.models.split(",")] if args.models else \
+        [common.model_spec(m) for m in torchvision_classifiers()]
+    done = set() if args.redo else {spec for spec, record in latest_records(jsonl, args.size).items()
                                      if not args.redo_failed or record["status"] == "ok"}
-    args.commit = git_commit()
+    run_record = common.Record(args)
+    args.commit = run_record.machine["commit"]
+    records = []
     for index, spec in enumerate(specs, 1):
         if spec in done:
             continue
@@ -274,8 +272,12 @@ def main() -> int:
         print(f"[{index}/{len(specs)}] {spec} at {args.size}x{args.size} (load {args.load:.2f})", flush=True)
         record = run_one(spec, args)
         print(f"    {record['status']}: {summary(record)}", flush=True)
-        with open(out, "a") as f:
+        with open(jsonl, "a") as f:
             f.write(json.dumps(record) + "\n")
+        records.append(record)
+        run_record.write(records)
+    print(markdown_table(records))
+    print(f"record: {run_record.write(records)}")
     return 0
 
 
