@@ -1,7 +1,7 @@
 """`compress` with the closed loop, per model and budget: is the budget met as measured?
 
 For each model and budget ratio, runs :func:`dpcompress.compress` (no data: uniform importance,
-no fine-tuning; ONNX Runtime CPU) with the closed loop on, reusing an in-network latency table
+no fine-tuning; ONNX Runtime CPU, or ``--backend``) with the closed loop on, reusing an in-network latency table
 found under ``--tables-dirs`` (else profiling one into the run's folder). Records per run: the
 candidates benched, which one was kept (or the original), and the final bench's measured latency
 against the budget measured the same way (the budget ratio times the original's latency in that
@@ -29,7 +29,7 @@ QUICK = {"models": common.QUICK_SPEC, "size": common.QUICK_SIZE, "ratios": "0.7"
 
 
 def main() -> None:
-    parser = common.parser(__doc__, "bench_closed_loop")
+    parser = common.parser(__doc__, "bench_closed_loop", backend=True)
     parser.add_argument("--models", default="mobilenet_v2")
     parser.add_argument("--ratios", default="0.9,0.7,0.5")
     parser.add_argument("--size", type=int, default=224)
@@ -45,14 +45,14 @@ def main() -> None:
     rows = common.Table(["model", "budget ratio", "candidates benched", "kept", "predicted",
                          "measured (final bench)", "measured / budget", "verdict"])
     records = []
-    backend = get_backend("onnxruntime", threads=args.threads)
+    backend = get_backend(args.backend, threads=args.threads)
     for name in args.models.split(","):
         spec = common.model_spec(name)
         model, traced = common.seeded_traced(spec, shape, args.seed)
         found = None
         for folder in args.tables_dirs.split(","):
             if Path(folder).is_dir():
-                found = found or find_table(Path(folder), traced.chain.fingerprint(), "onnxruntime", "fp32",
+                found = found or find_table(Path(folder), traced.chain.fingerprint(), backend.name, "fp32",
                                             args.batch_size, args.threads, default_timing(backend, traced))
         for ratio in (float(r) for r in args.ratios.split(",")):
             run_dir = out / f"{name.split(':')[-1]}_{args.size}_b{args.batch_size}_{ratio:g}"

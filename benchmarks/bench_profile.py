@@ -1,4 +1,4 @@
-"""Wall time to profile the full mobilenet_v2 latency table on the CPU with ONNX Runtime.
+"""Wall time to profile the full mobilenet_v2 latency table on the CPU with ONNX Runtime (or ``--backend``).
 
 Target: under 3 minutes on the 2-core development machine. Run:
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_profile.py [--warmup 10 --iters 50 --out-dir DIR]
@@ -24,7 +24,7 @@ QUICK = {"model": common.QUICK_SPEC, "size": common.QUICK_SIZE, "warmup": 2, "it
 
 
 def main() -> None:
-    parser = common.parser(__doc__, "bench_profile")
+    parser = common.parser(__doc__, "bench_profile", backend=True)
     parser.add_argument("--model", default="torchvision:mobilenet_v2")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--warmup", type=int, default=10)
@@ -36,7 +36,7 @@ def main() -> None:
     started = time.perf_counter()
     chain = chain_for_spec(args.model, (1, 3, args.size, args.size))
     traced = time.perf_counter()
-    backend = get_backend("onnxruntime", threads=args.threads)
+    backend = get_backend(args.backend, threads=args.threads)
     result = profile_table(chain, backend, os.path.join(args.out_dir, "table.csv"), model_spec=args.model,
                            warmup=args.warmup, iters=args.iters, overwrite=True)
     finished = time.perf_counter()
