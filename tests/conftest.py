@@ -1,6 +1,12 @@
+"""Fixtures every test can use. Helpers shared by several test modules live in modules of their own at
+tests/ (models_for_tests, random_plans, merge_checks, conv_specs, pruning_instances, cli_helpers, ...);
+test modules import from those, never from each other."""
+
 import functools
 
 import pytest
+
+from tests.cli_helpers import workdir  # noqa: F401 (a fixture: a folder holding a model file and a plan)
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,9 +19,9 @@ from dpcompress.latency.profile import profile_table
 from dpcompress.graph.plan import Plan
 from dpcompress.search.solver import frontier, solve_for_model
 from dpcompress.tables import meta_path_for, read_latency_table
-from tests.graph.test_merge import FEWER, Spec, conv_chains, min_input, random_input, run_sequence
+from tests.conv_specs import FEWER, Spec, conv_chains, min_input, random_input, run_sequence
 from tests.latency.helpers import FlopBackend
-from tests.graph.test_rewrite import traced_strided
+from tests.models_for_tests import traced_strided
 
 
 def strided_specs(count: int, channels: int = 3) -> List[Spec]:

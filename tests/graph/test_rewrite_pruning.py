@@ -15,52 +15,12 @@ from dpcompress.graph.rewrite import merge_reference, reference_model
 from dpcompress.graph.trace import trace_model
 from dpcompress.models import build_model
 from dpcompress.graph.plan import Plan
-from tests.bn_calibration import calibrate_batchnorm, randomize_batchnorm_affine
-from tests.graph.test_rewrite import merged_equal_to_reference, random_plan
+from tests.merge_checks import assert_pruned_merged_matches
+from tests.models_for_tests import calibrated, traced_zoo
+from tests.random_plans import random_plan, with_random_pruning
 
 ZOO = ["dpcompress.zoo:tiny_mobilenet_v2", "dpcompress.zoo:digits_mobilenet_v2"]
 TORCHVISION = ["resnet18", "mobilenet_v2", "vgg11", "efficientnet_b0", "regnet_x_400mf"]
-
-
-def calibrated(model, size):
-    randomize_batchnorm_affine(model)
-    return calibrate_batchnorm(model, (4, 3, size, size))
-
-
-def traced_zoo(spec, size=32):
-    return trace_model(calibrated(build_model(spec), size), (1, 3, size, size), spec=spec)
-
-
-def with_random_pruning(chain, plan, seed):
-    """``plan`` pruning each reducible conv with probability 1/2, and every reducible conv of a few blocks."""
-    rng = random.Random(seed)
-    reducible = set(chain.reducible_positions())
-    pruned = set()
-    for start, end in plan.blocks:
-        inside = [p for p in range(start + 1, end + 1) if p in reducible]
-        everything = rng.random() < 0.2
-        pruned.update(p for p in inside if everything or rng.random() < 0.5)
-    return replace(plan, pruned=sorted(pruned))
-
-
-def assert_pruned_merged_matches(traced, plan, size):
-    merged = merged_equal_to_reference(traced, plan, size)
-    assert_pruned_geometry_matches(traced.chain, plan, merged)
-
-
-def assert_pruned_geometry_matches(chain, plan, merged):
-    """Each block is the conv block_geometry predicts from its pruned convs, or no module at all for
-    an identity block."""
-    modules = dict(merged.named_children())
-    for index, block in enumerate(plan.blocks):
-        g = block_geometry(chain, *block, plan.pruned_in(*block))
-        name = f"dpc_block_{index}"
-        assert g.identity == (name not in modules), block
-        if not g.identity:
-            conv = modules[name]
-            assert (conv.kernel_size, conv.stride, conv.padding, conv.groups) == \
-                (g.kernel, g.stride, g.padding, g.groups), block
-            assert (conv.in_channels, conv.out_channels) == (g.in_channels, g.out_channels), block
 
 
 @pytest.mark.parametrize("spec", ZOO)

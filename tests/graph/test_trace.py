@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from dpcompress.graph.chain import Chain
 from dpcompress.graph.trace import trace_model
+from tests.models_for_tests import TORCHVISION_MODELS, TinyResidual
 
 
 def brute_force_valid(chain: Chain, start: int, end: int) -> bool:
@@ -54,23 +55,6 @@ def test_branch_concat_and_unknown_op_are_barriers():
     assert chain.activation_positions == [1, 5]
 
 
-class TinyResidual(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.a = nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU6())
-        self.b = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU6())
-        self.c = nn.Sequential(nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8))
-        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 8, 1), nn.Sigmoid())
-        self.d = nn.Conv2d(8, 8, 3, padding=1)
-
-    def forward(self, x):
-        x = self.stem(x)
-        x = x + self.c(self.b(self.a(x)))
-        x = x * self.gate(x)  # squeeze-excitation: the gate's conv is not on the trunk
-        return self.d(x)
-
-
 def test_identity_residual_and_gate():
     chain = trace_model(TinyResidual(), (1, 3, 16, 16)).chain
     assert [u.name for u in chain.units] == ["stem.0", "a.0", "b.0", "c.0", "d"]
@@ -86,11 +70,7 @@ def test_identity_residual_and_gate():
             assert chain.is_valid_block(i, j) == brute_force_valid(chain, i, j), (i, j)
 
 
-MODELS = ["mobilenet_v2", "mobilenet_v2?width_mult=1.4", "vgg19_bn", "vgg11", "resnet18", "resnet50",
-          "efficientnet_b0", "mobilenet_v3_large", "mnasnet1_0", "regnet_x_400mf"]
-
-
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", TORCHVISION_MODELS)
 def test_torchvision_models_trace(name, torchvision_chain):
     chain = torchvision_chain(name)
     assert chain.num_positions > 5

@@ -20,7 +20,7 @@ def test_compress_with_data_produces_verified_export_and_report(tmp_path):
     torch.save(trained_tiny().state_dict(), weights)
     # The table is made first, so that the budget can lie between its smallest latency and the original's
     # whatever the timings; compress finds and reuses it. The closed loop is off here (its choice depends on
-    # timing noise; tests/test_closed_loop.py covers it).
+    # timing noise; tests/search/test_closed_loop.py covers it).
     tables = tmp_path / "tables"
     traced = trace_model(trained_tiny(), INPUT_SHAPE, spec=TINY_SPEC)
     profile_table(traced.chain, get_backend("onnxruntime", threads=1), tables / "latency.csv", model_spec=TINY_SPEC,

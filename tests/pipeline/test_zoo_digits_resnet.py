@@ -5,8 +5,9 @@ with convs pruned."""
 import pytest
 
 from dpcompress.graph.plan import Plan
-from tests.graph.test_rewrite import random_plan
-from tests.graph.test_rewrite_pruning import assert_pruned_merged_matches, traced_zoo, with_random_pruning
+from tests.merge_checks import assert_pruned_merged_matches
+from tests.models_for_tests import traced_zoo
+from tests.random_plans import random_plan, with_random_pruning
 
 SPEC = "dpcompress.zoo:digits_resnet"
 

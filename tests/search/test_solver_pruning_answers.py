@@ -2,13 +2,13 @@
 
 The brute-force tests check the numbers of every plan, not which of several equally good splits and
 plans the solver picks; ``solver_pruning_answers.json`` pins those choices. It holds seeded random
-tables with pruning options (from ``test_solver_pruning.random_instance``: exact multiples of 1/8 and
-1/4; the same perturbed to real values; and with every latency equal, so that equal plans abound) and
-the answers the solver gave for them at the commit named by its ``recorded_with`` field: every
+tables with pruning options (from ``tests.pruning_instances.random_instance``: exact multiples of 1/8
+and 1/4; the same perturbed to real values; and with every latency equal, so that equal plans abound)
+and the answers the solver gave for them at the commit named by its ``recorded_with`` field: every
 frontier plan, and the plan for several budgets from both the budget-pruned and the whole-frontier
-path, or the error. Today's solver must give the
-same plans (boundaries and pruned convs included) and the same floats, bit for bit. (Equal splits of
-one pruned segment are rare here; ``test_solver_pruning`` pins how those ties break.)
+path, or the error. Today's solver must give the same plans (boundaries and pruned convs included)
+and the same floats, bit for bit. (Equal splits of one pruned segment are rare here;
+``test_solver_pruning`` pins how those ties break.)
 
 To record again (only when an answer is meant to change):
 ``python -m tests.search.test_solver_pruning_answers tests/search/solver_pruning_answers.json "<what solver>"``.
@@ -28,7 +28,7 @@ import pytest
 from dpcompress.errors import UserError
 from dpcompress.search import solver
 from dpcompress.tables import ImportanceTable, LatencyTable
-from tests.search.test_solver_pruning import _unpruned_cover, random_instance
+from tests.pruning_instances import random_instance, unpruned_cover
 
 ANSWERS = Path(__file__).parent / "solver_pruning_answers.json"
 BUDGET_RATIOS = (0.2, 0.35, 0.5, 0.7, 0.85, 1.0)
@@ -47,7 +47,7 @@ def cases(count: int = 90) -> List[Dict[str, Any]]:
         elif seed % 3 == 2:  # one latency, two importances: many equal plans, where the choice among them shows
             latency = {row: 0.25 for row in latency}
             importance = {row: rng.choice((0.0, 1.0)) for row in (importance or {})}
-        if not _unpruned_cover(latency, L):
+        if not unpruned_cover(latency, L):
             continue
         found.append({"num_positions": L, "allowed": allowed,
                       "latency": [[i, j, list(pruned), value] for (i, j, pruned), value in latency.items()],
