@@ -71,6 +71,7 @@ def test_proxy_measures_pruned_rows_with_the_convs_pruned(traced, tmp_path):
     out = tmp_path / "p.csv"
     compute_importance(traced, ImportanceSettings(method="proxy", prune=True), out)
     rows = {(int(r["start"]), int(r["end"]), r["pruned"]): r for r in _read(out)}
+    base_rows = {"unpruned": 0, "pruned": 0}
     for (start, end, pruned), row in rows.items():
         assert float(row["importance"]) == -float(row["kl"])
         base = not any(start < p < end for p in traced.chain.activation_positions)
@@ -78,6 +79,9 @@ def test_proxy_measures_pruned_rows_with_the_convs_pruned(traced, tmp_path):
             assert float(row["kl"]) == pytest.approx(0.0, abs=1e-6)
         elif base:  # only the pruning changes the output
             assert float(row["kl"]) > 1e-6
+        if base:
+            base_rows["pruned" if pruned else "unpruned"] += 1
+    assert base_rows["unpruned"] > 0 and base_rows["pruned"] > 0, base_rows
 
 
 def test_finetune_offset_comes_from_the_unpruned_base_segments(traced):

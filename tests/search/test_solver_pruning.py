@@ -17,36 +17,10 @@ import pytest
 
 from dpcompress.errors import UserError
 from dpcompress.search.solver import frontier, pruned_sets, solve, solve_with_frontier, write_frontier_csv
-from dpcompress.tables import ImportanceTable, LatencyTable, Pruned
+from dpcompress.tables import ImportanceTable, LatencyTable
+from tests.pruning_instances import Row, random_instance, splits, union, unpruned_cover
 
-Row = Tuple[int, int, Pruned]  # (start, end, pruned)
-
-
-# ---- brute force, independent of the DP ----
-
-def block_options(latency: Dict[Row, float]) -> Dict[Tuple[int, int], List[Pruned]]:
-    options: Dict[Tuple[int, int], List[Pruned]] = {}
-    for start, end, pruned in latency:
-        options.setdefault((start, end), []).append(pruned)
-    return options
-
-
-def splits(latency: Dict[Row, float], start: int, end: int):
-    """Every split of (start, end) into blocks with an option each: lists of rows."""
-    options = block_options(latency)
-    inner = range(start + 1, end)
-    for r in range(len(inner) + 1):
-        for cuts in itertools.combinations(inner, r):
-            ends = [start, *cuts, end]
-            blocks = list(zip(ends[:-1], ends[1:]))
-            if all(b in options for b in blocks):
-                for chosen in itertools.product(*(options[b] for b in blocks)):
-                    yield [(b[0], b[1], o) for b, o in zip(blocks, chosen)]
-
-
-def union(rows: Sequence[Row]) -> Pruned:
-    return tuple(sorted(p for _, _, pruned in rows for p in pruned))
-
+# ---- brute force, independent of the DP (with the splits and unions of tests.pruning_instances) ----
 
 def brute_plans(latency: Dict[Row, float], L: int, importance: Optional[Dict[Row, float]],
                 allowed: Sequence[int]) -> List[Tuple[float, float, Tuple[int, ...], Tuple[int, ...]]]:
@@ -75,35 +49,6 @@ def brute_plans(latency: Dict[Row, float], L: int, importance: Optional[Dict[Row
 def brute_pareto(plans) -> List[Tuple[float, float]]:
     points = {(lat, imp) for lat, imp, _, _ in plans}
     return sorted(p for p in points if not any(q != p and q[0] <= p[0] and q[1] >= p[1] for q in points))
-
-
-# ---- random instances ----
-
-def random_instance(rng: random.Random, L: int, with_importance: bool, restrict: bool):
-    reducible = [p for p in range(1, L + 1) if rng.random() < 0.6]
-    max_span = rng.randint(1, L)
-    latency: Dict[Row, float] = {}
-    for i in range(L):
-        for j in range(i + 1, min(L, i + max_span) + 1):
-            if rng.random() > 0.8:
-                continue
-            if j == i + 1 or rng.random() < 0.85:  # some blocks exist only with convs pruned
-                latency[(i, j, ())] = rng.randint(1, 60) / 8
-            inside = [p for p in reducible if i < p <= j]
-            for size in range(1, len(inside) + 1):
-                for pruned in itertools.combinations(inside, size):
-                    if rng.random() < 0.5:
-                        latency[(i, j, pruned)] = rng.randint(0, 40) / 8
-    allowed = sorted(rng.sample(range(1, L), rng.randint(0, L - 1))) if restrict else list(range(1, L))
-    importance = None
-    if with_importance:
-        ends = [0, *allowed, L]
-        # Only rows that the latency table can cover: the others are an error (tested below).
-        importance = {(i, j, pruned): rng.randint(-12, 40) / 4
-                      for i, j in itertools.combinations(ends, 2)
-                      for pruned in {union(rows) for rows in splits(latency, i, j)}
-                      if rng.random() < 0.7}
-    return latency, allowed, importance
 
 
 def tables(L, latency, importance):
@@ -138,7 +83,7 @@ def test_solver_with_options_matches_brute_force(with_importance, restrict):
         latency, allowed, importance = random_instance(rng, L, with_importance, restrict)
         table, importance_table = tables(L, latency, importance)
         plans = brute_plans(latency, L, importance, allowed)
-        if not plans or not _unpruned_cover(latency, L):
+        if not plans or not unpruned_cover(latency, L):
             with pytest.raises(UserError):
                 frontier(table, importance_table, allowed)
             continue
@@ -170,16 +115,6 @@ def test_solver_with_options_matches_brute_force(with_importance, restrict):
         assert pruning > 10  # the instances exercise pruning, not only the unpruned plans
 
 
-def _unpruned_cover(latency, L) -> bool:
-    """Whether the unpruned blocks chain 0 to L: the solver requires it, as a table of the original
-    network always has it (its single-conv blocks)."""
-    reached = {0}
-    for i, j, p in sorted(latency):
-        if not p and i in reached:
-            reached.add(j)
-    return L in reached
-
-
 def test_pruned_sets_are_every_union_a_split_reaches():
     rng = random.Random(5)
     for _ in range(40):
@@ -197,10 +132,11 @@ def test_pruned_latency_rows_without_pruned_importance_change_nothing():
     """Pruning options that the importance table does not price are not taken: the answers are
     those of the same tables without them, and uniform importance never prunes."""
     rng = random.Random(11)
+    compared = 0  # instances whose table has pruning options, compared under each importance
     for _ in range(30):
         L = rng.randint(2, 8)
         latency, allowed, importance = random_instance(rng, L, True, False)
-        if not _unpruned_cover(latency, L):
+        if not unpruned_cover(latency, L):
             continue
         with_options, _ = tables(L, latency, None)
         without = LatencyTable(L, dict(with_options.latency_ms))
@@ -209,10 +145,14 @@ def test_pruned_latency_rows_without_pruned_importance_change_nothing():
             try:
                 expected = [(lat, val, p.boundaries) for lat, val, p in frontier(without, imp)]
             except UserError:
+                with pytest.raises(UserError):  # options the importance cannot price do not rescue it
+                    frontier(with_options, imp)
                 continue
             got = frontier(with_options, imp)
             assert [(lat, val, p.boundaries) for lat, val, p in got] == expected
             assert all(p.pruned == [] for _, _, p in got)
+            compared += bool(with_options.pruned_latency_ms)
+    assert compared >= 35  # of 50 comparisons (25 instances cover 0 to L, under two importances): 41 today
 
 
 def test_pruning_wins_where_merging_cannot():
