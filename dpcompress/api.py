@@ -93,8 +93,11 @@ def _profile_into(model: "nn.Module", input_shape: Sequence[int], submodule: Opt
     traced, site = _traced(model, input_shape, submodule)
     runtime = _backend(backend, threads)
     shape = site.input_shape if site is not None else tuple(input_shape)
-    profile_table(traced.chain, runtime, path, input_shape=shape, precision=precision, warmup=warmup, iters=iters,
-                  traced=traced, timing=timing, progress=profile_lines(_progress_printer(progress)))
+    say = _progress_printer(progress)
+    result = profile_table(traced.chain, runtime, path, input_shape=shape, precision=precision, warmup=warmup,
+                           iters=iters, traced=traced, timing=timing, progress=profile_lines(say))
+    for note in result.notes:  # what the calibration could not do as intended
+        say(note)
 
 
 def solve(latency_table: "LatencyTable | PathLike", *, importance: "ImportanceTable | PathLike | None" = None,

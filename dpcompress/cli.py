@@ -340,7 +340,9 @@ def _profile_from_settings(settings: Dict[str, Any], out: str, quiet: bool) -> A
 def _profile_in_child(settings: Dict[str, Any], quiet: bool, out: Path) -> None:
     """One process's table of ``profile --processes`` (a spawned process: nothing inherited)."""
     with click.Context(main, obj={"quiet": quiet}):  # what the command's helpers read
-        _profile_from_settings(settings, str(out), quiet)
+        result = _profile_from_settings(settings, str(out), quiet)
+    for note in result.notes:
+        click.echo(f"{out.name}: {note}")
 
 
 def _profile_in_processes(settings: Dict[str, Any], out: str, processes: int, quiet: bool) -> None:
