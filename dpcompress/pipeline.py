@@ -128,8 +128,9 @@ def compress_model(model: Any, input_shape: Sequence[int], out_dir: "str | Path"
         accuracy["test_before"] = evaluate(model, data.test)
         accuracy["test_merged"] = evaluate(merged, data.test)
 
-    bench, whole_bench = _benches(job, plan, merged, table, (model, whole_merged, input_shape) if site is not None
-                                  and not (loop is not None and loop.kept_original) else None)
+    kept_original = bool(loop is not None and loop.kept_original)
+    whole = (model, whole_merged, input_shape) if site is not None and not kept_original else None
+    bench, whole_bench = _benches(job, plan, merged, table, whole)
     report = {
         "model": model_spec, "weights": weights, "input_shape": list(input_shape), "submodule": submodule,
         "submodule_input_shape": list(site.input_shape) if site is not None else None,
@@ -144,7 +145,7 @@ def compress_model(model: Any, input_shape: Sequence[int], out_dir: "str | Path"
         "accuracy": accuracy or None, "export": exported.to_json(),
         "bench": bench.to_json(),
         "solved_plan": solved.to_json(), "closed_loop": loop.to_json() if loop is not None else None,
-        "kept_original": bool(loop is not None and loop.kept_original),
+        "kept_original": kept_original,
     }
     write_json_atomic(job.out / "report.json", report)
     write_text_atomic(job.out / "report.md", report_markdown(report))
