@@ -28,7 +28,8 @@ from dpcompress.tables import read_latency_table
 from dpcompress.latency.timing import time_runner
 from tests.backends.conv_pairs import EXPENSIVE, slower_of_two
 from tests.cli_helpers import run_cli, workdir  # noqa: F401 (a fixture)
-from tests.latency.test_network_timing import ThreeParts, tiny_traced  # noqa: F401 (a fixture)
+from tests.latency.helpers import trace_tiny_mobilenet
+from tests.latency.test_network_timing import ThreeParts
 
 
 def openvino():
@@ -36,6 +37,11 @@ def openvino():
 
 
 PARTS = ["part_a", "part_b", "part_c"]
+
+
+@pytest.fixture(scope="module")
+def tiny_traced():
+    return trace_tiny_mobilenet()
 
 
 def test_openvino_times_the_expensive_conv_slower():
