@@ -24,9 +24,8 @@ def unit(position, activation="ReLU", linked=True):
                     in_shape=(1, 4, 8, 8), out_shape=(1, 4, 8, 8), activation=activation, linked=linked)
 
 
-def run(args, tmp_path):
-    result = CliRunner().invoke(main, args, catch_exceptions=False)
-    return result
+def run(args):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
 
 
 @pytest.fixture
@@ -42,7 +41,7 @@ def test_solve_writes_plan_frontier_and_plot(tables, tmp_path):
     lat, imp = tables
     out, front, plot = tmp_path / "plan.json", tmp_path / "front.csv", tmp_path / "front.png"
     result = run(["solve", "--latency-table", str(lat), "--importance", str(imp), "--budget-ms", "3.0",
-                  "--out", str(out), "--frontier", str(front), "--plot", str(plot)], tmp_path)
+                  "--out", str(out), "--frontier", str(front), "--plot", str(plot)])
     assert result.exit_code == 0, result.output
     plan = json.loads(out.read_text())
     # Plans: {} 2.5 ms / 0.1, {1} 3.0 / 2.25, {2} 2.5 / 1.25, {1,2} 5.5 / 2.0: best within 3 ms keeps 1.
@@ -58,7 +57,7 @@ def test_solve_writes_plan_frontier_and_plot(tables, tmp_path):
 def test_budget_ratio_and_uniform(tables, tmp_path):
     lat, _ = tables
     out = tmp_path / "plan.json"
-    result = run(["solve", "--latency-table", str(lat), "--budget-ratio", "1.0", "--out", str(out)], tmp_path)
+    result = run(["solve", "--latency-table", str(lat), "--budget-ratio", "1.0", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["activations"] == [1, 2]  # the original net fits its own latency
 
@@ -76,7 +75,7 @@ def test_chain_restricts_segments_and_tags_the_plan(tables, tmp_path):
     chain, chain_path = chain_json(tmp_path, activation_at_1=False)
     out = tmp_path / "plan.json"
     result = run(["solve", "--latency-table", str(lat), "--budget-ms", "100", "--out", str(out),
-                  "--chain", str(chain_path)], tmp_path)
+                  "--chain", str(chain_path)])
     assert result.exit_code == 0, result.output
     plan = json.loads(out.read_text())
     assert plan["activations"] == [2]  # position 1 holds no activation in this chain
@@ -89,7 +88,7 @@ def test_meta_fingerprint_must_match_the_chain(tables, tmp_path):
     meta_path_for(lat).write_text(json.dumps({"chain_fingerprint": "0123456789abcdef", "model": "x"}))
     out = tmp_path / "plan.json"
     result = run(["solve", "--latency-table", str(lat), "--budget-ms", "100", "--out", str(out),
-                  "--chain", str(chain_path)], tmp_path)
+                  "--chain", str(chain_path)])
     assert result.exit_code == 2 and "another model" in result.output and not out.exists()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytest
@@ -17,7 +17,6 @@ import pytest
 from dpcompress.errors import UserError
 from dpcompress.search.solver import (
     frontier,
-    run_stage1,
     solve,
     solve_with_frontier,
     stage1,
