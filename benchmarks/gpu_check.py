@@ -199,7 +199,8 @@ class Check:
 
     def dpcompress(self, step: str, commands: List[Dict[str, Any]], timeout_s: float) -> Dict[str, Dict[str, Any]]:
         """Run dpcompress ``commands`` (name, args, stdout) in one worker process; each finished one's
-        exit status and seconds by name (the others are missing: the limit came first)."""
+        exit status and seconds by name. The others are missing: the limit came first, or the worker died
+        of a signal (a crash in native code), which is then the exit of the command it died in."""
         commands_path, results_path = self.work / f"{step}.commands.json", self.work / f"{step}.results.jsonl"
         commands_path.write_text(json.dumps(commands, indent=2))
         results_path.unlink(missing_ok=True)
@@ -207,7 +208,12 @@ class Check:
         if status is None:
             self.say(f"{step}: stopped at its limit of {timeout_s:.0f} s")
         lines = results_path.read_text().splitlines() if results_path.exists() else []
-        return {result["name"]: result for result in map(json.loads, lines)}
+        done = {result["name"]: result for result in map(json.loads, lines)}
+        unfinished = [command["name"] for command in commands if command["name"] not in done]
+        if status is not None and status < 0 and unfinished:  # killed by a signal: the command it was running
+            self.say(f"{step}: the worker died (signal {-status}) in {unfinished[0]}")
+            done[unfinished[0]] = {"name": unfinished[0], "exit": status, "seconds": None, "crashed": True}
+        return done
 
 
 # ---- command lines ----

@@ -151,6 +151,34 @@ def test_each_plan_is_benched_and_its_export_verified(dry_run):
         assert c["our_measured_speedup"] == plans[c["our_plan"]]["bench"]["measured_speedup"]
 
 
+FAKE_WORKER = """
+import json, os, signal, sys, time
+for command in json.load(open(sys.argv[1])):
+    if command["name"] == "crash":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if command["name"] == "hang":
+        time.sleep(60)
+    with open(sys.argv[2], "a") as results:
+        results.write(json.dumps({"name": command["name"], "exit": 0, "seconds": 0.0}) + "\\n")
+"""
+
+
+def test_a_worker_that_dies_or_runs_past_its_limit_leaves_what_finished(tmp_path, monkeypatch):
+    script = load_script()
+    fake = tmp_path / "worker.py"
+    fake.write_text(FAKE_WORKER)
+    monkeypatch.setattr(script, "WORKER", fake)
+    with open(tmp_path / "log", "w") as log:
+        check = script.Check(script.DRY_RUN, tmp_path, tmp_path, script.Record(tmp_path / "r.json", {"steps": {}}),
+                             log, deadline=float("inf"))
+        died = check.dpcompress("died", [{"name": "first"}, {"name": "crash"}, {"name": "never"}], 60)
+        assert died == {"first": {"name": "first", "exit": 0, "seconds": 0.0},
+                        "crash": {"name": "crash", "exit": -9, "seconds": None, "crashed": True}}
+        stopped = check.dpcompress("stopped", [{"name": "first"}, {"name": "hang"}, {"name": "never"}], 3)
+        assert list(stopped) == ["first"]
+    assert "the worker died (signal 9) in crash" in (tmp_path / "log").read_text()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
 def test_without_cuda_the_real_check_stops_in_one_line_and_keeps_its_record(tmp_path):
     result = run_script("--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), timeout=300)
