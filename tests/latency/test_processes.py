@@ -51,7 +51,6 @@ def test_each_process_makes_its_table_and_the_median_is_written_and_they_are_rem
         profile_in_processes(flop_table, out, 3)
 
 
-@pytest.mark.slow
 def test_a_users_error_in_a_process_is_raised_with_its_message_and_processes_must_be_positive(tmp_path):
     with pytest.raises(UserError, match="nothing to profile at t.process1.csv"):
         profile_in_processes(refused, tmp_path / "t.csv", 2)
