@@ -201,7 +201,11 @@ def rewrite_blocks(traced: TracedModel, plan: Plan, holder: nn.Module,
 
     A block that is ``nn.Identity`` (every conv pruned) leaves no node: its output is its input.
     That tensor may still be read elsewhere (by a shortcut), so in-place ops reading it (ReLU's
-    ``inplace=True``, ``out += shortcut``) run out of place instead."""
+    ``inplace=True``, ``out += shortcut``) run out of place instead.
+
+    Checks on a tensor's metadata (``torch._assert(x.ndim == 4)``) whose tensor a block merged away
+    are dropped: no tensor of the new network is that one (inside a reordered block its shape is not
+    even the same), they held when traced, and they compute nothing the network returns."""
     chain: Chain = traced.chain
     kept = set(plan.activations)
     skipped: Set[fx.Node] = set()
@@ -215,8 +219,10 @@ def rewrite_blocks(traced: TracedModel, plan: Plan, holder: nn.Module,
                 skipped.add(nodes.batchnorm)
             if nodes.residual_add is not None and position in absorbed_ends:
                 skipped.add(nodes.residual_add)
-            if position < end and nodes.activation is not None:
-                skipped.add(nodes.activation)
+            if position < end:
+                skipped.update(nodes.trailing)
+                if nodes.activation is not None:
+                    skipped.add(nodes.activation)
         last = traced.unit_nodes(end)
         output = last.residual_add if end in absorbed_ends else last.pre_add
         block = make_block(start, end)
@@ -228,6 +234,9 @@ def rewrite_blocks(traced: TracedModel, plan: Plan, holder: nn.Module,
     removed_activations = {
         traced.unit_nodes(p).activation for p in chain.activation_positions if p not in kept
     }
+    skipped |= _checks_on_removed_tensors(traced, skipped)
+    # An eval-time identity returns its input tensor itself: it passes an alias on.
+    passes_input = {node for nodes in traced.units for node in nodes.trailing}
     graph = fx.Graph()
     env: Dict[fx.Node, fx.Node] = {}
     aliases: Set[fx.Node] = set()  # nodes whose output is the input of an identity block
@@ -249,8 +258,24 @@ def rewrite_blocks(traced: TracedModel, plan: Plan, holder: nn.Module,
             env[node] = graph.node_copy(node, lambda n: env[n])
             if any(arg in aliases for arg in node.all_input_nodes):
                 _run_out_of_place(env[node], holder)
+                if node in passes_input:
+                    aliases.add(node)
     graph.lint()
     return fx.GraphModule(holder, graph, class_name="DpcompressNet")
+
+
+def _checks_on_removed_tensors(traced: TracedModel, removed: Set[fx.Node]) -> Set[fx.Node]:
+    """The metadata checks that read a removed node, directly or through other checks, and those that
+    feed only them (the parameter in ``x.dtype == self.weight.dtype``)."""
+    checks = traced.metadata_checks
+    dropped: Set[fx.Node] = set()
+    for node in traced.gm.graph.nodes:
+        if node in checks and any(arg in removed or arg in dropped for arg in node.all_input_nodes):
+            dropped.add(node)
+    for node in reversed(traced.gm.graph.nodes):
+        if node in checks and node.users and all(user in dropped for user in node.users):
+            dropped.add(node)
+    return dropped
 
 
 _OUT_OF_PLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,

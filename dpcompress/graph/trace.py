@@ -4,8 +4,14 @@ The graph is built once; everything after queries plain objects. A conv joins th
 trunk when it lies on the main data path (not in the gate branch of a gated
 multiply such as squeeze-excitation). Each trunk conv is followed along
 single-user edges through its BatchNorm, eval-time identities (dropout,
-stochastic depth), an identity residual add and its activation. Anything else
+stochastic depth), an identity residual add, its activation and the eval-time
+identities after it (timm's ``aa`` and ``se`` slots when unused). Anything else
 between two trunk convs is a barrier, described in the chain's notes.
+
+Reads of a tensor's metadata (``x.ndim``, ``x.shape``, ``x.size()``, ``x.dim()``,
+``x.dtype``, ``x.device``) whose results feed only assertions on them read no values:
+they are no user of the tensor here, and the rewrite drops those whose tensor a block
+merges away.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ MUL_TARGETS = {operator.mul, operator.imul, torch.mul}
 # Modules and functions that are the identity at inference time.
 IDENTITY_MODULES: Tuple[type, ...] = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout)
 IDENTITY_FUNCTION_NAMES = {"stochastic_depth", "dropout"}
+METADATA_ATTRIBUTES = {"shape", "ndim", "dtype", "device"}
+METADATA_METHODS = {"size", "dim"}
 
 
 @dataclass
@@ -54,6 +62,7 @@ class UnitNodes:
     pre_add: fx.Node  # last node before the residual add: conv, BatchNorm or identity
     residual_add: Optional[fx.Node]  # identity residual closing at this position
     activation: Optional[fx.Node]
+    trailing: List[fx.Node]  # eval-time identities after the activation (or the add, or pre_add)
     output: fx.Node  # the position's tensor
 
     @property
@@ -70,6 +79,7 @@ class TracedModel:
     chain: Chain
     units: List[UnitNodes]
     residual_adds: Dict[Tuple[int, int], fx.Node] = field(default_factory=dict)
+    metadata_checks: Set[fx.Node] = field(default_factory=set)  # see metadata_checks()
 
     def unit_nodes(self, position: int) -> UnitNodes:
         return self.units[position - 1]
@@ -155,9 +165,29 @@ def _numel(node: fx.Node) -> int:
     return n
 
 
-def _only_user(node: fx.Node) -> Optional[fx.Node]:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
+def _reads_metadata(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) == 2 and node.args[1] in METADATA_ATTRIBUTES
+    return node.op == "call_method" and node.target in METADATA_METHODS
+
+
+def metadata_checks(graph: fx.Graph) -> Set[fx.Node]:
+    """The nodes that read tensors' metadata, compute from it and end in assertions (or in nothing), such as
+    ``torch._assert(x.ndim == 4)`` or ``n, c, h, w = x.shape``, with the parameters read only by them
+    (``x.dtype == self.weight.dtype``). A metadata value that feeds real computation (a reshape to
+    ``x.shape``) is left out: the tensor it reads must then exist."""
+    derived: Set[fx.Node] = set()
+    for node in graph.nodes:
+        inputs = node.all_input_nodes
+        if _reads_metadata(node) or (node.op in ("call_function", "call_method") and inputs
+                                     and all(a in derived for a in inputs)):
+            derived.add(node)
+    checks: Set[fx.Node] = set()
+    for node in reversed(graph.nodes):
+        feeds_only_checks = all(user in checks for user in node.users)
+        if (node in derived and feeds_only_checks) or (node.op == "get_attr" and node.users and feeds_only_checks):
+            checks.add(node)
+    return checks
 
 
 def describe(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -176,6 +206,25 @@ class _Tracer:
     def __init__(self, model: nn.Module, gm: fx.GraphModule, input_shape: Tuple[int, ...], spec: Optional[str]):
         self.model, self.gm, self.input_shape, self.spec = model, gm, input_shape, spec
         self.notes: List[str] = []
+        self.checks = metadata_checks(gm.graph)
+
+    def readers(self, node: fx.Node) -> List[fx.Node]:
+        """The users of ``node`` that read its values (not only its metadata)."""
+        return [user for user in node.users if user not in self.checks]
+
+    def only_reader(self, node: fx.Node) -> Optional[fx.Node]:
+        readers = self.readers(node)
+        return readers[0] if len(readers) == 1 else None
+
+    def identities_after(self, node: fx.Node) -> List[fx.Node]:
+        """The eval-time identities applied one after another to ``node``, each its only reader."""
+        identities: List[fx.Node] = []
+        nxt = self.only_reader(node)
+        while nxt is not None and self.is_eval_identity(nxt) and nxt.args and nxt.args[0] is node:
+            identities.append(nxt)
+            node = nxt
+            nxt = self.only_reader(node)
+        return identities
 
     # --- classification of nodes ---
     def activation_kind(self, node: fx.Node) -> Optional[str]:
@@ -254,29 +303,26 @@ class _Tracer:
         """Walk from a trunk conv along single-user edges; return its nodes and the residual start, if any."""
         current = conv
         batchnorm = None
-        nxt = _only_user(current)
+        nxt = self.only_reader(current)
         if nxt is not None and isinstance(_module(self.gm, nxt), nn.BatchNorm2d):
             batchnorm = current = nxt
-        identities = []
-        nxt = _only_user(current)
-        while nxt is not None and self.is_eval_identity(nxt) and nxt.args and nxt.args[0] is current:
-            identities.append(nxt)
-            current = nxt
-            nxt = _only_user(current)
-        pre_add = current
+        identities = self.identities_after(current)
+        pre_add = current = identities[-1] if identities else current
         residual_add, residual_start = None, None
-        nxt = _only_user(current)
+        nxt = self.only_reader(current)
         if nxt is not None and self.is_add(nxt):
             other = nxt.args[1] if nxt.args[0] is current else nxt.args[0]
             start = unit_inputs.get(other) if isinstance(other, fx.Node) else None
             if start is not None and _shape(other) == _shape(current):
                 residual_add, residual_start, current = nxt, start, nxt
         activation = None
-        nxt = _only_user(current)
+        nxt = self.only_reader(current)
         if nxt is not None and self.activation_kind(nxt) is not None and nxt.args and nxt.args[0] is current:
             activation = current = nxt
+        trailing = self.identities_after(current)
         nodes = UnitNodes(conv=conv, batchnorm=batchnorm, identities=identities, pre_add=pre_add,
-                          residual_add=residual_add, activation=activation, output=current)
+                          residual_add=residual_add, activation=activation, trailing=trailing,
+                          output=trailing[-1] if trailing else current)
         return nodes, residual_start
 
     def barrier_reason(self, prev: UnitNodes, unit: UnitNodes, residual_starts: Dict[fx.Node, int],
@@ -296,7 +342,7 @@ class _Tracer:
             elif self.is_mul(node):
                 op = "gated multiply (squeeze-excitation)"
             return op
-        extra = [u for u in prev.output.users if u is not unit.conv and residual_starts.get(u) is None]
+        extra = [u for u in self.readers(prev.output) if u is not unit.conv and residual_starts.get(u) is None]
         if extra:
             return f"position also read by {describe(self.gm, extra[0])}"
         return None
@@ -321,7 +367,8 @@ class _Tracer:
             elif start is not None:
                 # Same shapes through a strided run is a coincidence we do not merge through.
                 nodes = UnitNodes(conv=nodes.conv, batchnorm=nodes.batchnorm, identities=nodes.identities,
-                                  pre_add=nodes.pre_add, residual_add=None, activation=None, output=nodes.pre_add)
+                                  pre_add=nodes.pre_add, residual_add=None, activation=None, trailing=[],
+                                  output=nodes.pre_add)
             units.append(nodes)
         position_of = {nodes.output: p for p, nodes in enumerate(units, start=1)}
         conv_units = []
@@ -337,7 +384,8 @@ class _Tracer:
             conv_units.append(self._conv_unit(position, nodes, linked, barrier))
         chain = Chain(model=self.spec, input_shape=self.input_shape, units=conv_units,
                       residuals=residuals, notes=self.notes)
-        return TracedModel(model=self.model, gm=self.gm, chain=chain, units=units, residual_adds=residual_adds)
+        return TracedModel(model=self.model, gm=self.gm, chain=chain, units=units, residual_adds=residual_adds,
+                           metadata_checks=self.checks)
 
     def _stride_one(self, convs: Sequence[fx.Node]) -> bool:
         return all(tuple(self.gm.get_submodule(c.target).stride) == (1, 1) for c in convs)  # type: ignore[arg-type]
