@@ -81,7 +81,7 @@ def test_uniform_and_proxy_tables_cover_exactly_the_allowed_segments(traced, tmp
 
     rows = compute_importance(traced, ImportanceSettings(method="proxy"), tmp_path / "p.csv", data=digits16())
     table = {(int(r["start"]), int(r["end"])): r for r in _read(tmp_path / "p.csv")}
-    assert sorted(table) == segments
+    assert sorted(table) == segments and sorted((r["start"], r["end"]) for r in rows) == segments
     base = set(base_segments(traced.chain, segments))
     for segment, row in table.items():
         kl = float(row["kl"])

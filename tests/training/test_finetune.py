@@ -137,4 +137,6 @@ def test_cli_finetune_writes_a_checkpoint(traced, tmp_path):
                    "--epochs", "1", "--distill", "0.3", "--batch-size", "32"])
     assert result.exit_code == 0, result.output
     assert "fine-tuned" in result.output
-    assert torch.load(out, weights_only=True)["settings"]["distill"] == 0.3
+    checkpoint = torch.load(out, weights_only=True)
+    assert checkpoint["settings"]["distill"] == 0.3 and checkpoint["epoch"] == 1
+    assert checkpoint["plan"]["boundaries"] == all_removed(traced.chain).boundaries
