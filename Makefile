@@ -1,11 +1,12 @@
-# Quick start: `make demo` runs the main job on defaults, `make test` runs the CPU tests.
+# Quick start: `make demo` runs the main job on defaults, `make test` runs the CPU tests (`make test-fast`: the
+# quick ones).
 # Both create the virtual environment in .venv first if it is missing.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test tables tables-openvino bench-quick clean
+.PHONY: install demo test test-fast tables tables-openvino bench-quick clean
 
 install: $(STAMP)
 
@@ -25,6 +26,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The tests that take under about 10 s each (not marked slow): about 2 minutes on an idle machine.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # Rebuild the shipped CPU latency tables (ONNX Runtime and OpenVINO, 224x224, batch 1, timed in-network);
 # about a minute each (vgg19_bn several). Make them on a quiet machine. No pruning options: compress

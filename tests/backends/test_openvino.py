@@ -254,6 +254,7 @@ def test_openvino_in_network_table(tiny_traced, tmp_path):
     assert all(ms >= 0 for ms in timed) and sum(ms > 0 for ms in timed) > len(timed) / 2
 
 
+@pytest.mark.slow
 def test_export_openvino_ir_verified(workdir):
     ov = openvino()
     args = ["export", "--model", "nets.py:small", "--input-shape", "1,3,16,16", "--plan", "plan.json",

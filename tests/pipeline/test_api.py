@@ -237,6 +237,7 @@ def test_timm_spec_builds_and_traces_a_small_timm_model():
         build_model("timm:no_such_net")
 
 
+@pytest.mark.slow
 def test_progress_goes_to_stderr_and_json_stays_alone_on_stdout(tmp_path):
     import subprocess
     import sys

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from dpcompress.backends import get_backend
@@ -15,6 +16,7 @@ from dpcompress.graph.trace import trace_model
 from tests.digits_helpers import INPUT_SHAPE, TINY_SPEC, trained_tiny
 
 
+@pytest.mark.slow
 def test_compress_with_data_produces_verified_export_and_report(tmp_path):
     weights = tmp_path / "tiny.pt"
     torch.save(trained_tiny().state_dict(), weights)
@@ -61,6 +63,7 @@ def test_compress_with_data_produces_verified_export_and_report(tmp_path):
     assert report["prune"] is False and "pruning: off" in (tmp_path / "out" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_compress_cli_without_data_says_accuracy_not_measured(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "dpcompress.cli", "compress", "--model", TINY_SPEC, "--input-shape", "1,3,16,16",

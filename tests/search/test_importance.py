@@ -175,6 +175,7 @@ def test_cli_bad_data_directory_exits_2_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_matches_single_process(tmp_path):
     weights = save_trained_tiny(tmp_path / "tiny.pt")
     args = ["importance", "--model", TINY_SPEC, "--weights", str(weights), "--input-shape", INPUT_SHAPE_ARG,
