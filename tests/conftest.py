@@ -11,11 +11,18 @@ from tests.cli_helpers import workdir  # noqa: F401 (a fixture: a folder holding
 
 @functools.lru_cache(maxsize=None)
 def _torchvision_traced(spec: str, size: int):
+    import torch
+
     from tests.bn_calibration import calibrate_batchnorm, randomize_batchnorm_affine
     from dpcompress.models import build_model
     from dpcompress.graph.trace import trace_model
 
-    model = build_model(f"torchvision:{spec}")
+    # Seeded, so that the weights, and with them the float64 round-off the merge tests bound, do not depend
+    # on which tests ran first: efficientnet_b0's pruned merge is off its reference by 1e-12 to 7e-8 of its
+    # scale (the bound is 1e-7) depending on the weights drawn.
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_model(f"torchvision:{spec}")
     randomize_batchnorm_affine(model)
     calibrate_batchnorm(model, (4, 3, size, size))
     return trace_model(model, (1, 3, size, size), spec=f"torchvision:{spec}")
