@@ -16,8 +16,10 @@ network as light as a deep plan), so once the rows are done the profile also tim
 the rest as ``rest_ms`` plus ``rest_per_block`` times a plan's blocks. The method (``CalibrationSettings.
 rest_fit``) is over WHOLE_NETWORKS: each plan network's wall against its rows (``plan_network_rests``) and the
 network of single convs' against its own, where the plan networks ran within ``plan_network_margin`` of the
-quiet level. Where that cannot be applied (no plan network ran near the level, or whole networks give a rest
-that shrinks as the network grows), the fit is over ALL_NETWORKS that stayed quiet (the plan networks and each
+quiet level. The line holds those walls between the deepest plan and the original, so it may have a negative
+fixed part, or a negative share where merged blocks cost more in a plan than where their rows were read (ONNX
+Runtime). Where that cannot be applied (no plan network ran near the level, or whole networks give no line:
+too little span, or rows that would cost nothing), the fit is over ALL_NETWORKS that stayed quiet (the plan networks and each
 packed network's wall against its own blocks), and the profile says so (``Calibration.notes``); the meta's
 ``rest_fit`` names the fit used and ``calibration`` the kind.
 """
@@ -78,8 +80,11 @@ def fit_rest(networks: Sequence[Tuple[float, float]], min_networks: int = DEFAUL
     its blocks) on its blocks' sum, from ``(blocks_ms, rest_ms)`` pairs. Returns ``(fixed_ms, per_block)``, or
     None where there are fewer than ``min_networks`` networks, their sums span less than ``span``, or the rest
     shrinks as the network grows (noise, not a cost). A fixed part fitted below 0 is none: the share is then
-    fitted alone; unless ``interpolating``, where the networks are the smallest and largest plans the line will
-    price (the deepest plan and the original), and it holds their walls between them whatever its value at 0."""
+    fitted alone. Unless ``interpolating``, where the networks are the smallest and largest plans the line will
+    price (the deepest plan and the original): it holds their walls between them whatever its value at 0, and
+    a rest that shrinks as the network grows is then measured, not noise (on ONNX Runtime a merged block costs
+    more in a plan than in the network its row was read in), as long as rows still cost something
+    (``per_block`` above -1)."""
     if len(networks) < min_networks:
         return None
     sums = [blocks for blocks, _ in networks]
@@ -92,7 +97,7 @@ def fit_rest(networks: Sequence[Tuple[float, float]], min_networks: int = DEFAUL
     fixed_ms = mean_y - per_block * mean_x
     if fixed_ms < 0 and not interpolating:
         fixed_ms, per_block = 0.0, math.fsum(x * y for x, y in networks) / math.fsum(x * x for x in sums)
-    if per_block < 0:
+    if per_block <= -1 or (per_block < 0 and not interpolating):
         return None
     return fixed_ms, per_block
 
@@ -136,7 +141,7 @@ def whole_networks_fit(plan_networks: Sequence[Sequence[float]], level_ms: Optio
     singles = sorted({(singles_wall_ms - singles_rest_ms, singles_rest_ms) for *_, singles_wall_ms in near_entries})
     whole = fit_rest([*near, *singles], min_networks=2, interpolating=True, span=settings.rest_fit_span)
     if whole is None:
-        return None, "whole networks give a rest that does not grow with the network"
+        return None, "whole networks give no line (their blocks span too little, or rows would cost nothing)"
     return RestFit(*whole, WHOLE_NETWORKS), ""
 
 
@@ -157,18 +162,24 @@ def all_networks_fit(network_rests: Sequence[Sequence[Optional[float]]], plan_ne
 def profile_rest_fit(network_rests: Sequence[Sequence[Optional[float]]],
                      plan_networks: Sequence[Sequence[float]],
                      level_ms: Optional[float], singles_rest_ms: Optional[float] = None,
-                     settings: CalibrationSettings = DEFAULT_CALIBRATION) -> Optional[RestFit]:
+                     settings: CalibrationSettings = DEFAULT_CALIBRATION, cover_merges: bool = True
+                     ) -> Optional[RestFit]:
     """The rest fitted over a profile's evidence (meta ``network_rests`` and ``plan_networks``) as the
     profile fits it, judged by its quiet level ``level_ms`` (None: everything counts): over whole networks
-    where they give a fit (and ``settings.rest_fit`` intends it), else over all quiet networks."""
-    return rest_fit_and_note(network_rests, plan_networks, level_ms, singles_rest_ms, settings)[0]
+    where they give a fit (and ``settings.rest_fit`` intends it), else over all quiet networks. Where the cheapest
+    cover of the chain by the rows merges nothing (``cover_merges`` False: meta ``cheapest_cover_merges``), the
+    original is the cheapest whole network the rows can price, and the line over whole networks is its rest."""
+    return rest_fit_and_note(network_rests, plan_networks, level_ms, singles_rest_ms, settings, cover_merges)[0]
 
 
 def rest_fit_and_note(network_rests: Sequence[Sequence[Optional[float]]], plan_networks: Sequence[Sequence[float]],
                       level_ms: Optional[float], singles_rest_ms: Optional[float],
-                      settings: CalibrationSettings = DEFAULT_CALIBRATION) -> Tuple[Optional[RestFit], str]:
+                      settings: CalibrationSettings = DEFAULT_CALIBRATION, cover_merges: bool = True
+                      ) -> Tuple[Optional[RestFit], str]:
     """:func:`profile_rest_fit`, and a line saying so where the intended method could not be applied."""
     why = ""
+    if settings.rest_fit == WHOLE_NETWORKS and not cover_merges and singles_rest_ms is not None:
+        return RestFit(singles_rest_ms, 0.0, WHOLE_NETWORKS), ""
     if settings.rest_fit == WHOLE_NETWORKS:
         whole, why = whole_networks_fit(plan_networks, level_ms, singles_rest_ms, settings)
         if whole is not None:
@@ -218,7 +229,7 @@ def plan_covers(num_positions: int, latency_ms: Dict[Tuple[int, int], float]) ->
 
 
 # Meta fields a run that timed no network keeps from the run that did.
-KEPT_FIELDS = ("quiet_margin", "anchor_quiet_ms", "loaded_networks", "retimed_shapes")
+KEPT_FIELDS = ("quiet_margin", "anchor_quiet_ms", "loaded_networks", "retimed_shapes", "cheapest_cover_merges")
 Timings = List[Optional["NetworkTiming"]]
 
 
@@ -307,6 +318,7 @@ class QuietCalibration(NoCalibration):
         self.judged_again = False
         self.stale: Dict[Any, Tuple[float, float, float]] = {}  # timed again: latency, std, anchor before
         self.stale_rest: Optional[Tuple[float, float]] = None
+        self.cover_merges = bool(found.get("cheapest_cover_merges", True))  # meta from before it: plans were timed
 
     def start(self, make_anchor: Callable[[], "Anchor"], model_bytes: int, timing_left: bool) -> None:
         if (timing_left or self.time_plans) and model_bytes <= self.settings.anchor_max_bytes:
@@ -354,10 +366,13 @@ class QuietCalibration(NoCalibration):
         """A node's time depends on the network around it (OpenVINO's run faster in a light network): whole
         plans' walls against their rows' sums tell how a plan pays its rows."""
         anchor = self.anchor
-        if not self.time_plans or self.rest_ms is None or anchor is None:
+        if not self.time_plans or self.rest_ms is None:
             return False
-        singles_wall_ms = math.fsum([*(row_ms[(p - 1, p)] for p in range(1, num_positions + 1)), self.rest_ms])
         covers = plan_covers(num_positions, row_ms)
+        meta["cheapest_cover_merges"] = self.cover_merges = bool(covers)
+        if not covers or anchor is None:  # nothing to time, or no level to judge plan networks by
+            return True
+        singles_wall_ms = math.fsum([*(row_ms[(p - 1, p)] for p in range(1, num_positions + 1)), self.rest_ms])
         for _ in range(self.settings.plan_network_tries):  # a loaded state can outlast one try's extra rounds
             results = time_plans(covers)
             level_ms = quiet_level(anchor.history)
@@ -387,7 +402,7 @@ class QuietCalibration(NoCalibration):
         else:  # nothing timed now: the level the networks were judged by when they were
             level_ms = self.found.get("anchor_quiet_ms")
         fitted, note = rest_fit_and_note(self.network_rests, self.plan_networks,  # type: ignore[arg-type]
-                                         level_ms, meta["rest_ms"], self.settings)
+                                         level_ms, meta["rest_ms"], self.settings, self.cover_merges)
         if note:
             self.notes.append(note)
         if fitted is not None:

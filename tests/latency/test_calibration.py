@@ -72,8 +72,17 @@ def test_with_plans_near_the_level_the_rest_is_fitted_over_whole_networks_alone(
         fit_rest([(b, r) for b, r, _ in packed] + [(rows, wall(rows) - rows) for rows in (0.7, 0.85)]))
     assert profile_rest_fit(packed, plans, 0.9 * level, singles_rest).over == ALL_NETWORKS
     # Whole networks whose rest shrinks as the network grows (a deep plan paying more outside its rows than
-    # the original): no cost to fit, so every quiet network.
-    assert profile_rest_fit(packed, plans, level, singles_rest_ms=0.0).over == ALL_NETWORKS
+    # the original, as merged blocks do in a plan on ONNX Runtime): measured at both ends, so still the line
+    # through them, with a negative share; it prices the plans' walls as they were timed.
+    shrinking = profile_rest_fit(packed, plans, level, singles_rest_ms=0.0)
+    assert shrinking.over == WHOLE_NETWORKS and -1 < shrinking.per_block < 0
+    for rows in (0.7, 0.85):
+        assert shrinking.fixed_ms + (1 + shrinking.per_block) * rows == pytest.approx(wall(rows), rel=0.03)
+    # Rows that would cost nothing in a plan (walls falling as the rows grow): no line over whole networks.
+    falling = [[rows, 1.03 * (wall(singles_rows) + 1.5 * (singles_rows - rows)), 1.03 * wall(singles_rows),
+                wall(singles_rows)] for rows in (0.7, 0.85)]
+    fitted, note = rest_fit_and_note(packed, falling, level, singles_rest)
+    assert fitted is None and "whole networks give no line" in note  # and every network falls too
 
 
 def test_plan_covers_are_the_cheapest_cover_and_every_other_merged_block_of_it():
@@ -167,3 +176,15 @@ def test_an_in_network_profile_without_calibration_keeps_the_singles_rest_and_ti
     assert calibrated.meta["calibration"] == QUIET_ANCHOR and "anchor_quiet_ms" in calibrated.meta
     assert calibrated.meta.get("rest_fit") in (WHOLE_NETWORKS, ALL_NETWORKS, None)
     assert (calibrated.meta.get("rest_fit") == WHOLE_NETWORKS) == (calibrated.notes == [])
+
+
+def test_where_the_cheapest_cover_merges_nothing_the_whole_networks_line_is_the_originals_rest():
+    """resnet18 and vgg19_bn on the CPU: no merged block is cheaper than its splits, so every plan the rows can
+    price is at least the original, and the original's own rest is the line over whole networks."""
+    packed = [[blocks, 0.1 + 0.05 * blocks, 1.0] for blocks in (1.0, 1.2, 1.4, 1.6, 1.8)]
+    assert profile_rest_fit(packed, [], 1.0, 0.42, cover_merges=False) == (0.42, 0.0, WHOLE_NETWORKS)
+    assert rest_fit_and_note(packed, [], 1.0, 0.42, cover_merges=False)[1] == ""
+    # Intending the fit over every quiet network, or with plans timed: as before.
+    every = CalibrationSettings(rest_fit=ALL_NETWORKS)
+    assert profile_rest_fit(packed, [], 1.0, 0.42, every, cover_merges=False).over == ALL_NETWORKS
+    assert profile_rest_fit(packed, [], 1.0, 0.42).over == ALL_NETWORKS

@@ -154,6 +154,10 @@ def test_in_network_table_has_every_block_the_rest_and_says_how_it_was_timed(tin
                              *(raw[(p - 1, p)] for p in range(1, table.num_positions + 1)
                                if not any(s < p <= e for s, e in cover))]) for cover in covers]
     assert len(meta["plan_networks"]) <= DEFAULT_CALIBRATION.plan_network_tries * len(covers)  # timed again where loaded
+    assert meta["cheapest_cover_merges"] == bool(covers)
+    if not covers:  # the original is the cheapest plan the rows price: its own rest is the line
+        assert (meta["rest_fit"], meta["rest_per_block"], meta["rest_ms"]) == ("whole networks", 0.0,
+                                                                               meta["singles_rest_ms"])
     singles_wall = math.fsum([*(raw[(p - 1, p)] for p in range(1, table.num_positions + 1)),
                               meta.get("singles_rest_ms", meta["rest_ms"])])
     for blocks_ms, wall_ms, anchor_ms, singles_wall_ms in meta["plan_networks"]:
