@@ -282,7 +282,7 @@ def main() -> int:
 
 
 def markdown_table(records: Any) -> str:
-    """One row per model: the figures RESULTS.md shows."""
+    """One row per model: the figures docs/results.md shows."""
     def figure(record: Dict[str, Any], key: str, fmt: str) -> str:
         return fmt.format(record[key]) if record.get(key) is not None else "-"
 

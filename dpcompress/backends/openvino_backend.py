@@ -91,7 +91,7 @@ class OpenVinoBackend(Backend):
     @property
     def min_network_runs(self) -> int:
         # At 5 rounds of 10 runs (iters 50), five tables made minutes apart predicted mobilenet_v2's deepest
-        # plan at 1.82x to 3.00x; at 20 rounds, 1.56x to 1.95x (benchmarks/table_spread.py). ONNX Runtime's
+        # plan at 1.82x to 3.00x; at 20 rounds, 1.56x to 1.95x (docs/latency.md). ONNX Runtime's
         # spread 7% at 5 rounds.
         return 200
 

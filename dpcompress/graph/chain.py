@@ -1,6 +1,6 @@
 """The Chain: a model's mergeable trunk as plain objects (no torch needed to use it).
 
-Positions follow DESIGN.md: the trunk convolutions are c1..cL in execution order;
+Positions follow docs/formats.md: the trunk convolutions are c1..cL in execution order;
 position p is the tensor after conv p with its BatchNorm (and any identity
 residual closing there), where the activation of conv p sits; position 0 is the
 trunk's input. A block (i, j) merges convs i+1..j into one convolution.

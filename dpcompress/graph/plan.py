@@ -1,6 +1,6 @@
 """The plan: which activations stay and where the merged network splits into blocks.
 
-JSON format ``dpcompress-plan/1`` (DESIGN.md). A plan written by hand with only
+JSON format ``dpcompress-plan/1`` (docs/formats.md). A plan written by hand with only
 ``activations`` and ``boundaries`` is valid; ``num_positions`` then defaults to the
 last boundary, ``pruned`` to none and the other fields to None (``solve_seconds`` to 0).
 

@@ -18,8 +18,8 @@ rest_fit``) is over WHOLE_NETWORKS: each plan network's wall against its rows (`
 network of single convs' against its own, where the plan networks ran within ``plan_network_margin`` of the
 quiet level. The line holds those walls between the deepest plan and the original, so it may have a negative
 fixed part, or a negative share where merged blocks cost more in a plan than where their rows were read (ONNX
-Runtime). Where that cannot be applied (no plan network ran near the level, or whole networks give no line:
-too little span, or rows that would cost nothing), the fit is over ALL_NETWORKS that stayed quiet (the plan networks and each
+Runtime). Where that cannot be applied (no plan network ran near the level, or whole networks give no line: rows that would cost
+nothing), the fit is over ALL_NETWORKS that stayed quiet (the plan networks and each
 packed network's wall against its own blocks), and the profile says so (``Calibration.notes``); the meta's
 ``rest_fit`` names the fit used and ``calibration`` the kind.
 """
@@ -62,8 +62,9 @@ class CalibrationSettings:
     # times in all.
     plan_network_margin: float = 1.05
     plan_network_tries: int = 3
-    # The anchor is one more session of the model: models with more weights go without it.
-    anchor_max_bytes: int = 256 << 20
+    # The anchor is one more session of the model: models with more weights go without it (1 GiB: vgg19_bn's
+    # 548 MB take the anchor, and so one calibration, as every shipped table does).
+    anchor_max_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
         if self.rest_fit not in REST_FIT_WORDS:
@@ -139,9 +140,10 @@ def whole_networks_fit(plan_networks: Sequence[Sequence[float]], level_ms: Optio
         return None, "the network of single convs has no rest"
     near = [(rows_ms, rest) for rows_ms, rest, _ in plan_network_rests(near_entries)]
     singles = sorted({(singles_wall_ms - singles_rest_ms, singles_rest_ms) for *_, singles_wall_ms in near_entries})
-    whole = fit_rest([*near, *singles], min_networks=2, interpolating=True, span=settings.rest_fit_span)
+    # Read only between its networks, the line holds their walls however close they are: no span asked.
+    whole = fit_rest([*near, *singles], min_networks=2, interpolating=True, span=1.0)
     if whole is None:
-        return None, "whole networks give no line (their blocks span too little, or rows would cost nothing)"
+        return None, "whole networks give no line (rows would cost nothing in a plan)"
     return RestFit(*whole, WHOLE_NETWORKS), ""
 
 

@@ -2,7 +2,7 @@
 
 A block timed alone is timed cache-hot (its weights stay in cache from one run to
 the next), pays the layout conversions at its edges, and pays a runtime call of its
-own; inside a network none of that holds (benchmarks/RESULTS.md, "Where predictions
+own; inside a network none of that holds (docs/journal/RESULTS.md, "Where predictions
 went wrong"). So the profiler builds whole networks instead: the model with a set of
 disjoint blocks each replaced by its merged convolution (random weights of the
 block's geometry: latency does not depend on their values) and single convs

@@ -6,7 +6,7 @@ each in one process, so that drift (thermal, other load) hits both alike.
 
 Alternating is not enough on a shared machine: its speed switches between a quiet
 state and loaded ones for seconds to minutes at a time, and a loaded state slows
-networks unevenly (mobilenet_v2 by some 30%, its merged versions by 0-15%; RESULTS.md,
+networks unevenly (mobilenet_v2 by some 30%, its merged versions by 0-15%; docs/journal/RESULTS.md,
 "Quiet and loaded phases"), so that a speed-up or a table measured across states depends
 on how long each lasted. A reference network timed in every round tells the rounds
 apart: a round is quiet when the reference ran within ``QUIET_MARGIN`` of its fastest

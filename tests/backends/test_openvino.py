@@ -27,9 +27,9 @@ from dpcompress.latency.profile import profile_table
 from dpcompress.tables import read_latency_table
 from dpcompress.latency.timing import time_runner
 from tests.backends.conv_pairs import EXPENSIVE, slower_of_two
-from tests.cli_helpers import run_cli, workdir  # noqa: F401 (a fixture)
+from tests.cli_helpers import run_cli
 from tests.latency.helpers import trace_tiny_mobilenet
-from tests.latency.test_network_timing import ThreeParts
+from tests.latency.helpers import ThreeParts
 
 
 def openvino():
@@ -119,7 +119,7 @@ def test_openvino_attributes_a_packed_networks_blocks(tiny_traced):
     owners = {owner_of_node(i.node_name, i.node_type, profiled._owners) for i in info if i.status == i.Status.EXECUTED}
     # A node that runs two blocks' convs (a fusion on some CPUs) shares its time between them. Apart from that,
     # a conv under 1 microsecond a run (a 1x1 conv on a 1x1 map, here) reads 0 in OpenVINO's whole-microsecond
-    # counters, NOT_RUN: nothing to count (RESULTS.md).
+    # counters, NOT_RUN: nothing to count (docs/latency.md).
     sharing = {part for node, shares in profiled._shares.items() for part in shares}
     under_a_microsecond = {owner_of_node(i.node_name, i.node_type, profiled._owners) for i in info
                            if i.node_type == "Convolution" and i.status != i.Status.EXECUTED} - owners - sharing

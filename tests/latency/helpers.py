@@ -1,4 +1,5 @@
-"""Fake backends and small chains the profile's tests share (and tests/graph's merge-memory test)."""
+"""Fake backends, small chains and small networks the profile's tests share (and tests/graph's merge-memory
+test and tests/backends' OpenVINO tests)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 
 from dpcompress import zoo
 from dpcompress.backends import Backend, Runner
@@ -158,3 +160,20 @@ def trace_tiny_mobilenet():
     """The zoo's tiny mobilenet_v2 traced at 16x16, with the same random weights every time."""
     torch.manual_seed(0)
     return trace_model(zoo.tiny_mobilenet_v2().eval(), (1, 3, 16, 16), spec="dpcompress.zoo:tiny_mobilenet_v2")
+
+
+class ThreeParts(nn.Module):
+    """part_a -> ReLU -> part_b -> SiLU -> (+ residual from part_a's output) -> part_c -> gate (SE-like)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.part_a = nn.Conv2d(4, 8, 3, padding=1)
+        self.part_b = nn.Conv2d(8, 8, 3, padding=1)
+        self.part_c = nn.Conv2d(8, 8, 1)
+        self.gate = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.part_a(x))
+        b = nn.functional.silu(self.part_b(a)) + a
+        c = self.part_c(b)
+        return c * torch.sigmoid(self.gate(c.mean((2, 3), keepdim=True)))

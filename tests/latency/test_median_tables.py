@@ -11,7 +11,7 @@ from dpcompress.latency.processes import median_of_tables
 from dpcompress.latency.profile import profile_table
 from dpcompress.latency.table_file import read_rows
 from dpcompress.tables import meta_path_for
-from tests.cli_helpers import run_cli, workdir  # noqa: F401 - the fixture
+from tests.cli_helpers import run_cli
 from tests.latency.helpers import FlopBackend, mixed_chain
 
 

@@ -18,23 +18,7 @@ from dpcompress.latency.profile import profile_table
 from dpcompress.latency.timing import MIN_KEPT_FRACTION
 from dpcompress.search.solver import frontier, solve_for_model
 from dpcompress.tables import read_latency_table
-
-
-class ThreeParts(nn.Module):
-    """part_a -> ReLU -> part_b -> SiLU -> (+ residual from part_a's output) -> part_c -> gate (SE-like)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.part_a = nn.Conv2d(4, 8, 3, padding=1)
-        self.part_b = nn.Conv2d(8, 8, 3, padding=1)
-        self.part_c = nn.Conv2d(8, 8, 1)
-        self.gate = nn.Conv2d(8, 8, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = torch.relu(self.part_a(x))
-        b = nn.functional.silu(self.part_b(a)) + a
-        c = self.part_c(b)
-        return c * torch.sigmoid(self.gate(c.mean((2, 3), keepdim=True)))
+from tests.latency.helpers import ThreeParts
 
 
 def test_nodes_are_attributed_to_their_part_with_the_ops_fused_after_it():

@@ -16,7 +16,7 @@ from tests.latency.helpers import OverheadBackend, RecordingBackend, mixed_chain
 
 
 def brute_force_valid_blocks(chain: Chain) -> List[Tuple[int, int]]:
-    """Valid blocks from the definitions in DESIGN.md, independently of Chain.valid_blocks."""
+    """Valid blocks from the definitions in docs/formats.md, independently of Chain.valid_blocks."""
     blocks = []
     for i in range(chain.num_positions):
         for j in range(i + 1, chain.num_positions + 1):

@@ -3,7 +3,7 @@
 import onnx
 import pytest
 
-from tests.cli_helpers import error_line, run_cli, workdir  # noqa: F401 (a fixture)
+from tests.cli_helpers import error_line, run_cli
 
 
 def test_export_onnx_verified(workdir):
