@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast tables tables-openvino bench-quick clean
+.PHONY: install demo test test-bench test-fast tables tables-openvino bench-quick clean
 
 install: $(STAMP)
 
@@ -24,8 +24,12 @@ demo: install
 	$(BIN)/dpcompress trace --model $(MODEL)
 	$(BIN)/dpcompress compress --model $(MODEL) --budget-ratio $(BUDGET) --out-dir demo_out
 
+# The test suite; the benchmarks' quick runs (marked bench, some 3 minutes) are make test-bench, which CI runs too.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not bench"
+
+test-bench: install
+	$(BIN)/python -m pytest -q -m bench
 
 # The tests that take under about 10 s each (not marked slow): about 2 minutes on an idle machine.
 test-fast: install

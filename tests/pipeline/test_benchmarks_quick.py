@@ -43,6 +43,7 @@ def test_every_benchmark_has_a_quick_run_here():
 
 
 @pytest.mark.slow
+@pytest.mark.bench
 @pytest.mark.parametrize("name", sorted(RESULT_FIELDS))
 def test_quick_mode_runs_to_its_end(name, tmp_path):
     out = tmp_path / "record.json"
