@@ -18,10 +18,11 @@ rest_fit``) is over WHOLE_NETWORKS: each plan network's wall against its rows (`
 network of single convs' against its own, where the plan networks ran within ``plan_network_margin`` of the
 quiet level. The line holds those walls between the deepest plan and the original, so it may have a negative
 fixed part, or a negative share where merged blocks cost more in a plan than where their rows were read (ONNX
-Runtime). Where that cannot be applied (no plan network ran near the level, or whole networks give no line: rows that would cost
-nothing), the fit is over ALL_NETWORKS that stayed quiet (the plan networks and each
-packed network's wall against its own blocks), and the profile says so (``Calibration.notes``); the meta's
-``rest_fit`` names the fit used and ``calibration`` the kind.
+Runtime). Where the cheapest cover merges nothing, the original's own rest is that line. Where it cannot be
+applied (no plan network ran near the level, or whole networks give no line: rows that would cost nothing),
+the fit is over ALL_NETWORKS that stayed quiet (the plan networks and each packed network's wall against its
+own blocks), and the profile says so (``Calibration.notes``); the meta's ``rest_fit`` names the fit used and
+``calibration`` the kind.
 """
 
 from __future__ import annotations
@@ -180,9 +181,9 @@ def rest_fit_and_note(network_rests: Sequence[Sequence[Optional[float]]], plan_n
                       ) -> Tuple[Optional[RestFit], str]:
     """:func:`profile_rest_fit`, and a line saying so where the intended method could not be applied."""
     why = ""
-    if settings.rest_fit == WHOLE_NETWORKS and not cover_merges and singles_rest_ms is not None:
-        return RestFit(singles_rest_ms, 0.0, WHOLE_NETWORKS), ""
     if settings.rest_fit == WHOLE_NETWORKS:
+        if not cover_merges and singles_rest_ms is not None:  # the original is the only whole network to price
+            return RestFit(singles_rest_ms, 0.0, WHOLE_NETWORKS), ""
         whole, why = whole_networks_fit(plan_networks, level_ms, singles_rest_ms, settings)
         if whole is not None:
             return whole, ""

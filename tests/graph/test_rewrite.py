@@ -8,9 +8,8 @@ from dpcompress.graph.geometry import block_geometry
 from dpcompress.graph.plan import Plan
 from dpcompress.graph.rewrite import max_merge_bytes, merge_reference, merged_model, reference_model
 from dpcompress.graph.trace import trace_model
-from tests.bn_calibration import calibrate_batchnorm, randomize_batchnorm_affine
 from tests.merge_checks import assert_geometry_matches, assert_merged_matches
-from tests.models_for_tests import TORCHVISION_MODELS, TinyResidual, traced_strided
+from tests.models_for_tests import TORCHVISION_MODELS, TinyResidual, calibrated, traced_strided
 from tests.random_plans import plan_all_removed, random_plan
 
 
@@ -29,9 +28,7 @@ def test_merged_equals_reference_random_plan(name, torchvision_traced):
 
 
 def test_single_conv_blocks_keep_every_activation_reproduce_the_model():
-    model = TinyResidual()
-    randomize_batchnorm_affine(model)
-    calibrate_batchnorm(model, (4, 3, 16, 16))
+    model = calibrated(TinyResidual(), 16)
     traced = trace_model(model, (1, 3, 16, 16))
     chain = traced.chain
     plan = Plan(activations=chain.activation_positions, boundaries=list(range(chain.num_positions + 1)),
@@ -44,9 +41,7 @@ def test_single_conv_blocks_keep_every_activation_reproduce_the_model():
 
 
 def test_removing_an_activation_changes_the_output():
-    model = TinyResidual()
-    randomize_batchnorm_affine(model)
-    calibrate_batchnorm(model, (4, 3, 16, 16))
+    model = calibrated(TinyResidual(), 16)
     traced = trace_model(model, (1, 3, 16, 16))
     chain = traced.chain
     plan = Plan(activations=[1], boundaries=[0, 1, 4, 5], num_positions=5)

@@ -179,7 +179,7 @@ def test_an_in_network_profile_without_calibration_keeps_the_singles_rest_and_ti
 
 
 def test_where_the_cheapest_cover_merges_nothing_the_whole_networks_line_is_the_originals_rest():
-    """resnet18 and vgg19_bn on the CPU: no merged block is cheaper than its splits, so every plan the rows can
+    """resnet18 on the CPU: no merged block is cheaper than its splits, so every plan the rows can
     price is at least the original, and the original's own rest is the line over whole networks."""
     packed = [[blocks, 0.1 + 0.05 * blocks, 1.0] for blocks in (1.0, 1.2, 1.4, 1.6, 1.8)]
     assert profile_rest_fit(packed, [], 1.0, 0.42, cover_merges=False) == (0.42, 0.0, WHOLE_NETWORKS)
