@@ -12,7 +12,6 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from dpcompress.backends.onnx_export import flat_tensors, onnx_bytes, write_onnx
 from dpcompress.errors import UserError
@@ -30,26 +29,27 @@ class ModelStats:
 
 
 def model_stats(model: nn.Module, input_shape: Sequence[int]) -> ModelStats:
-    """Parameters, FLOPs (2 x MACs of conv and linear layers) and Conv2d count at ``input_shape``."""
-    import torch.fx as fx
+    """Parameters, FLOPs (2 x MACs of conv and linear layers) and Conv2d count at ``input_shape``, counted
+    over the calls of Conv2d and Linear modules while the model runs once (any model: no tracing needed)."""
+    counts = {"macs": 0, "convs": 0}
 
-    gm = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
-    with torch.no_grad():
-        ShapeProp(gm).propagate(torch.randn(*input_shape, dtype=next(model.parameters()).dtype))
-    macs = 0
-    convs = 0
-    for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        module = gm.get_submodule(node.target)
-        out = node.meta["tensor_meta"].shape
+    def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if isinstance(module, nn.Conv2d):
-            convs += 1
             kh, kw = module.kernel_size
-            macs += int(np.prod(out)) * (module.in_channels // module.groups) * kh * kw
-        elif isinstance(module, nn.Linear):
-            macs += int(np.prod(out)) * module.in_features
-    return ModelStats(parameters=sum(p.numel() for p in model.parameters()), flops=2 * macs, conv_layers=convs)
+            counts["convs"] += 1
+            counts["macs"] += output.numel() * (module.in_channels // module.groups) * kh * kw
+        else:
+            counts["macs"] += output.numel() * module.in_features
+
+    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.randn(*input_shape, dtype=next(model.parameters()).dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ModelStats(parameters=sum(p.numel() for p in model.parameters()), flops=2 * counts["macs"],
+                      conv_layers=counts["convs"])
 
 
 def export_bytes(model: nn.Module, fmt: str, input_shape: Sequence[int], dynamic_batch: bool = False,

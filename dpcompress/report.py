@@ -25,7 +25,8 @@ def chain_table(chain: Chain) -> str:
         residual_marks.setdefault(r.end, []).append(f"+skip<{r.start}")
     header = f"{'pos':>4}  {'layer':<34} {'k':>3} {'s':>2} {'g':>5} {'in':>5} {'out':>5} {'HxW':>9}  " \
              f"{'act':<10} {'blocks':>6}  notes"
-    lines: List[str] = [f"model: {chain.model}   input: {'x'.join(map(str, chain.input_shape))}   "
+    lines: List[str] = [f"model: {chain.model}   capture: {chain.capture}   "
+                        f"input: {'x'.join(map(str, chain.input_shape))}   "
                         f"fingerprint: {chain.fingerprint()}", header, "-" * len(header)]
     lines.append(f"{0:>4}  {'(input)':<34} {'':>3} {'':>2} {'':>5} {'':>5} {'':>5} {'':>9}  {'':<10} "
                  f"{starting[0]:>6}  {' '.join(residual_marks.get(0, []))}")

@@ -62,6 +62,7 @@ class Chain:
     units: List[ConvUnit]
     residuals: List[Residual] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)  # barriers and ops the tracer did not know
+    capture: str = "fx"  # how the model's graph was taken: torch.fx ("fx") or torch.export ("export")
 
     @property
     def num_positions(self) -> int:
@@ -130,6 +131,7 @@ class Chain:
         blocks = self.valid_blocks()
         return {
             "model": self.model,
+            "capture": self.capture,
             "input_shape": list(self.input_shape),
             "num_positions": self.num_positions,
             "fingerprint": self.fingerprint(),
@@ -160,7 +162,8 @@ class Chain:
             ]
             residuals = [Residual(int(s), int(e)) for s, e in data.get("residuals", [])]
             return cls(model=data.get("model"), input_shape=tuple(data["input_shape"]),
-                       units=units, residuals=residuals, notes=list(data.get("notes", [])))
+                       units=units, residuals=residuals, notes=list(data.get("notes", [])),
+                       capture=str(data.get("capture", "fx")))
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"chain JSON is malformed ({err!r}); regenerate it with `dpcompress trace --json`") from err
 

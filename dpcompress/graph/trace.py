@@ -40,7 +40,7 @@ ACTIVATION_MODULES: Tuple[type, ...] = (
 ACTIVATION_FUNCTIONS = {
     F.relu: "ReLU", torch.relu: "ReLU", F.relu6: "ReLU6", F.silu: "SiLU", F.hardswish: "Hardswish",
     F.gelu: "GELU", F.leaky_relu: "LeakyReLU", F.elu: "ELU", F.mish: "Mish", torch.tanh: "Tanh",
-    F.hardtanh: "Hardtanh",
+    F.hardtanh: "Hardtanh", F.selu: "SELU", F.celu: "CELU", F.softplus: "Softplus", F.prelu: "PReLU",
 }
 ACTIVATION_METHODS = {"relu": "ReLU", "relu_": "ReLU", "tanh": "Tanh"}
 ADD_TARGETS = {operator.add, operator.iadd, torch.add}
@@ -48,6 +48,7 @@ MUL_TARGETS = {operator.mul, operator.imul, torch.mul}
 # Modules and functions that are the identity at inference time.
 IDENTITY_MODULES: Tuple[type, ...] = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout)
 IDENTITY_FUNCTION_NAMES = {"stochastic_depth", "dropout"}
+CAPTURES = ("auto", "fx", "export")  # how trace_model takes a model's graph
 METADATA_ATTRIBUTES = {"shape", "ndim", "dtype", "device"}
 METADATA_METHODS = {"size", "dim"}
 
@@ -127,16 +128,18 @@ def unfused_norm_acts(model: nn.Module) -> nn.Module:
     return model
 
 
-def trace_model(model: nn.Module, input_shape: Sequence[int], spec: Optional[str] = None) -> TracedModel:
+def trace_model(model: nn.Module, input_shape: Sequence[int], spec: Optional[str] = None,
+                capture: str = "auto") -> TracedModel:
     """Trace ``model`` (in eval mode) at ``input_shape`` into a TracedModel (of a copy with norm-act modules
-    unfused, where it has any)."""
+    unfused, where it has any). ``capture`` (CAPTURES) says how its graph is taken: ``fx``
+    (``torch.fx.symbolic_trace``), ``export`` (``torch.export``, export_capture.py) or ``auto``, fx and where
+    fx cannot trace the model, export. The model of a TracedModel captured by export is its GraphModule: it
+    computes what the model does, in the ops its rewritten networks are made of."""
     model = unfused_norm_acts(model.eval())
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception as err:  # fx raises many types for untraceable Python
-        raise UserError(f"torch.fx cannot trace the model ({type(err).__name__}: {str(err).splitlines()[0]}); "
-                        "dpcompress needs an fx-traceable model") from err
     sample = torch.randn(*input_shape, dtype=next(model.parameters()).dtype)
+    gm, how, notes = capture_graph(model, sample, capture)
+    if how == "export":
+        model = gm
     try:
         # ShapeProp prints the traceback of a failing op itself; the one line below says it.
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
@@ -145,7 +148,41 @@ def trace_model(model: nn.Module, input_shape: Sequence[int], spec: Optional[str
         cause = err.__cause__ or err  # ShapeProp wraps the op's own error in a description of the node
         raise UserError(f"the model does not run on input shape {tuple(input_shape)}: "
                         f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]}") from err
-    return _Tracer(model, gm, tuple(input_shape), spec).run()
+    traced = _Tracer(model, gm, tuple(input_shape), spec).run()
+    traced.chain.capture = how
+    traced.chain.notes[:0] = notes
+    return traced
+
+
+def capture_graph(model: nn.Module, sample: torch.Tensor, capture: str) -> Tuple[fx.GraphModule, str, List[str]]:
+    """The model's graph, how it was captured (``fx`` or ``export``) and a note on why, where fx was tried and
+    failed. A model no allowed capture takes is a UserError naming each one's failure."""
+    if capture not in CAPTURES:
+        raise UserError(f"unknown capture {capture!r}; choose one of {', '.join(CAPTURES)}")
+    fx_failure = None
+    if capture in ("auto", "fx"):
+        try:
+            return fx.symbolic_trace(model), "fx", []
+        except Exception as err:  # fx raises many types for untraceable Python
+            fx_failure = f"torch.fx cannot trace the model ({_one_line(err)})"
+            if capture == "fx":
+                raise UserError(f"{fx_failure}; try capture 'export' (torch.export)") from err
+    from dpcompress.graph.export_capture import export_graph_module
+
+    try:
+        gm = export_graph_module(model, sample)
+    except Exception as err:  # torch.export raises many types for what it cannot capture
+        export_failure = f"torch.export cannot capture the model ({_one_line(err)})"
+        if fx_failure is None:
+            raise UserError(export_failure) from err
+        raise UserError(f"neither capture takes the model: {fx_failure}; {export_failure}") from err
+    return gm, "export", [f"captured with torch.export: {fx_failure}"] if fx_failure else []
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's type and the first non-empty line of its message (at most 200 characters)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
@@ -196,7 +233,8 @@ def describe(gm: fx.GraphModule, node: fx.Node) -> str:
     if module is not None:
         return f"{type(module).__name__} ({node.target})"
     if node.op == "call_function":
-        return getattr(node.target, "__name__", str(node.target))
+        target = getattr(node.target, "overloadpacket", node.target)  # an ATen op (export capture): "cat"
+        return getattr(target, "__name__", str(target))
     if node.op == "call_method":
         return f".{node.target}()"
     return node.op
