@@ -26,9 +26,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 import operator
 import warnings
-from typing import Any, Callable, Dict, Optional, Set
+from typing import Any, Callable, Dict, Iterator, Optional, Set
 
 import torch
 import torch.fx as fx
@@ -72,13 +73,27 @@ def export_graph_module(model: nn.Module, sample: torch.Tensor) -> fx.GraphModul
     # Non-strict export runs the model's Python on fake tensors, and what forward stores on a module (YOLO's
     # Detect caches its anchors) would stay fake: export a copy of the modules, sharing the tensors.
     copied = copy.deepcopy(model, {id(t): t for t in [*model.parameters(), *model.buffers()]})
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
-        warnings.simplefilter("ignore")
+    with _quiet(), torch.no_grad():
         try:
             program = _export_any_batch(copied, sample)
         except Exception:  # the model fixes its batch size (or reads it): captured at the one asked
             program = torch.export.export(copied, (sample,), strict=False)
     return _ModuleGraph(program.run_decompositions({})).build()
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No warnings, prints or log records while exporting: torch.export prints the graph it has so far when it
+    fails, and the caller says in one line why."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
 
 
 def _export_any_batch(model: nn.Module, sample: torch.Tensor) -> ExportedProgram:
