@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-bench test-fast tables tables-openvino bench-quick clean
+.PHONY: install install-yolo-tests demo test test-bench test-fast tables tables-openvino bench-quick clean
 
 install: $(STAMP)
 
@@ -30,6 +30,11 @@ test: install
 
 test-bench: install
 	$(BIN)/python -m pytest -q -m bench
+
+# The Ultralytics YOLO tests' extra (AGPL-3.0, so not in install): ultralytics and the OpenCV it imports, without
+# their other dependencies; the tests skip without it.
+install-yolo-tests: install
+	$(BIN)/pip install -q --no-deps 'ultralytics==8.4.0' 'opencv-python-headless>=4.6'
 
 # The tests that take under about 10 s each (not marked slow): about 2 minutes on an idle machine.
 test-fast: install
