@@ -97,11 +97,14 @@ def compress_model(model: Any, input_shape: Sequence[int], out_dir: "str | Path"
     name of the part to compress in place (``model_spec`` and ``weights`` are recorded in the report).
     """
     from dpcompress.graph.submodule import put_back, trace_target
+    from dpcompress.graph.trace import require_logits
 
     method = _importance_method(settings, data, importance_table, submodule)
     model = model.eval()
     say(f"[1/7] trace {model_spec or type(model).__name__}" + (f", submodule {submodule}" if submodule else ""))
     traced, site = trace_target(model, input_shape, submodule, spec=model_spec)
+    if data is not None or method in ("proxy", "finetune"):
+        require_logits(traced, f"importance {method!r}" if data is None else "fine-tuning")  # before profiling
     if site is not None:
         say(f"      {submodule} receives {'x'.join(map(str, site.input_shape))}"
             + (" (its children, chained)" if site.chained_children else ""))

@@ -154,6 +154,17 @@ def trace_model(model: nn.Module, input_shape: Sequence[int], spec: Optional[str
     return traced
 
 
+def require_logits(traced: TracedModel, purpose: str) -> None:
+    """UserError unless the traced model returns one tensor, the logits that ``purpose`` (fine-tuning,
+    measured importance) trains or compares."""
+    output = next(n for n in traced.gm.graph.nodes if n.op == "output").args[0]
+    if not isinstance(output, fx.Node):
+        kind = next((t.__name__ for t in (dict, tuple, list) if isinstance(output, t)), type(output).__name__)
+        raise UserError(f"{purpose} needs a model whose forward returns one tensor of logits; this one returns a "
+                        f"{kind} (a detector?): use uniform importance or an importance table, "
+                        "and fine-tune the reference network in your own training loop")
+
+
 def capture_graph(model: nn.Module, sample: torch.Tensor, capture: str) -> Tuple[fx.GraphModule, str, List[str]]:
     """The model's graph, how it was captured (``fx`` or ``export``) and a note on why, where fx was tried and
     failed. A model no allowed capture takes is a UserError naming each one's failure."""

@@ -235,6 +235,10 @@ def compute_importance(traced: Any, settings: ImportanceSettings, out: PathLike,
     if settings.method == "finetune" and data is None:
         raise UserError("--method finetune needs --data (it fine-tunes and measures holdout accuracy); "
                         "use --method proxy or uniform without data")
+    if settings.method != "uniform":
+        from dpcompress.graph.trace import require_logits
+
+        require_logits(traced, f"importance {settings.method!r}")
     options = segment_options(chain, settings.prune)
     meta = {
         "format": IMPORTANCE_FORMAT,

@@ -64,11 +64,13 @@ def finetune(traced: Any, plan: Plan, data: Any, out: PathLike, settings: Finetu
     Under torchrun every rank must call this; rank 0 writes the files.
     """
     from dpcompress.graph.rewrite import reference_model
+    from dpcompress.graph.trace import require_logits
     from dpcompress.training.train import evaluate, train
 
     distributed.init()
     chain = traced.chain
     check_plan_against_chain(plan, chain)
+    require_logits(traced, "fine-tuning")
     network = reference_model(traced, plan)
     teacher = copy.deepcopy(traced.gm).eval() if settings.distill > 0 else None
     device = distributed.device()

@@ -191,3 +191,21 @@ def test_torchvision_classifiers_get_the_same_chain_from_either_capture(name):
 @pytest.mark.parametrize("name", ["mobilenetv2_100", "resnet18", "efficientnet_b0"])
 def test_timm_classifiers_get_the_same_chain_from_either_capture(name):
     assert_both_captures_agree(f"timm:{name}")
+
+
+def test_importance_and_fine_tuning_refuse_a_model_that_returns_no_logits_tensor(tmp_path):
+    import dpcompress
+    from dpcompress.search.importance import ImportanceSettings, compute_importance
+    from dpcompress.training.finetune import finetune
+    from tests.cost_backend import CostBackend
+
+    traced = trace_model(Untraceable(), SHAPE)
+    with pytest.raises(UserError, match=r"importance 'proxy' needs a model whose forward returns one tensor of "
+                                        r"logits; this one returns a dict \(a detector\?\): use uniform"):
+        compute_importance(traced, ImportanceSettings(method="proxy"), tmp_path / "importance.csv")
+    with pytest.raises(UserError, match="fine-tuning needs a model whose forward returns one tensor of logits"):
+        finetune(traced, single_conv_plan(traced.chain), data=None, out=tmp_path / "ckpt.pt")
+    with pytest.raises(UserError, match="importance 'proxy' needs a model whose forward returns one tensor"):
+        dpcompress.compress(Untraceable(), SHAPE, importance="proxy", backend=CostBackend(), out_dir=tmp_path / "out",
+                            progress=False)
+    assert not (tmp_path / "out").exists()  # refused before profiling
