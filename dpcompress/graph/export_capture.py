@@ -125,7 +125,7 @@ class _ModuleGraph:
                 self.env[node] = self._call(node)
         self.graph.output(self._outputs())
         self.graph.lint()
-        return fx.GraphModule(self.holder, self.graph, class_name="ExportedNet")
+        return fx.GraphModule(self.holder, self.graph, class_name="ExportedNet").eval()  # as the model was
 
     # --- inputs and outputs ---
     def _inputs(self) -> None:

@@ -91,6 +91,7 @@ def test_a_model_fx_cannot_trace_is_captured_by_export_with_its_chain():
     assert chain.reducible_positions() == [2, 3, 4]  # stride 1, output shaped as input
     assert Chain.from_json(chain.to_json()).capture == "export"
     assert traced.model is traced.gm  # the original, as captured
+    assert not any(module.training for module in traced.gm.modules())  # .train() on it would set the norms too
 
     # The capture shares the model's tensors, and every conv of the reference network is the model's own.
     assert traced.gm.get_submodule("stem.0").weight is model.stem[0].weight
