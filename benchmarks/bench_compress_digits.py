@@ -59,7 +59,8 @@ def median_bench(model: Any, merged: Any, plan: Any, batch: int, threads: int, r
     alternating benches, and each of them."""
     backend, _ = choose_backend(None, threads=threads)
     shape = (batch, *INPUT_SHAPE[1:])
-    results = [bench_modules(backend, model, merged, input_shape=shape, plan=plan) for _ in range(repeats)]
+    original = common.rebuilt_original(model, shape)
+    results = [bench_modules(backend, original, merged, input_shape=shape, plan=plan) for _ in range(repeats)]
     middle = sorted(results, key=lambda r: r.measured_speedup)[len(results) // 2]
     return {"original_ms": middle.original.median_ms, "compressed_ms": middle.compressed.median_ms,
             "speedup": middle.measured_speedup, "speedups": [r.measured_speedup for r in results]}

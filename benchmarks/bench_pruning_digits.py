@@ -88,6 +88,7 @@ def median_bench(original: Any, merged: Any, plan: Any, threads: int, repeats: i
     from dpcompress.latency.bench import bench_modules
 
     backend, _ = choose_backend(None, threads=threads)
+    original = common.rebuilt_original(original, INPUT_SHAPE)
     results = [bench_modules(backend, original, merged, input_shape=INPUT_SHAPE, plan=plan) for _ in range(repeats)]
     middle = sorted(results, key=lambda r: r.measured_speedup)[len(results) // 2]
     return {"speedup": middle.measured_speedup, "speedups": [r.measured_speedup for r in results],

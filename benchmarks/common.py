@@ -152,6 +152,14 @@ def seeded_traced(spec: str, shape: Sequence[int], seed: int = 0) -> Tuple[Any, 
     return model, trace_model(model, tuple(shape), spec=spec)
 
 
+def rebuilt_original(model: Any, shape: Sequence[int]) -> Any:
+    """``model`` rebuilt as a plan's network is (``unchanged_network``): what a bench compares a plan with."""
+    from dpcompress.graph.rewrite import unchanged_network
+    from dpcompress.graph.trace import trace_model
+
+    return unchanged_network(trace_model(model.eval(), tuple(shape)))
+
+
 def model_spec(name: str) -> str:
     """A torchvision name (``resnet18``) as its spec; a full spec (``timm:NAME``, ``file.py:factory``) as given."""
     return name if ":" in name else f"torchvision:{name}"

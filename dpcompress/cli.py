@@ -75,13 +75,19 @@ def submodule_option(func: Any) -> Any:
 @model_options
 @submodule_option
 @click.option("--json", "as_json", is_flag=True, help="Print the Chain JSON instead of a table.")
-def trace(model_spec: str, weights: Optional[str], input_shape: str, submodule: Optional[str], as_json: bool) -> None:
+@click.option("--capture", type=click.Choice(["auto", "fx", "export"]), default="auto", show_default=True,
+              help="How the graph is taken: torch.fx, torch.export, or fx and export where fx cannot trace the "
+                   "model (what every other command does).")
+def trace(model_spec: str, weights: Optional[str], input_shape: str, submodule: Optional[str], as_json: bool,
+          capture: str) -> None:
     """Show the model's mergeable trunk: positions, barriers, residuals, valid blocks."""
+    from dpcompress.graph.submodule import trace_target
     from dpcompress.graph.trace import parse_input_shape
-    from dpcompress.pipeline import traced_from_spec
+    from dpcompress.models import build_model
     from dpcompress.report import chain_table
 
-    chain = traced_from_spec(model_spec, weights, parse_input_shape(input_shape), submodule)[1].chain
+    model = build_model(model_spec, weights)
+    chain = trace_target(model, parse_input_shape(input_shape), submodule, spec=model_spec, capture=capture)[0].chain
     if as_json:
         click.echo(json.dumps(chain.to_json(), indent=2))
     else:
@@ -373,14 +379,16 @@ def _say_on_stderr(line: str) -> None:
 @backend_options
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False), default=None,
               help="plan.json: also time the merged model and compare.")
-@click.option("--rounds", type=int, default=10, show_default=True, help="Alternating rounds of original/compressed.")
+@click.option("--rounds", type=int, default=16, show_default=True,
+              help="Rounds that time the original and the compressed model in turn, spread over --sessions sets.")
 @click.option("--iters", type=int, default=10, show_default=True, help="Timed runs of each model per round.")
-@click.option("--repeat", is_flag=True,
-              help="After --rounds, go on with rounds until each median's 95%% interval is within --ci of it "
-                   "(or --max-rounds).")
-@click.option("--ci", type=float, default=0.01, show_default=True,
-              help="With --repeat: the relative half-width to reach.")
-@click.option("--max-rounds", type=int, default=100, show_default=True, help="With --repeat: stop here anyway.")
+@click.option("--sessions", type=int, default=4, show_default=True,
+              help="Session sets: each builds both models in two fresh sessions; the speed-up's interval is over "
+                   "the sets (two sessions of one model can run a few percent apart).")
+@click.option("--ci", type=float, default=0.02, show_default=True,
+              help="After --rounds, go on with sets until the speed-up's 95%% interval (without --plan, the "
+                   "median's) is within this of it, relative (or --max-rounds); 0: stop at --rounds.")
+@click.option("--max-rounds", type=int, default=48, show_default=True, help="Stop here anyway.")
 @click.option("--min-seconds", type=float, default=0.0, show_default=True,
               help="Go on with rounds until this long has passed: a shared machine switches between quiet and "
                    "loaded states for seconds at a time, and the figures come from its quiet rounds.")
@@ -391,16 +399,17 @@ def _say_on_stderr(line: str) -> None:
 def bench(model_spec: str, weights: Optional[str], input_shape: str, submodule: Optional[str],
           backend_name: Optional[str], gpu: bool,
           device: str, precision: str, threads: Optional[int], cuda_graphs: bool, channels_last: bool,
-          warmup: int, plan_path: Optional[str], rounds: int, iters: int, repeat: bool, ci: float,
+          warmup: int, plan_path: Optional[str], rounds: int, iters: int, sessions: int, ci: float,
           max_rounds: int, min_seconds: float, quiet_ms: Optional[float], as_json: bool) -> None:
-    """Time the original model (and the plan's merged model, alternating) end to end."""
+    """Time the original model (and the plan's merged model, in turns) end to end. With a plan, the original
+    is rebuilt as the plan's network is, so that both reach the runtime by the same path."""
     from dpcompress.pipeline import bench_spec
     from dpcompress.graph.trace import parse_input_shape
 
-    if rounds < 1 or iters < 1 or max_rounds < rounds:
-        raise UserError("--rounds and --iters must be at least 1, and --max-rounds at least --rounds")
-    if repeat and not 0 < ci < 1:
-        raise UserError(f"--ci must be between 0 and 1 (got {ci})")
+    if rounds < 1 or iters < 1 or sessions < 1 or max_rounds < rounds:
+        raise UserError("--rounds, --iters and --sessions must be at least 1, and --max-rounds at least --rounds")
+    if not 0 <= ci < 1:
+        raise UserError(f"--ci must be 0 or more and below 1 (got {ci})")
     if not min_seconds >= 0:
         raise UserError(f"--min-seconds must be 0 or more (got {min_seconds})")
     if quiet_ms is not None and not quiet_ms > 0:
@@ -408,8 +417,8 @@ def bench(model_spec: str, weights: Optional[str], input_shape: str, submodule: 
     backend = _backend(backend_name, gpu, device, threads, cuda_graphs, channels_last)
     result = bench_spec(backend, model_spec, weights=weights, input_shape=parse_input_shape(input_shape),
                         plan_path=plan_path, precision=precision, warmup=warmup, rounds=rounds,
-                        iters_per_round=iters, until_ci=ci if repeat else None, max_rounds=max_rounds,
-                        submodule=submodule, min_seconds=min_seconds, quiet_level_ms=quiet_ms)
+                        iters_per_round=iters, sessions=sessions, until_ci=ci or None,
+                        max_rounds=max_rounds, submodule=submodule, min_seconds=min_seconds, quiet_level_ms=quiet_ms)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
@@ -543,8 +552,9 @@ def compress(model_spec: str, weights: Optional[str], input_shape: str, submodul
         measure=measure, candidates=candidates, prune=prune)
     report = run_compress(model_spec, weights, parse_input_shape(input_shape), out_dir, settings, data_spec,
                           submodule=submodule, say=_progress())
-    if report["kept_original"]:
-        click.echo("no plan was measured within the budget and faster than the original: kept the original")
+    loop = report["closed_loop"]
+    if loop is not None:
+        click.echo(f"closed loop: {loop['reason']}")
     click.echo(f"predicted speed-up: {report['predicted_speedup']:.2f}x")
     click.echo(f"measured speed-up: {report['measured_speedup']:.2f}x"
                + (f" (submodule {submodule})" if submodule else ""))

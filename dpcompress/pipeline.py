@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 from dpcompress.errors import UserError
 from dpcompress.export import ExportReport, export_plan
 from dpcompress.fileio import write_json_atomic, write_text_atomic
-from dpcompress.graph.rewrite import merge_reference, merged_model, reference_model
+from dpcompress.graph.rewrite import merge_reference, merged_model, reference_model, unchanged_network
 from dpcompress.graph.trace import parse_input_shape
 from dpcompress.models import build_model
 from dpcompress.progress import profile_lines
@@ -132,7 +132,7 @@ def compress_model(model: Any, input_shape: Sequence[int], out_dir: "str | Path"
         accuracy["test_merged"] = evaluate(merged, data.test)
 
     kept_original = bool(loop is not None and loop.kept_original)
-    whole = (model, whole_merged, input_shape) if site is not None and not kept_original else None
+    whole = (model, site, whole_merged, input_shape) if site is not None and not kept_original else None
     bench, whole_bench = _benches(job, plan, merged, table, whole)
     report = {
         "model": model_spec, "weights": weights, "input_shape": list(input_shape), "submodule": submodule,
@@ -141,6 +141,7 @@ def compress_model(model: Any, input_shape: Sequence[int], out_dir: "str | Path"
         "importance_method": method, "latency_table": str(table_path), "budget_ms": budget, "prune": job.prune,
         "plan": plan.to_json(), "predicted_latency_ms": plan.latency_ms,
         "predicted_speedup": bench.predicted_speedup, "measured_speedup": bench.measured_speedup,
+        "measured_speedup_interval": bench.measured_speedup_interval,
         "measured_original_ms": bench.original.median_ms,
         "measured_compressed_ms": bench.compressed.median_ms if bench.compressed else None,
         "table_anchor_quiet_ms": table.meta.get("anchor_quiet_ms"),
@@ -301,28 +302,30 @@ def _finetuned_reference(job: _Job, plan: Any, data: Any, loop: Any) -> "tuple[A
     return reference.eval(), accuracy
 
 
-def _benches(job: _Job, plan: Any, merged: Any, table: Any, whole: "Optional[tuple[Any, Any, Sequence[int]]]"
+def _benches(job: _Job, plan: Any, merged: Any, table: Any, whole: "Optional[tuple[Any, Any, Any, Sequence[int]]]"
              ) -> "tuple[Any, Any]":
-    """Step 7: the original against the merged network on the backend and, with ``whole`` (the whole model,
-    the whole model compressed, its input shape: where a submodule was compressed), the two whole models in
-    PyTorch."""
+    """Step 7: the original (rebuilt as a plan's network is) against the merged network on the backend and,
+    with ``whole`` (the whole model, the submodule's site, the whole model compressed, its input shape: where a
+    submodule was compressed), the two whole models in PyTorch."""
     from dpcompress.latency.bench import bench_modules
 
     settings = job.settings
     job.say(f"[7/7] bench on {job.backend.name}")
+    original = unchanged_network(job.traced)
     # Judged against the state the table was made in, where the table knows it and the bench meets it.
-    bench = bench_modules(job.backend, job.traced.model, merged, input_shape=job.bench_shape,
+    bench = bench_modules(job.backend, original, merged, input_shape=job.bench_shape,
                           precision=settings.precision, warmup=settings.warmup, plan=plan,
                           quiet_level_ms=table.meta.get("anchor_quiet_ms"))
     if whole is None:
         return bench, None
     from dpcompress.backends.torch_backend import TorchBackend
+    from dpcompress.graph.submodule import put_back
 
-    model, whole_merged, input_shape = whole
+    model, site, whole_merged, input_shape = whole
     job.say("      bench the whole model in PyTorch, original against compressed (10 rounds of 2 runs)")
     # Few runs: a whole detector's forward (post-processing included) can take seconds.
-    return bench, bench_modules(TorchBackend(threads=settings.threads), model, whole_merged,
-                                input_shape=input_shape, warmup=2, rounds=10, iters_per_round=2)
+    return bench, bench_modules(TorchBackend(threads=settings.threads), put_back(model, site, original),
+                                whole_merged, input_shape=input_shape, warmup=2, rounds=10, iters_per_round=2)
 
 
 def export_site(model: Any, traced_module: Any, reference: Any, merged: Any, site: Any, fmt: str, out: Path,
@@ -400,7 +403,9 @@ def bench_spec(backend: Any, model_spec: str, *, weights: Optional[str] = None,
     if plan_path is not None:
         plan = load_plan(plan_path)
         compressed = merged_model(traced, plan)  # checks the plan
-    return bench_modules(backend, traced.model, compressed, input_shape=input_shape, plan=plan, **bench_settings)
+    # Without a plan, the model as given; with one, rebuilt as the plan's network is (module doc of bench).
+    original = traced.model if compressed is None else unchanged_network(traced)
+    return bench_modules(backend, original, compressed, input_shape=input_shape, plan=plan, **bench_settings)
 
 
 def export_from_spec(model_spec: str, weights: Optional[str], input_shape: str, plan_path: str, fmt: str,

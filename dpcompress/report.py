@@ -109,14 +109,15 @@ def report_markdown(report: Dict[str, Any]) -> str:
     if loop:
         lines += ["", f"Closed loop: the budget is {loop['budget_ratio']:.1%} of the original's measured latency "
                   f"in the same bench; {loop['reason']}.", "",
-                  "| candidate | kept activations | blocks | importance | predicted ms | measured ms | "
-                  "measured budget ms | measured speed-up | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| candidate | step | kept activations | blocks | pruned | importance | predicted speed-up | "
+                  "measured speed-up (95% interval) | verdict |", "|---|---|---|---|---|---|---|---|---|"]
         for index, c in enumerate(loop["candidates"], start=1):
             verdict = ("chosen" if c["chosen"] else "within" if c["within_budget"] and c["faster"] else
-                       "over the budget" if not c["within_budget"] else "no faster than the original")
-            lines.append(f"| {index} | {len(c['activations'])} | {len(c['boundaries']) - 1} | {c['importance']:.4g} | "
-                         f"{c['predicted_ms']:.4g} | {c['measured_ms']:.4g} | {c['measured_budget_ms']:.4g} | "
-                         f"{c['measured_speedup']:.2f}x | {verdict} |")
+                       "no faster than the original" if not c["faster"] else "over the budget")
+            low, high = c["measured_speedup_interval"]
+            lines.append(f"| {index} | {c['step']} | {len(c['activations'])} | {len(c['boundaries']) - 1} | "
+                         f"{len(c['pruned'])} | {c['importance'] or 0:.4g} | {c['predicted_speedup']:.2f}x | "
+                         f"{c['measured_speedup']:.2f}x ({low:.2f}-{high:.2f}x) | {verdict} |")
     else:
         lines += ["", "Closed loop: off (--no-measure); the plan is the solver's, unmeasured before export."]
     accuracy = report["accuracy"]

@@ -31,6 +31,13 @@ class Runner(ABC):
     def time(self, warmup: int, iters: int) -> List[float]:
         """Run ``warmup`` untimed passes, then return the latency of each of ``iters`` timed passes, in ms."""
 
+    def another(self) -> "Runner":
+        """A new instance of the same prepared model (a session of its own, from the same export), built
+        now. Two sessions of one network can run a few percent apart for as long as they live
+        (docs/latency.md, "Sessions"), so a bench spreads each network over several. This runner itself
+        where the runtime has no session to build again cheaply (eager PyTorch, TensorRT engines)."""
+        return self
+
 
 @dataclass(frozen=True)
 class PartTimes:

@@ -20,7 +20,7 @@ import os
 import tempfile
 import time
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from dpcompress.backends.base import (Backend, NetworkProfile, RunByRunProfile, Runner, check_precision, cpu_name,
                                  default_threads)
@@ -117,16 +117,24 @@ class OnnxRuntimeBackend(Backend):
 
     def prepare_all(self, modules: Sequence["torch.nn.Module"], input_shape: Sequence[int],
                     precision: str = "fp32") -> List[Runner]:
+        """Runners whose :meth:`Runner.another` builds a session again from the graph the first rewrote,
+        kept in a folder of the runner's own (removed with the last runner of it)."""
         with contextlib.ExitStack() as exports:
             files = [exports.enter_context(self._exported(module, input_shape, precision)) for module in modules]
             # Each graph is rewritten in a session of its own, kept only as the file it saves; the
             # sessions timed then load those without rewriting again: a rewrite's transient second
             # copy of the weights never meets another network's session.
-            for path, _ in files:
-                self._session(path, save_optimized=path + OPTIMIZED_SUFFIX)
+            kept = []
+            for path, feed in files:
+                folder = tempfile.TemporaryDirectory(prefix="dpcompress_onnx_optimized_")
+                optimized = os.path.join(folder.name, os.path.basename(path) + OPTIMIZED_SUFFIX)
+                self._session(path, save_optimized=optimized)
                 release_freed_memory()
-            return [_OnnxRuntimeRunner(self._session(path + OPTIMIZED_SUFFIX, optimized=True), feed)
-                    for path, feed in files]
+                kept.append((folder, optimized, feed))
+        return [_OnnxRuntimeRunner(self._session(optimized, optimized=True), feed,
+                                   rebuild=lambda optimized=optimized: self._session(optimized, optimized=True),
+                                   folder=folder)
+                for folder, optimized, feed in kept]
 
     def _session(self, path: str, profiling: bool = False, save_optimized: Optional[str] = None,
                  optimized: bool = False) -> Any:
@@ -182,9 +190,17 @@ def _folder_bytes(folder: str) -> int:
 
 
 class _OnnxRuntimeRunner(Runner):
-    def __init__(self, session: Any, feed: dict) -> None:
+    def __init__(self, session: Any, feed: dict, rebuild: Optional[Callable[[], Any]] = None,
+                 folder: Any = None) -> None:
         self._session = session
         self._feed = feed
+        self._rebuild = rebuild  # a new session of the same graph, where there is a file to build it from
+        self._folder = folder  # that file's folder, held for as long as a runner may rebuild from it
+
+    def another(self) -> Runner:
+        if self._rebuild is None:
+            return self
+        return _OnnxRuntimeRunner(self._rebuild(), self._feed, self._rebuild, self._folder)
 
     def time(self, warmup: int, iters: int) -> List[float]:
         run, feed = self._session.run, self._feed

@@ -125,6 +125,19 @@ class OpenVinoBackend(Backend):
     def prepare(self, module: "torch.nn.Module", input_shape: Sequence[int], precision: str = "fp32") -> Runner:
         return _OpenVinoRunner(self._request(*self._exported(module, input_shape, precision)))
 
+    def prepare_all(self, modules: Sequence["torch.nn.Module"], input_shape: Sequence[int],
+                    precision: str = "fp32") -> List[Runner]:
+        """Runners whose :meth:`Runner.another` compiles the model read from the export again (which they
+        hold: its weights once more, beside the compiled model's own)."""
+        runners: List[Runner] = []
+        for module in modules:
+            model_bytes, example = self._exported(module, input_shape, precision)
+            model = self._core.read_model(model_bytes)
+            del model_bytes
+            runners.append(_OpenVinoRunner(self._request(model, example),
+                                           rebuild=lambda model=model, example=example: self._request(model, example)))
+        return runners
+
     @property
     def profiles_networks(self) -> bool:
         return True
@@ -153,8 +166,12 @@ class OpenVinoBackend(Backend):
 
 
 class _OpenVinoRunner(Runner):
-    def __init__(self, request: Any) -> None:
+    def __init__(self, request: Any, rebuild: Optional[Callable[[], Any]] = None) -> None:
         self._request = request
+        self._rebuild = rebuild  # a new compiled model and request, where the model read was kept
+
+    def another(self) -> Runner:
+        return self if self._rebuild is None else _OpenVinoRunner(self._rebuild(), self._rebuild)
 
     def time(self, warmup: int, iters: int) -> List[float]:
         infer = self._request.infer

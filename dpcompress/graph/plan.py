@@ -70,6 +70,13 @@ class Plan:
         }
 
 
+def unchanged_plan(chain: Chain) -> Plan:
+    """The plan that changes nothing: every activation kept, every conv a block of its own."""
+    L = chain.num_positions
+    return Plan(activations=[p for p in chain.activation_positions if 0 < p < L], boundaries=list(range(L + 1)),
+                num_positions=L, chain_fingerprint=chain.fingerprint())
+
+
 def plan_from_json(data: Any, source: str = "plan") -> Plan:
     """Build a Plan from parsed JSON, with one clear UserError for each malformed field."""
     if not isinstance(data, dict):

@@ -27,7 +27,7 @@ from dpcompress.graph import geometry, merge
 from dpcompress.graph.chain import Chain
 from dpcompress.graph.geometry import MAX_MERGE_BYTES_ENV, max_merge_bytes, merge_bytes, size_text
 from dpcompress.errors import UserError
-from dpcompress.graph.plan import Plan, check_plan_against_chain
+from dpcompress.graph.plan import Plan, check_plan_against_chain, unchanged_plan
 from dpcompress.graph.trace import TracedModel
 
 BLOCK_PREFIX = "dpc_block_"
@@ -192,6 +192,13 @@ def merge_reference(reference: fx.GraphModule) -> fx.GraphModule:
 def merged_model(traced: TracedModel, plan: Plan) -> fx.GraphModule:
     """The compressed network: one convolution per block of the plan."""
     return merge_reference(reference_model(traced, plan).eval())
+
+
+def unchanged_network(traced: TracedModel) -> fx.GraphModule:
+    """The original network rebuilt by the path every plan's network takes (:func:`merged_model` of the plan
+    that changes nothing): what a bench compares a plan's network with, so that both reach the runtime
+    alike (docs/latency.md, "Sessions")."""
+    return merged_model(traced, unchanged_plan(traced.chain))
 
 
 def rewrite_blocks(traced: TracedModel, plan: Plan, holder: nn.Module,

@@ -1,34 +1,52 @@
 """End-to-end benchmark: the original network against its compressed (merged) version.
 
-Both are prepared on the same backend and timed in alternating rounds in one
-process, so that load and clock drift affect both alike; the measured speed-up is
-the ratio of the medians over the quiet rounds: those where each ran within
-``QUIET_MARGIN`` of its fastest tenth of rounds (the compressed network only where it has
-20 rounds to judge by), and so did the original in the round after (a loaded state of the
-machine slows one network more than the other, see ``timing``). A bench that lasts a second
-sees one state; ``min_seconds`` spreads it over long enough to meet a quiet one. A plan's
-predicted speed-up is its original latency over its latency, both sums of latency-table rows.
+Both are prepared on the same backend and timed in one process, in rounds that run each in
+turn, so that load and clock drift affect both alike. Two sessions of one network can run a
+few percent apart for as long as they live (where their memory lies; docs/latency.md,
+"Sessions"), so the rounds of one pair of sessions are not independent evidence: a bench
+spreads its rounds over ``sessions`` sets, each building every network in two fresh
+sessions, and the measured speed-up is the geometric mean of the sets' speed-ups, with a 95%
+interval from Student's t over them. A set's speed-up is the ratio of the medians over its
+quiet rounds: those where each network ran within ``QUIET_MARGIN`` of its fastest tenth of
+rounds (the compressed network only where it has 20 rounds to judge by), and so did the
+original in the round after (a loaded state of the machine slows one network more than the
+other, see ``timing``). A bench that lasts a second sees one state; ``min_seconds`` spreads it
+over long enough to meet a quiet one. A plan's predicted speed-up is its original latency over
+its latency, both sums of latency-table rows.
+
+Benches compare a plan's network with the original rebuilt by the same rewrite
+(:func:`~dpcompress.graph.rewrite.unchanged_network`), so that both take the same path to the
+runtime and a measured speed-up is only what compression bought.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from dpcompress.latency.timing import (QUIET_MARGIN, TimingStats, alternate, calm_rounds, in_rounds, narrow_enough,
-                                       quiet_level, quiet_rounds, round_medians, summarize)
+from dpcompress.latency.timing import (QUIET_MARGIN, TimingStats, calm_rounds, in_rounds, quiet_level, quiet_rounds,
+                                       round_medians, summarize, t_quantile_975)
 from dpcompress.memory import release_freed_memory
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn
 
-    from dpcompress.backends import Backend
+    from dpcompress.backends import Backend, Runner
     from dpcompress.graph.plan import Plan
 
 
 # Rounds a given quiet level must be met in before it judges a bench (else the bench's own level does).
 MIN_QUIET_ROUNDS = 3
+# Session sets a bench spreads its rounds over, and the rounds it times at least (docs/latency.md, "Sessions").
+SESSION_SETS = 4
+DEFAULT_ROUNDS = 16
+# After those, sets go on until the speed-up's 95% interval is within this of it (relative half-width), up to
+# MAX_ROUNDS: a bench of a small network lasts a second, and one burst of load can tilt a set of it.
+DEFAULT_CI = 0.02
+MAX_ROUNDS = 48
 
 
 @dataclass(frozen=True)
@@ -46,20 +64,15 @@ class BenchResult:
     quiet_rounds: Optional[int] = None  # rounds the figures come from (of ``rounds``)
     all_rounds_speedup: Optional[float] = None  # the ratio of the medians over every round
     quiet_level_ms: Optional[float] = None  # the original's quiet level the rounds were judged against
+    measured_speedup: Optional[float] = None  # over the session sets (module doc)
+    measured_speedup_interval: Optional[List[float]] = None  # its 95% interval, slowest to fastest
+    session_speedups: List[float] = field(default_factory=list)  # each session set's figure
 
     @property
-    def measured_speedup(self) -> Optional[float]:
-        if self.compressed is None:
-            return None
-        return self.original.median_ms / self.compressed.median_ms
-
-    @property
-    def measured_speedup_interval(self) -> Optional[List[float]]:
-        """The speed-up's range from the two medians' 95% intervals (slowest to fastest)."""
-        if self.compressed is None:
-            return None
-        o, c = self.original, self.compressed
-        return [o.ci_low_ms / c.ci_high_ms, o.ci_high_ms / c.ci_low_ms]
+    def within_noise(self) -> bool:
+        """Whether the measured speed-up's interval holds 1.00: the bench cannot tell the two apart."""
+        interval = self.measured_speedup_interval
+        return interval is not None and interval[0] <= 1.0 <= interval[1]
 
     @property
     def predicted_speedup_measured_rest(self) -> Optional[float]:
@@ -87,6 +100,7 @@ class BenchResult:
             "compressed": self.compressed.to_json() if self.compressed else None,
             "measured_speedup": self.measured_speedup,
             "measured_speedup_interval": self.measured_speedup_interval,
+            "session_speedups": self.session_speedups,
             "quiet_rounds": self.quiet_rounds,
             "all_rounds_speedup": self.all_rounds_speedup,
             "quiet_level_ms": self.quiet_level_ms,
@@ -105,7 +119,9 @@ class BenchResult:
         if self.compressed is not None:
             low, high = self.measured_speedup_interval  # type: ignore[misc]
             lines.append(stats_line("compressed", self.compressed))
-            lines.append(f"speed-up from the medians' 95% intervals: {low:.2f}x-{high:.2f}x")
+            sets = len(self.session_speedups)
+            lines.append(f"speed-up's 95% interval over {sets} session set{'s' if sets != 1 else ''}: "
+                         f"{low:.2f}x-{high:.2f}x" + (" (holds 1.00x: no difference shown)" if self.within_noise else ""))
             lines.append(f"measured speed-up: {self.measured_speedup:.2f}x")
         if self.quiet_rounds is not None and self.quiet_rounds < self.rounds:
             all_rounds = f"; over all rounds {self.all_rounds_speedup:.2f}x" if self.all_rounds_speedup else ""
@@ -132,31 +148,31 @@ def backend_record(backend: "Backend") -> Dict[str, Any]:
 
 
 def bench_modules(backend: "Backend", original: "torch.nn.Module", compressed: Optional["torch.nn.Module"] = None,
-                  *, input_shape: Sequence[int], precision: str = "fp32", warmup: int = 10, rounds: int = 10,
-                  iters_per_round: int = 10, plan: Optional["Plan"] = None, until_ci: Optional[float] = None,
-                  max_rounds: int = 100, min_seconds: float = 0.0,
-                  quiet_level_ms: Optional[float] = None) -> BenchResult:
-    """Time ``original`` (and ``compressed``) on ``backend``, alternating rounds when there are two;
-    the figures are those of the quiet rounds. With ``quiet_level_ms`` (a table's ``anchor_quiet_ms``:
-    the state the table was made in), the original's rounds are judged against it instead of against
-    the bench's own fastest tenth (within QUIET_MARGIN of it either way), where at least
-    MIN_QUIET_ROUNDS rounds meet it.
+                  *, input_shape: Sequence[int], precision: str = "fp32", warmup: int = 10,
+                  rounds: int = DEFAULT_ROUNDS, iters_per_round: int = 10, sessions: int = SESSION_SETS,
+                  plan: Optional["Plan"] = None, until_ci: Optional[float] = DEFAULT_CI, max_rounds: int = MAX_ROUNDS,
+                  min_seconds: float = 0.0, quiet_level_ms: Optional[float] = None) -> BenchResult:
+    """Time ``original`` (and ``compressed``) on ``backend`` in ``sessions`` session sets (module doc); the
+    figures are those of the quiet rounds. With ``quiet_level_ms`` (a table's ``anchor_quiet_ms``: the state
+    the table was made in), the original's rounds are judged against it instead of against the bench's own
+    fastest tenth (within QUIET_MARGIN of it either way), where at least MIN_QUIET_ROUNDS rounds meet it.
 
-    With ``until_ci``, rounds go on past ``rounds`` (up to ``max_rounds``) until each median's
-    95% interval is within ``until_ci`` of it (relative half-width). With ``min_seconds``, they go on
-    until that long has passed as well (up to ``max_rounds`` only if ``until_ci`` is set).
+    With ``until_ci``, sets go on past ``rounds`` (up to ``max_rounds``) until the speed-up's 95% interval
+    (one network: its median's) is within ``until_ci`` of it (relative half-width). With ``min_seconds``,
+    they go on until that long has passed as well (up to ``max_rounds`` only if ``until_ci`` is set).
     """
+    if rounds < 1 or iters_per_round < 1 or sessions < 1:
+        raise ValueError("rounds, iters_per_round and sessions must be at least 1")
     runners = backend.prepare_all([original] if compressed is None else [original, compressed], input_shape,
                                   precision)
     release_freed_memory()  # what the exports held
-    until = narrow_enough(until_ci) if until_ci else None
-    if min_seconds > 0:
-        began, narrow = time.perf_counter(), until
-        until = lambda samples: (time.perf_counter() - began >= min_seconds  # noqa: E731
-                                 and (narrow is None or narrow(samples)))
-        max_rounds = max_rounds if until_ci else 1 << 30
-    samples = alternate(runners, warmup, rounds, iters_per_round, until=until, max_rounds=max_rounds)
-    rounds = len(samples[0]) // iters_per_round
+    per_set = max(1, math.ceil(rounds / sessions))
+    until = _stopping_rule(until_ci, min_seconds, iters_per_round)
+    if min_seconds > 0 and not until_ci:
+        max_rounds = 1 << 30
+    samples, set_of_round = time_in_session_sets(runners, warmup, rounds, per_set, iters_per_round, until,
+                                                 max(max_rounds, rounds))
+    rounds = len(set_of_round)
     per_round = [round_medians(collected, iters_per_round) for collected in samples]
 
     def judged(level: Optional[float]) -> List[bool]:
@@ -172,20 +188,109 @@ def bench_modules(backend: "Backend", original: "torch.nn.Module", compressed: O
     if sum(quiet) == 0:  # the fastest round was followed by a loaded one, and every other round loaded
         quiet = [True] * rounds
     kept = [in_rounds(collected, iters_per_round, quiet) for collected in samples]
-    plan_figures = None
-    if plan is not None:
-        plan_figures = {"latency_ms": plan.latency_ms, "original_latency_ms": plan.original_latency_ms,
-                        "budget_ms": plan.budget_ms, "activations": list(plan.activations),
-                        "boundaries": list(plan.boundaries)}
-    return BenchResult(
+    result = BenchResult(
         backend=backend_record(backend), input_shape=[int(x) for x in input_shape], precision=precision,
-        warmup=warmup, rounds=rounds, iters_per_round=iters_per_round,
-        original=summarize(kept[0]),
-        compressed=summarize(kept[1]) if compressed is not None else None,
-        predicted_speedup=predicted_speedup(plan) if plan is not None else None,
-        plan=plan_figures,
-        quiet_rounds=sum(quiet), quiet_level_ms=quiet_level_ms,
-        all_rounds_speedup=(summarize(samples[0]).median_ms / summarize(samples[1]).median_ms
-                            if compressed is not None else None),
-    )
+        warmup=warmup, rounds=rounds, iters_per_round=iters_per_round, original=summarize(kept[0]),
+        predicted_speedup=predicted_speedup(plan) if plan is not None else None, plan=_plan_figures(plan),
+        quiet_rounds=sum(quiet), quiet_level_ms=quiet_level_ms)
+    if compressed is None:
+        return result
+    by_set = set_speedups(samples, iters_per_round, [[q and s == k for q, s in zip(quiet, set_of_round)]
+                                                     for k in sorted(set(set_of_round))])
+    compressed_stats = summarize(kept[1])
+    speedup, interval = speedup_over_sets(by_set, result.original, compressed_stats)
+    return replace(result, compressed=compressed_stats, measured_speedup=speedup, measured_speedup_interval=interval,
+                   session_speedups=by_set,
+                   all_rounds_speedup=summarize(samples[0]).median_ms / summarize(samples[1]).median_ms)
 
+
+def _plan_figures(plan: Optional["Plan"]) -> Optional[Dict[str, Any]]:
+    if plan is None:
+        return None
+    return {"latency_ms": plan.latency_ms, "original_latency_ms": plan.original_latency_ms,
+            "budget_ms": plan.budget_ms, "activations": list(plan.activations), "boundaries": list(plan.boundaries)}
+
+
+def _stopping_rule(until_ci: Optional[float], min_seconds: float, iters_per_round: int
+                   ) -> Optional[Callable[[List[List[float]], List[int]], bool]]:
+    """Whether the sets timed so far are enough: the interval narrow enough, the time spent long enough."""
+    if not until_ci and min_seconds <= 0:
+        return None
+    began = time.perf_counter()
+
+    def enough(samples: List[List[float]], set_of_round: List[int]) -> bool:
+        if min_seconds > 0 and time.perf_counter() - began < min_seconds:
+            return False
+        if not until_ci:
+            return True
+        if len(samples) == 1:
+            return summarize(samples[0]).ci_half_width <= until_ci
+        by_set = set_speedups(samples, iters_per_round, [[s == k for s in set_of_round] for k in sorted(set(set_of_round))])
+        if len(by_set) < 2:
+            return False
+        speedup, (low, high) = speedup_over_sets(by_set)
+        return (high - low) / (2 * speedup) <= until_ci
+
+    return enough
+
+
+def time_in_session_sets(runners: Sequence["Runner"], warmup: int, rounds: int, per_set: int, iters_per_round: int,
+                         enough: Optional[Callable[[List[List[float]], List[int]], bool]], max_rounds: int
+                         ) -> Tuple[List[List[float]], List[int]]:
+    """Each runner's samples, ``iters_per_round`` a round, and the session set of each round.
+
+    A set builds every network in two sessions of its own, in the order A B ... B' A' (a session built
+    later can run faster: the order cancels that), and each round runs A B ... then ... B' A', each with one
+    untimed pass first (switching networks is not charged to a timed run), half the round's runs each.
+    Sets of ``per_set`` rounds go on until ``rounds`` rounds were timed and ``enough`` says so, or until
+    ``max_rounds``. The first set's first sessions are ``runners`` themselves.
+    """
+    samples: List[List[float]] = [[] for _ in runners]
+    set_of_round: List[int] = []
+    head = iters_per_round - iters_per_round // 2  # runs in the first session of each network, each round
+    firsts = list(runners)
+    while True:
+        index = len(set(set_of_round))
+        if index:
+            firsts = [runner.another() for runner in firsts]
+        seconds = [runner.another() for runner in reversed(firsts)][::-1]
+        for runner in firsts + seconds[::-1]:
+            runner.time(warmup, 0)
+        for _ in range(per_set):
+            runs = [runner.time(1, head) for runner in firsts]
+            tail = [runner.time(1, iters_per_round - head) if iters_per_round > head else []
+                    for runner in reversed(seconds)][::-1]
+            for collected, first, second in zip(samples, runs, tail):
+                collected.extend(first + second)
+            set_of_round.append(index)
+        del seconds  # before the next set's sessions are built
+        done = len(set_of_round)
+        if done >= max_rounds or (done >= rounds and (enough is None or enough(samples, set_of_round))):
+            return samples, set_of_round
+
+
+def set_speedups(samples: Sequence[Sequence[float]], iters_per_round: int, masks: Iterable[Sequence[bool]]
+                 ) -> List[float]:
+    """The original's median over the compressed network's, in the rounds of each mask that marks any."""
+    speedups = []
+    for mask in masks:
+        original, compressed = (in_rounds(collected, iters_per_round, mask) for collected in samples[:2])
+        if original:
+            speedups.append(statistics.median(original) / statistics.median(compressed))
+    return speedups
+
+
+def speedup_over_sets(by_set: Sequence[float], original: Optional[TimingStats] = None,
+                      compressed: Optional[TimingStats] = None) -> Tuple[float, List[float]]:
+    """The speed-up over session sets and its 95% interval: the geometric mean of the sets' figures, with
+    Student's t over their logarithms (sets, not rounds, are the independent evidence: a session's own
+    speed lasts as long as it does). With one set, its figure, and the range from the two medians' 95%
+    intervals (``original``, ``compressed``)."""
+    if len(by_set) >= 2:
+        logs = [math.log(x) for x in by_set]
+        mean = statistics.fmean(logs)
+        half = t_quantile_975(len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+        return math.exp(mean), [math.exp(mean - half), math.exp(mean + half)]
+    assert original is not None and compressed is not None, "one set: the interval comes from the medians"
+    speedup = by_set[0] if by_set else original.median_ms / compressed.median_ms
+    return speedup, [original.ci_low_ms / compressed.ci_high_ms, original.ci_high_ms / compressed.ci_low_ms]

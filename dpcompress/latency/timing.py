@@ -1,4 +1,4 @@
-"""Timing statistics and alternating A/B timing (no torch needed).
+"""Timing statistics, and which rounds of a comparison were quiet (no torch needed).
 
 A latency is reported as the median of many timed runs, with the standard
 deviation as its spread. Two things are compared by alternating short rounds of
@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 
 # A round is quiet when the reference ran within this factor of its 10th percentile: the quiet state
@@ -93,41 +93,22 @@ def summarize(samples_ms: Sequence[float]) -> TimingStats:
     )
 
 
+# Student's t at 97.5% for 1-30 degrees of freedom (a two-sided 95% interval); the normal's 1.96 beyond.
+_T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_quantile_975(degrees_of_freedom: int) -> float:
+    """The 97.5% quantile of Student's t (two-sided 95% intervals of a mean)."""
+    if degrees_of_freedom < 1:
+        raise ValueError("at least one degree of freedom")
+    return _T_975[degrees_of_freedom - 1] if degrees_of_freedom <= len(_T_975) else 1.96
+
+
 def time_runner(runner: Timeable, warmup: int, iters: int) -> TimingStats:
     if iters < 1:
         raise ValueError("iters must be at least 1")
     return summarize(runner.time(warmup, iters))
-
-
-def alternate(runners: Sequence[Timeable], warmup: int, rounds: int, iters_per_round: int,
-              until: Optional[Callable[[List[List[float]]], bool]] = None,
-              max_rounds: Optional[int] = None) -> List[List[float]]:
-    """Samples of each runner, timed in turns: A×k, B×k, A×k, ... for ``rounds`` rounds.
-
-    Each runner first gets ``warmup`` untimed passes; every round starts with one
-    untimed pass of the runner so that switching between models (caches, clocks)
-    is not charged to the first timed run. With ``until``, rounds go on after
-    ``rounds`` until ``until(samples)`` is true or ``max_rounds`` rounds were timed.
-    """
-    if rounds < 1 or iters_per_round < 1:
-        raise ValueError("rounds and iters_per_round must be at least 1")
-    for runner in runners:
-        runner.time(warmup, 0)
-    samples: List[List[float]] = [[] for _ in runners]
-    done = 0
-    while done < rounds or (until is not None and done < (max_rounds or rounds) and not until(samples)):
-        for runner, collected in zip(runners, samples):
-            collected.extend(runner.time(1, iters_per_round))
-        done += 1
-    return samples
-
-
-def narrow_enough(relative_half_width: float) -> Callable[[List[List[float]]], bool]:
-    """A stopping rule for :func:`alternate`: every runner's median known to within
-    ``relative_half_width`` of itself (95% interval)."""
-    def check(samples: List[List[float]]) -> bool:
-        return all(summarize(s).ci_half_width <= relative_half_width for s in samples)
-    return check
 
 
 def quiet_level(reference_ms: Sequence[float]) -> float:

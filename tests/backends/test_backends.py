@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -94,9 +95,17 @@ def test_onnxruntime_prepares_side_by_side_in_order_leaving_no_files(monkeypatch
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the exports' folders land here
     (cheap, _), (expensive, shape) = CHEAP, EXPENSIVE
     runners = get_backend("onnxruntime", threads=1).prepare_all([cheap, expensive], shape)
-    assert not list(tmp_path.iterdir())
+    assert len(list(tmp_path.iterdir())) == 2  # each rewritten graph, kept to build more sessions of
     medians = [time_runner(runner, warmup=2, iters=7).median_ms for runner in runners]
     assert medians[0] < medians[1]
+    again = runners[1].another()  # a session of its own, of the same graph, which outlives the first
+    assert again._session is not runners[1]._session
+    del runners
+    gc.collect()
+    assert time_runner(again, warmup=1, iters=3).median_ms > 0 and len(list(tmp_path.iterdir())) == 1
+    del again
+    gc.collect()
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_large_models_optimized_graph_is_saved_with_its_weights_beside_it(monkeypatch, tmp_path):
@@ -115,7 +124,7 @@ def test_a_large_models_optimized_graph_is_saved_with_its_weights_beside_it(monk
     def session(path, **options):
         made = build(path, **options)
         if options.get("save_optimized"):
-            saved_folders.append({p.name: p.stat().st_size for p in Path(path).parent.iterdir()})
+            saved_folders.append({p.name: p.stat().st_size for p in Path(options["save_optimized"]).parent.iterdir()})
         return made
 
     monkeypatch.setattr(backend, "_session", session)
@@ -127,8 +136,11 @@ def test_a_large_models_optimized_graph_is_saved_with_its_weights_beside_it(monk
     assert files["model.onnx" + onnxruntime_backend.OPTIMIZED_SUFFIX] < weights // 2
     x = runner._feed["x"]
     with torch.no_grad():
-        np.testing.assert_allclose(runner._session.run(None, runner._feed)[0], module(torch.from_numpy(x)).numpy(),
-                                   rtol=1e-4, atol=1e-5)
+        expected = module(torch.from_numpy(x)).numpy()
+    for built in (runner, runner.another()):  # a session built again reads the weights beside the graph too
+        np.testing.assert_allclose(built._session.run(None, built._feed)[0], expected, rtol=1e-4, atol=1e-5)
+    del runner, built
+    gc.collect()
     assert not list(tmp_path.iterdir())
 
 

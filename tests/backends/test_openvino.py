@@ -26,7 +26,7 @@ from dpcompress.graph.geometry import block_geometry
 from dpcompress.latency.profile import profile_table
 from dpcompress.tables import read_latency_table
 from dpcompress.latency.timing import time_runner
-from tests.backends.conv_pairs import EXPENSIVE, slower_of_two
+from tests.backends.conv_pairs import CHEAP, EXPENSIVE, slower_of_two
 from tests.cli_helpers import run_cli
 from tests.latency.helpers import trace_tiny_mobilenet
 from tests.latency.helpers import ThreeParts
@@ -66,6 +66,21 @@ def test_openvino_compiles_with_its_settings_stated():
         backend.prepare(*EXPENSIVE, precision="fp16")
     with pytest.raises(UserError, match="CPU only"):
         get_backend("openvino", device="cuda")
+
+
+def test_openvino_builds_another_compiled_model_of_the_same_export():
+    openvino()
+    backend = get_backend("openvino", threads=1)
+    (cheap, _), (expensive, shape) = CHEAP, EXPENSIVE
+    runners = backend.prepare_all([cheap, expensive], shape)
+    again = [runner.another() for runner in runners]
+    assert all(a._request is not r._request for a, r in zip(again, runners))
+    # The same models: the expensive conv stays the slower in the sessions built again.
+    medians = [time_runner(runner, warmup=2, iters=7).median_ms for runner in again]
+    assert medians[0] < medians[1]
+    # Prepared one by one, a runner has no export kept to build from: it is its own other instance.
+    single = backend.prepare(cheap, shape)
+    assert single.another() is single
 
 
 def test_openvino_call_overhead_is_below_a_conv():

@@ -4,35 +4,56 @@ from __future__ import annotations
 
 import json
 import re
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from torch import nn
 
-from dpcompress.backends import get_backend
-from dpcompress.latency.bench import bench_modules, predicted_speedup
+from dpcompress.backends import Runner, get_backend
+from dpcompress.latency.bench import bench_modules, predicted_speedup, speedup_over_sets, time_in_session_sets
 from dpcompress.cli import main
 from dpcompress.graph.plan import Plan
-from dpcompress.latency.timing import alternate, in_rounds, quiet_level, quiet_rounds, round_medians, summarize
+from dpcompress.latency.timing import in_rounds, quiet_level, quiet_rounds, round_medians, summarize
 
 
-class LoggingRunner:
+class LoggingRunner(Runner):
     def __init__(self, name: str, log: List[str]) -> None:
         self.name, self.log = name, log
+
+    def another(self) -> "LoggingRunner":
+        self.log.append(f"build {self.name}'")
+        return type(self)(self.name + "'", self.log)
 
     def time(self, warmup: int, iters: int) -> List[float]:
         self.log.append(f"{self.name}:{warmup}+{iters}")
         return [float(len(self.log))] * iters
 
 
-def test_alternate_interleaves_rounds_after_warmup():
+def test_session_sets_build_and_run_each_network_twice_in_mirrored_order():
     log: List[str] = []
-    samples = alternate([LoggingRunner("A", log), LoggingRunner("B", log)], warmup=5, rounds=3, iters_per_round=2)
-    assert log == ["A:5+0", "B:5+0"] + ["A:1+2", "B:1+2"] * 3
-    assert [len(s) for s in samples] == [6, 6]
-    assert samples[0] == [3.0, 3.0, 5.0, 5.0, 7.0, 7.0]
+    samples, set_of_round = time_in_session_sets([LoggingRunner("A", log), LoggingRunner("B", log)], warmup=5,
+                                                 rounds=3, per_set=2, iters_per_round=3, enough=None, max_rounds=100)
+    first_set = ["build B'", "build A'", "A:5+0", "B:5+0", "B':5+0", "A':5+0"] + ["A:1+2", "B:1+2", "B':1+1",
+                                                                                  "A':1+1"] * 2
+    second_set = ["build A'", "build B'", "build B''", "build A''", "A':5+0", "B':5+0", "B'':5+0", "A'':5+0"]
+    assert log[:len(first_set)] == first_set and log[len(first_set):len(first_set) + 8] == second_set
+    assert set_of_round == [0, 0, 1, 1]  # whole sets: 4 rounds for the 3 asked
+    assert [len(s) for s in samples] == [12, 12]
+    assert samples[0][:3] == [7.0, 7.0, 10.0]  # a round's runs of A: its first session's, then its second's
+
+
+def test_speedup_over_sets_is_their_geometric_mean_with_a_t_interval():
+    by_set = [2.0, 2.2, 1.9, 2.1]
+    logs = np.log(by_set)
+    half = 3.182 * logs.std(ddof=1) / 2  # Student's t, 3 degrees of freedom, over sqrt(4)
+    speedup, (low, high) = speedup_over_sets(by_set)
+    assert speedup == pytest.approx(np.exp(logs.mean()))
+    assert (low, high) == (pytest.approx(np.exp(logs.mean() - half)), pytest.approx(np.exp(logs.mean() + half)))
+    # One set: the interval is the range the two medians' intervals allow.
+    original, compressed = summarize([2.0, 2.1, 2.2]), summarize([1.0, 1.05, 1.1])
+    assert speedup_over_sets([2.0], original, compressed) == (2.0, [2.0 / 1.1, 2.2 / 1.0])
 
 
 def test_summarize_matches_numpy():
@@ -47,10 +68,13 @@ def test_bench_measures_the_cheaper_model_as_faster():
     cheap = nn.Sequential(nn.Conv2d(16, 16, 1), nn.ReLU())
     plan = Plan(activations=[], boundaries=[0, 2], num_positions=2, latency_ms=0.01, original_latency_ms=0.015)
     result = bench_modules(get_backend("onnxruntime", threads=1), expensive, cheap, input_shape=(1, 16, 32, 32),
-                           warmup=2, rounds=3, iters_per_round=3, plan=plan)
+                           warmup=2, rounds=3, iters_per_round=3, plan=plan, until_ci=None)
     assert result.rounds == 3 and result.original.count == result.compressed.count == 3 * result.quiet_rounds
-    assert result.measured_speedup == result.original.median_ms / result.compressed.median_ms
-    assert result.measured_speedup > 1
+    # Sets of one round each, to reach the 3 rounds asked; a set counts where its round was quiet.
+    assert 1 <= len(result.session_speedups) <= 3
+    assert result.measured_speedup == pytest.approx(np.exp(np.mean(np.log(result.session_speedups))))
+    low, high = result.measured_speedup_interval
+    assert low <= result.measured_speedup <= high and result.measured_speedup > 1
     lines = result.summary_lines()
     assert any(re.fullmatch(r"measured speed-up: \d+\.\d\dx", line) for line in lines)
     assert "predicted speed-up: 1.50x" in lines
@@ -110,16 +134,22 @@ def test_quiet_rounds_are_those_near_the_references_fastest_tenth():
     assert in_rounds([1, 2, 3, 4, 5, 6], 2, [True, False, True]) == [1, 2, 5, 6]
 
 
-class PhasedRunner:
-    """A runner whose latency depends on the machine's state in the current round (``clock``)."""
+class PhasedRunner(Runner):
+    """A runner whose latency depends on the machine's state in the current round (``clock``). The one that
+    ``ticks`` starts a new round with the first of its two runs a round (its sessions share one count)."""
 
     def __init__(self, quiet_ms: float, loaded_ms: float, loaded: List[bool], clock: List[int],
-                 ticks: bool = False) -> None:
+                 ticks: bool = False, calls: Optional[List[int]] = None) -> None:
         self.quiet_ms, self.loaded_ms, self.loaded, self.clock, self.ticks = quiet_ms, loaded_ms, loaded, clock, ticks
+        self.calls = [0] if calls is None else calls
+
+    def another(self) -> "PhasedRunner":
+        return PhasedRunner(self.quiet_ms, self.loaded_ms, self.loaded, self.clock, self.ticks, self.calls)
 
     def time(self, warmup: int, iters: int) -> List[float]:
         if self.ticks and iters:
-            self.clock[0] += 1
+            self.calls[0] += 1
+            self.clock[0] += self.calls[0] % 2
         return [self.loaded_ms if self.loaded[max(self.clock[0], 0)] else self.quiet_ms] * iters
 
 
@@ -143,7 +173,7 @@ def test_bench_takes_its_figures_from_the_quiet_rounds():
     original = PhasedRunner(2.5, 3.3, loaded, clock, ticks=True)  # each of its rounds is a new round
     compressed = PhasedRunner(1.25, 1.3, loaded, clock)
     result = bench_modules(PreparedBackend([original, compressed]), nn.Identity(), nn.Identity(), input_shape=(1,),
-                           warmup=1, rounds=40, iters_per_round=3)
+                           warmup=1, rounds=40, iters_per_round=3, until_ci=None)
     assert result.rounds == 40 and result.quiet_rounds == 17  # round 9 is followed by a loaded one
     assert result.measured_speedup == 2.0 and result.original.count == 17 * 3
     assert result.all_rounds_speedup == pytest.approx(3.3 / 1.3)  # most rounds were loaded
@@ -155,15 +185,15 @@ def test_bench_takes_its_figures_from_the_quiet_rounds():
     clock[0] = -1
     result = bench_modules(PreparedBackend([PhasedRunner(2.5, 2.5, loaded, clock, ticks=True),
                                             PhasedRunner(1.25, 1.75, compressed_loaded, clock)]),
-                           nn.Identity(), nn.Identity(), input_shape=(1,), warmup=1, rounds=40, iters_per_round=3)
+                           nn.Identity(), nn.Identity(), input_shape=(1,), warmup=1, rounds=40, iters_per_round=3, until_ci=None)
     assert result.quiet_rounds == 36 and result.measured_speedup == 2.0
-    # With 10 rounds, the compressed network is not judged by its own fastest round: noise alone would
-    # set rounds apart (its fastest tenth is its fastest round).
+    # With 12 rounds (10 asked, in 4 whole sets of 3), the compressed network is not judged by its own fastest
+    # round: noise alone would set rounds apart (its fastest tenth is its fastest round).
     clock[0] = -1
     result = bench_modules(PreparedBackend([PhasedRunner(2.5, 2.5, loaded, clock, ticks=True),
                                             PhasedRunner(1.25, 1.75, compressed_loaded, clock)]),
-                           nn.Identity(), nn.Identity(), input_shape=(1,), warmup=1, rounds=10, iters_per_round=3)
-    assert result.quiet_rounds == 10
+                           nn.Identity(), nn.Identity(), input_shape=(1,), warmup=1, rounds=10, iters_per_round=3, until_ci=None)
+    assert result.rounds == result.quiet_rounds == 12
 
 
 def test_bench_goes_on_for_min_seconds(monkeypatch):
@@ -184,6 +214,40 @@ def test_bench_goes_on_for_min_seconds(monkeypatch):
                          iters_per_round=2).rounds == 2
 
 
+class SessionRunner(Runner):
+    """A network whose sessions run at ``slow_ms`` in odd-numbered session sets (two sessions a set, the
+    prepared one first), ``ms`` in the others."""
+
+    def __init__(self, ms: float, slow_ms: float, built: List[int]) -> None:
+        self.ms, self.slow_ms, self.built = ms, slow_ms, built
+        self.value = slow_ms if (built[0] // 2) % 2 else ms
+        built[0] += 1
+
+    def another(self) -> "SessionRunner":
+        return SessionRunner(self.ms, self.slow_ms, self.built)
+
+    def time(self, warmup: int, iters: int) -> List[float]:
+        return [self.value] * iters
+
+
+def test_bench_goes_on_with_sets_until_the_speedups_interval_is_narrow():
+    def bench(slow_ms, **settings):
+        runners = [SessionRunner(2.0, 2.0, [0]), SessionRunner(1.0, slow_ms, [0])]
+        return bench_modules(PreparedBackend(runners), nn.Identity(), nn.Identity(), input_shape=(1,), warmup=0,
+                             iters_per_round=2, **settings)
+
+    steady = bench(1.0)  # every set measures 2x: the 16 rounds asked are enough
+    assert steady.rounds == 16 and steady.session_speedups == [2.0] * 4 and steady.measured_speedup_interval == [2.0, 2.0]
+    # Sets measure 2x and 1.82x by turns (a session 10% slower: within the quiet margin, so no round is set
+    # aside): no interval within 2% of the mean, so sets go on up to 48 rounds.
+    split = bench(1.1)
+    assert split.rounds == 48 and split.session_speedups == pytest.approx([2.0, 2.0 / 1.1] * 6)
+    low, high = split.measured_speedup_interval
+    assert split.measured_speedup == pytest.approx((2.0 * 2.0 / 1.1) ** 0.5)
+    assert low < split.measured_speedup < high and (high - low) / 2 > 0.02 * split.measured_speedup
+    assert bench(1.1, until_ci=None).rounds == 16 and bench(1.1, max_rounds=24).rounds == 24
+
+
 def test_bench_judges_rounds_against_a_given_quiet_level():
     """A bench that met mostly a loaded state (rounds 0-36; quiet 37-39): against its own fastest tenth,
     the loaded rounds count; against the table's level, only the quiet ones; a level never met is set aside."""
@@ -194,7 +258,8 @@ def test_bench_judges_rounds_against_a_given_quiet_level():
         clock[0] = -1
         runners = [PhasedRunner(2.5, 3.3, loaded, clock, ticks=True), PhasedRunner(1.25, 1.3, loaded, clock)]
         return bench_modules(PreparedBackend(runners), nn.Identity(), nn.Identity(), input_shape=(1,), warmup=1,
-                             rounds=40, iters_per_round=3, quiet_level_ms=level)
+                             rounds=40, iters_per_round=3, quiet_level_ms=level,
+                             until_ci=None)
 
     own = bench(None)
     assert own.quiet_level_ms == 3.3 and own.measured_speedup == pytest.approx(3.3 / 1.3)

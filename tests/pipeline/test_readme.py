@@ -15,7 +15,8 @@ README = ROOT / "README.md"
 
 PLAN_LINE = re.compile(r"^(\d+) convs -> (\d+) blocks; predicted ([\d.]+) ms \(budget ([\d.]+), "
                        r"original ([\d.]+)\): ([\d.]+)x$", re.M)
-MEASURED_LINE = re.compile(r"^measured ([\d.]+) -> ([\d.]+) ms: ([\d.]+)x \(predicted ([\d.]+)x\)$", re.M)
+MEASURED_LINE = re.compile(r"^measured ([\d.]+) -> ([\d.]+) ms: ([\d.]+)x, 95% interval ([\d.]+)-([\d.]+)x "
+                           r"\(predicted ([\d.]+)x\)$", re.M)
 
 
 def section(title: str) -> str:
@@ -58,13 +59,15 @@ def test_readme_api_example_prints_consistent_figures(tmp_path, capsys):
     assert close(predicted_ms, plan.latency_ms) and plan.latency_ms <= plan.budget_ms
     assert close(speedup, plan.original_latency_ms / plan.latency_ms) and float(speedup) >= 1.0
 
-    measured_original, measured_compressed, measured, predicted = MEASURED_LINE.search(printed).groups()
+    measured_original, measured_compressed, measured, low, high, predicted = MEASURED_LINE.search(printed).groups()
     report = json.loads((tmp_path / "api_out" / "report.json").read_text())
     assert report["measured_speedup"] == pytest.approx(namespace["result"].report["measured_speedup"])
-    assert report["measured_speedup"] == pytest.approx(report["measured_original_ms"] / report["measured_compressed_ms"])
+    assert report["measured_speedup"] == report["bench"]["measured_speedup"]
+    assert report["measured_speedup_interval"] == report["bench"]["measured_speedup_interval"]
     assert close(measured_original, report["measured_original_ms"])
     assert close(measured_compressed, report["measured_compressed_ms"])
-    assert close(measured, report["measured_original_ms"] / report["measured_compressed_ms"])
+    assert close(measured, report["measured_speedup"]) and float(low) <= float(measured) <= float(high)
+    assert close(low, report["measured_speedup_interval"][0]) and close(high, report["measured_speedup_interval"][1])
     kept = report["plan"]
     assert close(predicted, kept["original_latency_ms"] / kept["latency_ms"])
     # The table made by profile was the one compress used, so its plans are priced alike.

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dpcompress import zoo
-from dpcompress.search.closed_loop import candidate_plans, measure_candidates
+from dpcompress.search.closed_loop import MAX_STEPS, Candidate, candidate_plans, measure_candidates
 from dpcompress.graph.geometry import block_geometry
 from dpcompress.latency.network_timing import geometry_conv
 from dpcompress.graph.rewrite import merged_model
@@ -56,18 +56,23 @@ def test_candidates_are_the_most_important_plans_near_the_budget(exact_table, tr
 def test_loop_keeps_the_most_important_plan_measured_within_the_budget(exact_table, traced):
     plan, frontier, budget = frontier_for(exact_table, traced, 0.85)
     result = measure_candidates(CostBackend(), traced, frontier, budget, input_shape=SHAPE, count=3)
-    assert not result.kept_original and result.budget_ratio == pytest.approx(0.85)
+    assert not result.kept_original and result.met_budget and result.steps == 1
+    assert result.budget_ratio == pytest.approx(0.85)
     chosen = [c for c in result.candidates if c.chosen]
     assert len(chosen) == 1 and chosen[0].plan.boundaries == result.plan.boundaries
     assert result.plan.budget_ms == budget
     # The cost backend measures exactly what the table predicts: the solver's plan is the answer.
     assert result.plan.activations == plan.activations and result.plan.boundaries == plan.boundaries
-    assert chosen[0].measured_ms == pytest.approx(conv_cost(merged_model(traced, result.plan), SHAPE, lambda c: 1.0))
-    assert chosen[0].measured_ms <= chosen[0].budget_ms
+    original_cost = conv_cost(traced.gm, SHAPE, lambda c: 1.0)
+    merged_cost = conv_cost(merged_model(traced, result.plan), SHAPE, lambda c: 1.0)
+    assert chosen[0].measured_speedup == pytest.approx(original_cost / merged_cost)
+    assert chosen[0].measured_speedup >= 1 / 0.85
     for candidate in result.candidates:
         assert candidate.measured_ms == pytest.approx(candidate.predicted_ms, rel=1e-6)
+        assert candidate.measured_speedup == pytest.approx(1 / candidate.predicted_ratio, rel=1e-6)
         record = candidate.to_json()
-        assert {"predicted_ms", "measured_ms", "measured_budget_ms", "within_budget", "chosen"} <= set(record)
+        assert {"predicted_ms", "measured_ms", "measured_budget_ms", "within_budget", "within_noise", "chosen",
+                "step", "measured_speedup_interval"} <= set(record)
     assert json.dumps(result.to_json())
 
 
@@ -79,22 +84,20 @@ def test_loop_falls_back_to_a_less_important_plan_when_the_best_is_slow_as_measu
     backend = CostBackend(lambda conv: 3.0 if conv.kernel_size[0] == slow_kernel and conv.groups == 1 else 1.0)
     result = measure_candidates(backend, traced, frontier, budget, input_shape=SHAPE, count=5)
     first = result.candidates[0]
-    if first.within_budget:
-        pytest.skip("the cost change did not push the most important candidate over the budget")
-    assert not first.chosen
-    if not result.kept_original:
-        chosen = next(c for c in result.candidates if c.chosen)
-        assert chosen.within_budget and chosen.faster and chosen.plan.importance <= first.plan.importance
-        assert "more important" in result.reason
+    assert not first.within_budget and not first.chosen
+    chosen = next(c for c in result.candidates if c.chosen)
+    assert chosen.within_budget and chosen.faster and chosen.plan.importance <= first.plan.importance
+    assert result.met_budget and "within the budget" in result.reason
 
 
-def test_loop_keeps_the_original_when_no_plan_is_measured_within_the_budget(exact_table, traced):
+def test_loop_keeps_the_original_only_when_no_plan_is_measured_faster(exact_table, traced):
     plan, frontier, budget = frontier_for(exact_table, traced, 0.8)
     # Every merged conv (dense, kernel > 1) is measured 50x slower than the table says.
     backend = CostBackend(lambda conv: 50.0 if conv.groups == 1 and conv.kernel_size[0] > 1 else 1.0)
     result = measure_candidates(backend, traced, frontier, budget, input_shape=SHAPE, count=3)
-    assert result.kept_original and "kept the original" in result.reason and "can be met" in result.reason
-    assert not any(c.chosen for c in result.candidates) and len(result.candidates) == 3
+    assert result.kept_original and not result.met_budget and "kept the original" in result.reason
+    assert "faster than the original" in result.reason and not any(c.chosen for c in result.candidates)
+    assert result.steps >= 2 and len(result.candidates) >= 3  # it went down the frontier before giving up
     L = traced.chain.num_positions
     assert result.plan.boundaries == list(range(L + 1))
     assert result.plan.activations == [p for p in traced.chain.activation_positions if p < L]
@@ -104,10 +107,44 @@ def test_loop_keeps_the_original_when_no_plan_is_measured_within_the_budget(exac
         torch.testing.assert_close(merged_model(traced, result.plan)(x), traced.gm(x), rtol=1e-4, atol=1e-5)
 
 
+def optimistic_bench(optimism):
+    """A stand-in for ``bench_candidate``: every plan measures ``optimism`` times its predicted ratio."""
+    def bench(backend, original, traced, plan, budget_ratio, step, **settings):
+        ratio = optimism * plan.latency_ms / plan.original_latency_ms
+        return Candidate(plan=plan, predicted_ms=plan.latency_ms, step=step, measured_speedup=1 / ratio,
+                         interval=(0.98 / ratio, 1.02 / ratio), measured_ms=ratio, measured_original_ms=1.0,
+                         budget_speedup=1 / budget_ratio, within_budget=1 / ratio >= 1 / budget_ratio,
+                         faster=0.98 / ratio > 1)
+    return bench
+
+
+def test_loop_steps_down_the_frontier_until_a_plan_measures_within_the_budget(exact_table, traced, monkeypatch):
+    monkeypatch.setattr("dpcompress.search.closed_loop.bench_candidate", optimistic_bench(1.15))
+    plan, frontier, budget = frontier_for(exact_table, traced, 0.8)
+    lines = []
+    result = measure_candidates(CostBackend(), traced, frontier, budget, input_shape=SHAPE, count=2, say=lines.append)
+    assert result.met_budget and not result.kept_original and result.steps >= 2
+    chosen = next(c for c in result.candidates if c.chosen)
+    assert chosen.measured_speedup >= 1 / 0.8 and chosen.step == result.steps
+    for earlier, later in zip(result.candidates, result.candidates[1:]):
+        if later.step > earlier.step:  # each step benches plans predicted below every plan benched before
+            assert later.predicted_ms < min(c.predicted_ms for c in result.candidates if c.step < later.step)
+    assert all(not c.within_budget for c in result.candidates if c.step < result.steps)
+    assert any("step 2:" in str(line) for line in lines)
+    # A table too optimistic for any plan on the frontier to meet the budget: the fastest is kept, said plainly.
+    cheapest = min(p.latency_ms / p.original_latency_ms for p in frontier)
+    monkeypatch.setattr("dpcompress.search.closed_loop.bench_candidate", optimistic_bench(0.9 / cheapest))
+    result = measure_candidates(CostBackend(), traced, frontier, budget, input_shape=SHAPE, count=2)
+    fastest = max(result.candidates, key=lambda c: c.measured_speedup)
+    assert not result.met_budget and not result.kept_original and fastest.chosen and fastest.faster
+    assert "no plan measured within the budget" in result.reason and f"{fastest.measured_ratio:.3f}" in result.reason
+    assert result.steps <= MAX_STEPS
+
+
 def test_bench_json_is_json_alone_on_stdout(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "dpcompress.cli", "bench", "--model", "dpcompress.zoo:tiny_mobilenet_v2",
-         "--input-shape", "1,3,16,16", "--threads", "1", "--rounds", "2", "--iters", "3", "--repeat",
+         "--input-shape", "1,3,16,16", "--threads", "1", "--rounds", "2", "--iters", "3",
          "--ci", "0.5", "--max-rounds", "4", "--json"],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
