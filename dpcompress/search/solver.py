@@ -18,8 +18,11 @@ Pruning options (LayerMerge's search space): a latency row may prune convs of it
 the set P of its convs pruned; P is the union of the options its blocks take. A segment with
 P pruned is allowed only where the importance table has its row: a missing row is not worth
 the unpruned segment's importance, because then pruning would cost nothing and the DP would
-prune every conv that saves time, whatever the damage. Without an importance table (uniform
-importance) nothing prices pruning either, so no segment is pruned. For each allowed (segment,
+prune every conv that saves time, whatever the damage. ``solve`` and ``frontier`` without an
+importance table therefore prune nothing; ``solve_for_model`` (what the CLI and the API call)
+prices a table's pruning options as ``importance --method uniform`` does instead
+(:func:`uniform_importance`: each segment 1, less 1 for each conv pruned), so that the options a
+profile paid for are searched. For each allowed (segment,
 P), stage 1 finds the cheapest split in which every block b takes the option pruning exactly
 P ∩ b (blocks are disjoint, so these are all the splits whose union is P; ``PrunedStage1``),
 and stage 2 chooses among the (segment, P) as it chooses among segments, less those that another
@@ -52,6 +55,7 @@ from dpcompress.tables import (
     ImportanceTable,
     LatencyTable,
     Pruned,
+    PrunedBlock,
     check_table_against_chain,
     format_pruned,
     write_csv_table,
@@ -451,6 +455,51 @@ def _segment_name(start: int, end: int, pruned: Pruned) -> str:
     return f"segment ({start}, {end})" + (f" pruned {format_pruned(pruned)!r}" if pruned else "")
 
 
+def uniform_importance(table: LatencyTable, allowed_positions: Optional[Iterable[int]] = None
+                       ) -> Optional[ImportanceTable]:
+    """Uniform importance over the table's pruning options (None where it has none): every segment between
+    allowed positions that the table's blocks cover is worth 1, and with P pruned 1 - len(P), as
+    ``importance --method uniform`` prices them. A segment's pruned sets are those of its own block where it
+    is one, else those of every block on a split of it into the table's blocks (as the importance
+    module chooses a segment's rows)."""
+    if not table.pruned_latency_ms:
+        return None
+    L = table.num_positions
+    ends = sorted(set(range(L + 1) if allowed_positions is None else allowed_positions) | {0, L})
+    options: Dict[Block, List[Pruned]] = {}
+    for start, end, pruned in table.pruned_latency_ms:
+        options.setdefault((start, end), []).append(pruned)
+    blocks = sorted(table.latency_ms)
+    importance: Dict[Block, float] = {}
+    pruned_importance: Dict[PrunedBlock, float] = {}
+    for i in ends:
+        reached = {i}
+        for a, b in blocks:  # sorted by start: each start is final before it is extended
+            if a in reached:
+                reached.add(b)
+        for j in (j for j in ends if j > i and j in reached):
+            importance[(i, j)] = 1.0
+            for pruned in _segment_pruned_sets(blocks, table.latency_ms, options, i, j):
+                pruned_importance[(i, j, pruned)] = 1.0 - len(pruned)
+    return ImportanceTable(importance=importance, source=f"uniform importance over {table.source}'s pruning options",
+                           pruned_importance=pruned_importance)
+
+
+def _segment_pruned_sets(blocks: Sequence[Block], rows: Mapping[Block, float], options: Mapping[Block, List[Pruned]],
+                         i: int, j: int) -> Set[Pruned]:
+    if (i, j) in rows:
+        return set(options.get((i, j), ()))
+    inside = [(a, b) for a, b in blocks if i <= a and b <= j]
+    reached, reaching = {i}, {j}
+    for a, b in inside:
+        if a in reached:
+            reached.add(b)
+    for a, b in sorted(inside, key=lambda block: -block[1]):
+        if b in reaching:
+            reaching.add(a)
+    return {pruned for a, b in inside if a in reached and b in reaching for pruned in options.get((a, b), ())}
+
+
 def uniform_segments(s1: Stage1Result, allowed_positions: Optional[Iterable[int]] = None) -> Segments:
     """Every segment between allowed positions that stage 1 can cover, each worth 1.
 
@@ -766,7 +815,8 @@ def solve_for_model(latency_table: LatencyTable, importance_table: Optional[Impo
                     chain: Optional[Chain] = None, with_frontier: bool = False) -> Tuple[Plan, List[Plan]]:
     """Solve, with segment ends restricted to the chain's activations and the plan tagged with
     its model and fingerprint when a chain is given (or known from the table's meta file, whose
-    ``activation_positions`` restrict the ends where there is no chain).
+    ``activation_positions`` restrict the ends where there is no chain). Without an importance table, a
+    table's pruning options are priced uniformly (:func:`uniform_importance`).
 
     Returns the plan and, with ``with_frontier``, the plans of the whole frontier.
     """
@@ -780,6 +830,8 @@ def solve_for_model(latency_table: LatencyTable, importance_table: Optional[Impo
         latency_table = buildable_rows(latency_table, chain)
     elif isinstance(latency_table.meta.get("activation_positions"), list):
         allowed = [int(p) for p in latency_table.meta["activation_positions"]]
+    if importance_table is None:
+        importance_table = uniform_importance(latency_table, allowed)
     if with_frontier:
         plan, plans = solve_with_frontier(latency_table, importance_table, budget_ms, allowed)
     else:

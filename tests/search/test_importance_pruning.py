@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
@@ -14,7 +15,9 @@ from dpcompress.graph.trace import trace_model
 from dpcompress.latency.profile import profile_table
 from dpcompress.search.importance import (ImportanceSettings, allowed_segments, compute_importance, normalise,
                                           segment_options, segment_pruning_options)
-from dpcompress.search.solver import frontier, pruned_sets
+from dpcompress.cli import main
+from dpcompress.errors import UserError
+from dpcompress.search.solver import frontier, pruned_sets, solve_for_model, uniform_importance
 from dpcompress.tables import read_importance_table, read_latency_table
 from tests.cost_backend import CostBackend
 from tests.digits_helpers import INPUT_SHAPE, TINY_SPEC, trained_tiny
@@ -119,3 +122,39 @@ def test_importance_cli_prunes_by_default_where_convs_are_reducible(tmp_path):
     off = CliRunner().invoke(main, args + ["--out", str(tmp_path / "n.csv"), "--no-prune"])
     assert off.exit_code == 0, off.output
     assert "pruned" not in _read(tmp_path / "n.csv")[0]
+
+
+def test_solve_without_importance_prices_the_tables_options_as_uniform_importance_does(traced, latency_table,
+                                                                                        tmp_path):
+    """A profile with pruning options, then solve with no importance table: the options are searched, priced as
+    `importance --method uniform` prices them from the chain (one conv pruned costs as one activation removed)."""
+    out = tmp_path / "u.csv"
+    compute_importance(traced, ImportanceSettings(method="uniform", prune=True), out)
+    from_chain = read_importance_table(out)
+    derived = uniform_importance(latency_table, traced.chain.activation_positions)
+    assert derived.importance == from_chain.importance and derived.pruned_importance == from_chain.pruned_importance
+    assert uniform_importance(replace(latency_table, pruned_latency_ms={})) is None  # nothing to price
+    unpruned = replace(latency_table, pruned_latency_ms={})
+    smallest_unpruned = frontier(unpruned, None, traced.chain.activation_positions)[0][0]
+    pruned_any = 0
+    original = latency_table.original_latency_ms()
+    for budget in (0.9 * original, 0.7 * original, 0.99 * smallest_unpruned, 0.9 * smallest_unpruned):
+        try:
+            expected, _ = solve_for_model(latency_table, from_chain, budget, traced.chain)
+        except UserError:
+            with pytest.raises(UserError):
+                solve_for_model(latency_table, None, budget, traced.chain)
+            continue
+        plan, _ = solve_for_model(latency_table, None, budget, traced.chain)
+        assert (plan.activations, plan.boundaries, plan.pruned) == (expected.activations, expected.boundaries,
+                                                                    expected.pruned)
+        pruned_any += bool(plan.pruned) and budget < smallest_unpruned
+    assert pruned_any  # a budget below what merging alone reaches, met by pruning
+    # The CLI's plain path: the profile's table, then solve with no importance (segment ends from its meta).
+    table_path = tmp_path / "t.csv"
+    profile_table(traced.chain, CostBackend(), table_path, warmup=0, iters=1, timing="standalone", prune=True)
+    ratio = 0.99 * smallest_unpruned / latency_table.original_latency_ms()
+    result = CliRunner().invoke(main, ["solve", "--latency-table", str(table_path), "--budget-ratio", f"{ratio:.6f}",
+                                       "--out", str(tmp_path / "plan.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "plan.json").read_text())["pruned"]
