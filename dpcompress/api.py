@@ -32,11 +32,16 @@ def _traced(model: "nn.Module", input_shape: Sequence[int], submodule: Optional[
     return trace_target(model, input_shape, submodule)
 
 
-def trace(model: "nn.Module", input_shape: Sequence[int], *, submodule: Optional[str] = None) -> "Chain":
+def trace(model: "nn.Module", input_shape: Sequence[int], *, submodule: Optional[str] = None,
+          capture: str = "auto") -> "Chain":
     """The mergeable chain of ``model`` at ``input_shape`` (N, C, H, W): its convs, positions, activations,
     barriers and valid blocks. With ``submodule`` (a qualified name such as ``"backbone.body"``), the chain
-    of that part at the input it receives when ``model`` runs on ``input_shape``."""
-    return _traced(model, input_shape, submodule)[0].chain
+    of that part at the input it receives when ``model`` runs on ``input_shape``. ``capture`` is how the
+    graph is taken: ``"fx"`` (torch.fx), ``"export"`` (torch.export) or ``"auto"`` (fx, and export where fx
+    cannot trace the model; every other stage captures so); the chain's ``capture`` says which was used."""
+    from dpcompress.graph.submodule import trace_target
+
+    return trace_target(model, input_shape, submodule, capture=capture)[0].chain
 
 
 def _backend(backend: "str | Backend", threads: Optional[int]) -> "Backend":

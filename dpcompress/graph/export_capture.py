@@ -78,7 +78,8 @@ def export_graph_module(model: nn.Module, sample: torch.Tensor) -> fx.GraphModul
             program = _export_any_batch(copied, sample)
         except Exception:  # the model fixes its batch size (or reads it): captured at the one asked
             program = torch.export.export(copied, (sample,), strict=False)
-    return _ModuleGraph(program.run_decompositions({})).build()
+        program = program.run_decompositions({})
+    return _ModuleGraph(program).build()
 
 
 @contextlib.contextmanager

@@ -142,13 +142,13 @@ def _describe_inputs(args: tuple, kwargs: dict) -> str:
 
 
 def trace_target(model: nn.Module, input_shape: Sequence[int], submodule: Optional[str] = None,
-                 spec: Optional[str] = None) -> Tuple[TracedModel, Optional[SubmoduleSite]]:
+                 spec: Optional[str] = None, capture: str = "auto") -> Tuple[TracedModel, Optional[SubmoduleSite]]:
     """``model`` traced at ``input_shape``, or with ``submodule`` that part traced at the input it receives
-    inside the model; and the submodule's site (None without one)."""
+    inside the model; and the submodule's site (None without one). ``capture`` as trace_model takes it."""
     if submodule is None:
-        return trace_model(model, input_shape, spec=spec), None
+        return trace_model(model, input_shape, spec=spec, capture=capture), None
     site = submodule_site(model, submodule, input_shape)
-    return trace_model(site.module, site.input_shape, spec=spec), site
+    return trace_model(site.module, site.input_shape, spec=spec, capture=capture), site
 
 
 def put_back(model: nn.Module, site: SubmoduleSite, compressed: fx.GraphModule) -> nn.Module:

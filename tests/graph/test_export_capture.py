@@ -136,6 +136,28 @@ def test_capture_fx_refuses_what_fx_cannot_trace_and_export_alone_says_nothing_o
         trace_model(Untraceable(), SHAPE, capture="dynamo")
 
 
+def test_the_api_and_the_trace_command_take_a_capture(workdir):
+    import json
+
+    from click.testing import CliRunner
+
+    import dpcompress
+    from dpcompress.cli import main
+
+    assert dpcompress.trace(Untraceable(), SHAPE).capture == "export"
+    with pytest.raises(UserError, match="torch.fx cannot trace"):
+        dpcompress.trace(Untraceable(), SHAPE, capture="fx")
+    chains = {}
+    for capture in ("auto", "export"):
+        result = CliRunner().invoke(main, ["trace", "--model", f"{workdir}/nets.py:small", "--input-shape", "1,3,8,8",
+                                           "--json", "--capture", capture])
+        assert result.exit_code == 0, result.output
+        chains[capture] = json.loads(result.output)
+    assert chains["auto"]["capture"] == "fx" and chains["export"]["capture"] == "export"
+    assert chains["auto"]["fingerprint"] == chains["export"]["fingerprint"]
+    assert chains["auto"]["valid_blocks"] == chains["export"]["valid_blocks"] == [[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]]
+
+
 NEITHER = '''
 import torch.nn as nn
 
