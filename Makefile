@@ -40,19 +40,20 @@ install-yolo-tests: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# Rebuild the shipped CPU latency tables (ONNX Runtime and OpenVINO, 224x224, batch 1, timed in-network);
-# about a minute each (vgg19_bn several). Make them on a quiet machine. No pruning options: compress
-# searches without them by default (--prune profiles a table with them).
+# Rebuild the shipped CPU latency tables (ONNX Runtime and OpenVINO, 224x224, batch 1, timed in-network),
+# with pruning options (compress searches them by default; a table with them serves --no-prune too); the
+# minutes each took are in docs/results.md. Make them on a quiet machine.
 tables: install
-	$(BIN)/dpcompress profile --model torchvision:mobilenet_v2 --backend onnxruntime --no-prune --overwrite --out latency_tables/cpu_onnxruntime/mobilenet_v2.csv
-	$(BIN)/dpcompress profile --model 'torchvision:mobilenet_v2?width_mult=1.4' --backend onnxruntime --no-prune --overwrite --out latency_tables/cpu_onnxruntime/mobilenet_v2_w1.4.csv
-	$(BIN)/dpcompress profile --model torchvision:vgg19_bn --backend onnxruntime --no-prune --overwrite --out latency_tables/cpu_onnxruntime/vgg19_bn.csv
-	$(BIN)/dpcompress profile --model torchvision:resnet18 --backend onnxruntime --no-prune --overwrite --out latency_tables/cpu_onnxruntime/resnet18.csv
+	$(BIN)/dpcompress profile --model torchvision:mobilenet_v2 --backend onnxruntime --overwrite --out latency_tables/cpu_onnxruntime/mobilenet_v2.csv
+	$(BIN)/dpcompress profile --model 'torchvision:mobilenet_v2?width_mult=1.4' --backend onnxruntime --overwrite --out latency_tables/cpu_onnxruntime/mobilenet_v2_w1.4.csv
+	$(BIN)/dpcompress profile --model torchvision:vgg19_bn --backend onnxruntime --overwrite --out latency_tables/cpu_onnxruntime/vgg19_bn.csv
+	$(BIN)/dpcompress profile --model torchvision:resnet18 --backend onnxruntime --overwrite --out latency_tables/cpu_onnxruntime/resnet18.csv
+	$(BIN)/dpcompress profile --model torchvision:resnet34 --backend onnxruntime --overwrite --out latency_tables/cpu_onnxruntime/resnet34.csv
 	$(MAKE) tables-openvino
 
 tables-openvino: install
-	$(BIN)/dpcompress profile --model torchvision:mobilenet_v2 --backend openvino --no-prune --overwrite --out latency_tables/cpu_openvino/mobilenet_v2.csv
-	$(BIN)/dpcompress profile --model 'torchvision:mobilenet_v2?width_mult=1.4' --backend openvino --no-prune --overwrite --out latency_tables/cpu_openvino/mobilenet_v2_w1.4.csv
+	$(BIN)/dpcompress profile --model torchvision:mobilenet_v2 --backend openvino --overwrite --out latency_tables/cpu_openvino/mobilenet_v2.csv
+	$(BIN)/dpcompress profile --model 'torchvision:mobilenet_v2?width_mult=1.4' --backend openvino --overwrite --out latency_tables/cpu_openvino/mobilenet_v2_w1.4.csv
 
 # Every benchmark's --quick mode (a tiny model, one repeat: a smoke check, not figures), each to its end from
 # an empty folder (nothing resumed); records under out/bench_quick/<benchmark>/record.json.

@@ -195,7 +195,10 @@ def solve(latency_table_path: str, importance_source: str, budget_ms: Optional[f
     if plot_path:
         from dpcompress.search.frontier_plot import plot_frontier
 
-        plot_frontier(plot_path, frontier, plan, budget, plan.original_latency_ms)
+        from dpcompress.search.solver import merge_only_frontier
+
+        plot_frontier(plot_path, frontier, plan, budget, plan.original_latency_ms,
+                      merge_only=merge_only_frontier(table, importance, chain) if table.pruned_latency_ms else None)
     click.echo(plan_summary(plan, chain.activation_positions if chain else None))
     for path in (out, frontier_path, plot_path):
         if path:
@@ -529,9 +532,7 @@ def finetune(model_spec: str, weights: Optional[str], input_shape: str, plan_pat
               help="Closed loop: bench the most important candidate plans around the budget on the backend and "
                    "keep the best one measured within it (or the original where none is).")
 @click.option("--candidates", type=int, default=3, show_default=True, help="Plans the closed loop benches.")
-@click.option("--prune/--no-prune", default=False, show_default=True,
-              help="LayerMerge's search space: convs that keep their input's shape may also be replaced by identity "
-                   "inside merged blocks (profiles anew: the shipped tables have no pruning options).")
+@prune_option
 def compress(model_spec: str, weights: Optional[str], input_shape: str, submodule: Optional[str], out_dir: str,
              budget_ms: Optional[float],
              budget_ratio: Optional[float], data_spec: Optional[str], importance_method: Optional[str],

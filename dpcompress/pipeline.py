@@ -40,9 +40,8 @@ class CompressSettings:
     tables_dir: Optional[str] = None  # where to look for a matching table before profiling
     measure: bool = True  # the closed loop: bench the best candidates, keep one measured within the budget
     candidates: int = 3
-    # Pruning options (LayerMerge's search space); None: on where a conv is reducible. Off by default until
-    # the shipped tables carry pruning options: on, compress would profile every model anew.
-    prune: Optional[bool] = False
+    # Pruning options (LayerMerge's search space); None: on where a conv is reducible.
+    prune: Optional[bool] = None
 
 
 def prune_default(prune: Optional[bool], chain: Any) -> bool:
@@ -52,10 +51,12 @@ def prune_default(prune: Optional[bool], chain: Any) -> bool:
 
 def find_table(tables_dir: Path, fingerprint: str, backend: str, precision: str, batch_size: int,
                threads: Optional[int] = None, timing: Optional[str] = None, prune: bool = False) -> Optional[Path]:
-    """A latency table under ``tables_dir`` made for this chain, backend, precision, batch size and
-    pruning setting (and with ``threads`` CPU threads and rows timed the way ``timing`` says, where
-    given; a table from before timings were recorded counts as ``standalone``, one from before
-    pruning options as made without them)."""
+    """A latency table under ``tables_dir`` made for this chain, backend, precision and batch size, with
+    pruning options where ``prune`` asks for them (a table with them serves without too: its options are
+    dropped), and with ``threads`` CPU threads and rows timed the way ``timing`` says, where given (a table
+    from before timings were recorded counts as ``standalone``, one from before pruning options as made
+    without them). Tables made for the request exactly come first."""
+    found = []
     for meta_path in sorted(tables_dir.rglob("*.meta.json")):
         try:
             meta = json.loads(meta_path.read_text())
@@ -68,9 +69,9 @@ def find_table(tables_dir: Path, fingerprint: str, backend: str, precision: str,
                 and meta.get("precision") == precision and meta.get("batch_size") == batch_size
                 and (threads is None or meta.get("threads") == threads)
                 and (timing is None or meta.get("timing", "standalone") == timing)
-                and meta.get("prune", False) == prune and table.is_file()):
-            return table
-    return None
+                and (meta.get("prune", False) or not prune) and table.is_file()):
+            found.append((meta.get("prune", False) != prune, table))
+    return min(found)[1] if found else None
 
 
 @dataclass
@@ -227,11 +228,18 @@ def _latency_table(job: _Job) -> "tuple[Path, Any]":
         table_path = job.out / "latency.csv"
         job.say(f"[2/7] latency table: profiling {len(chain.valid_blocks())} blocks on {job.backend.name} "
                 f"-> {table_path}")
+        unpruned = (find_table(tables_dir, chain.fingerprint(), job.backend.name, settings.precision,
+                               job.batch_size, settings.threads, timing, False) if job.prune else None)
+        if unpruned is not None:
+            job.say(f"      with pruning options, which {shown_path(unpruned)} lacks (--no-prune uses it as it is)")
         profile_table(chain, job.backend, table_path, model_spec=job.model_spec, input_shape=chain.input_shape,
                       batch_size=job.batch_size, precision=settings.precision, warmup=settings.warmup,
                       iters=settings.iters, traced=job.traced, timing=timing, progress=profile_lines(job.say),
                       prune=job.prune)
-    return table_path, read_latency_table(table_path)
+    table = read_latency_table(table_path)
+    if not job.prune and table.pruned_latency_ms:  # the solver would search the options it has
+        table = replace(table, pruned_latency_ms={})
+    return table_path, table
 
 
 def _importance(job: _Job, method: str, data: Any, importance_table: Any) -> Any:
@@ -258,7 +266,7 @@ def _solve(job: _Job, table: Any, importance_table: Any) -> "tuple[float, Any, A
     from dpcompress.graph.plan import save_plan
     from dpcompress.search.closed_loop import measure_candidates
     from dpcompress.search.frontier_plot import plot_frontier
-    from dpcompress.search.solver import resolve_budget, solve_for_model, write_frontier_csv
+    from dpcompress.search.solver import merge_only_frontier, resolve_budget, solve_for_model, write_frontier_csv
 
     settings = job.settings
     budget = resolve_budget(table, settings.budget_ms, settings.budget_ratio)
@@ -276,7 +284,8 @@ def _solve(job: _Job, table: Any, importance_table: Any) -> "tuple[float, Any, A
     save_plan(job.out / "plan.json", plan)
     write_frontier_csv(job.out / "frontier.csv", frontier)
     plot_frontier(job.out / "frontier.png", frontier, chosen=plan, budget_ms=budget,
-                  original_latency_ms=plan.original_latency_ms)
+                  original_latency_ms=plan.original_latency_ms,
+                  merge_only=merge_only_frontier(table, importance_table, job.chain) if job.prune else None)
     return budget, solved, plan, loop
 
 

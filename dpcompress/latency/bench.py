@@ -40,6 +40,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # Rounds a given quiet level must be met in before it judges a bench (else the bench's own level does).
 MIN_QUIET_ROUNDS = 3
+# Quiet rounds a session set needs for its speed-up to count, where two sets or more have them.
+MIN_SET_ROUNDS = 2
 # Session sets a bench spreads its rounds over, and the rounds it times at least (docs/latency.md, "Sessions").
 SESSION_SETS = 4
 DEFAULT_ROUNDS = 16
@@ -167,41 +169,57 @@ def bench_modules(backend: "Backend", original: "torch.nn.Module", compressed: O
                                   precision)
     release_freed_memory()  # what the exports held
     per_set = max(1, math.ceil(rounds / sessions))
-    until = _stopping_rule(until_ci, min_seconds, iters_per_round)
+    until = _stopping_rule(until_ci, min_seconds, iters_per_round, quiet_level_ms)
     if min_seconds > 0 and not until_ci:
         max_rounds = 1 << 30
     samples, set_of_round = time_in_session_sets(runners, warmup, rounds, per_set, iters_per_round, until,
                                                  max(max_rounds, rounds))
-    rounds = len(set_of_round)
-    per_round = [round_medians(collected, iters_per_round) for collected in samples]
-
-    def judged(level: Optional[float]) -> List[bool]:
-        # A state can slow the compressed network alone: each runner near its own fastest tenth too.
-        calm = ([quiet_rounds(per_round[0], level, both_sides=level is not None)]
-                + [calm_rounds(collected, iters_per_round) for collected in samples[1:]])
-        return [all(c[k] for c in calm) and (k + 1 == rounds or calm[0][k + 1]) for k in range(rounds)]
-
-    quiet = judged(quiet_level_ms) if quiet_level_ms is not None else []
-    if sum(quiet) < MIN_QUIET_ROUNDS:
-        quiet_level_ms = quiet_level(per_round[0])
-        quiet = judged(None)
-    if sum(quiet) == 0:  # the fastest round was followed by a loaded one, and every other round loaded
-        quiet = [True] * rounds
+    quiet, quiet_level_ms = quiet_of(samples, iters_per_round, quiet_level_ms)
     kept = [in_rounds(collected, iters_per_round, quiet) for collected in samples]
     result = BenchResult(
         backend=backend_record(backend), input_shape=[int(x) for x in input_shape], precision=precision,
-        warmup=warmup, rounds=rounds, iters_per_round=iters_per_round, original=summarize(kept[0]),
+        warmup=warmup, rounds=len(set_of_round), iters_per_round=iters_per_round, original=summarize(kept[0]),
         predicted_speedup=predicted_speedup(plan) if plan is not None else None, plan=_plan_figures(plan),
         quiet_rounds=sum(quiet), quiet_level_ms=quiet_level_ms)
     if compressed is None:
         return result
-    by_set = set_speedups(samples, iters_per_round, [[q and s == k for q, s in zip(quiet, set_of_round)]
-                                                     for k in sorted(set(set_of_round))])
+    by_set = quiet_set_speedups(samples, iters_per_round, quiet, set_of_round)
     compressed_stats = summarize(kept[1])
     speedup, interval = speedup_over_sets(by_set, result.original, compressed_stats)
     return replace(result, compressed=compressed_stats, measured_speedup=speedup, measured_speedup_interval=interval,
                    session_speedups=by_set,
                    all_rounds_speedup=summarize(samples[0]).median_ms / summarize(samples[1]).median_ms)
+
+
+def quiet_of(samples: Sequence[Sequence[float]], iters_per_round: int, level_ms: Optional[float]
+             ) -> Tuple[List[bool], float]:
+    """Which rounds were quiet (module doc), and the original's level they were judged against: ``level_ms``
+    where at least MIN_QUIET_ROUNDS rounds meet it, else the bench's own fastest tenth. Every round where
+    none was quiet (the fastest round was followed by a loaded one, and every other round loaded)."""
+    per_round = round_medians(samples[0], iters_per_round)
+    rounds = len(per_round)
+
+    def judged(level: Optional[float]) -> List[bool]:
+        # A state can slow the compressed network alone: each runner near its own fastest tenth too.
+        calm = ([quiet_rounds(per_round, level, both_sides=level is not None)]
+                + [calm_rounds(collected, iters_per_round) for collected in samples[1:]])
+        return [all(c[k] for c in calm) and (k + 1 == rounds or calm[0][k + 1]) for k in range(rounds)]
+
+    quiet = judged(level_ms) if level_ms is not None else []
+    if sum(quiet) < MIN_QUIET_ROUNDS:
+        level_ms = quiet_level(per_round)
+        quiet = judged(None)
+    return (quiet if any(quiet) else [True] * rounds), level_ms
+
+
+def quiet_set_speedups(samples: Sequence[Sequence[float]], iters_per_round: int, quiet: Sequence[bool],
+                       set_of_round: Sequence[int]) -> List[float]:
+    """The speed-up of each session set over its quiet rounds: of the sets with MIN_SET_ROUNDS quiet rounds
+    where two or more have (one round is a noisy figure, and under load a set may keep only one), else of
+    every set with any."""
+    masks = [[q and s == k for q, s in zip(quiet, set_of_round)] for k in sorted(set(set_of_round))]
+    enough = [mask for mask in masks if sum(mask) >= MIN_SET_ROUNDS]
+    return set_speedups(samples, iters_per_round, enough if len(enough) >= 2 else masks)
 
 
 def _plan_figures(plan: Optional["Plan"]) -> Optional[Dict[str, Any]]:
@@ -211,9 +229,10 @@ def _plan_figures(plan: Optional["Plan"]) -> Optional[Dict[str, Any]]:
             "budget_ms": plan.budget_ms, "activations": list(plan.activations), "boundaries": list(plan.boundaries)}
 
 
-def _stopping_rule(until_ci: Optional[float], min_seconds: float, iters_per_round: int
-                   ) -> Optional[Callable[[List[List[float]], List[int]], bool]]:
-    """Whether the sets timed so far are enough: the interval narrow enough, the time spent long enough."""
+def _stopping_rule(until_ci: Optional[float], min_seconds: float, iters_per_round: int,
+                   quiet_level_ms: Optional[float]) -> Optional[Callable[[List[List[float]], List[int]], bool]]:
+    """Whether the sets timed so far are enough: the time spent long enough, and the interval (from the quiet
+    rounds, as the bench's figures are) narrow enough."""
     if not until_ci and min_seconds <= 0:
         return None
     began = time.perf_counter()
@@ -223,9 +242,10 @@ def _stopping_rule(until_ci: Optional[float], min_seconds: float, iters_per_roun
             return False
         if not until_ci:
             return True
+        quiet, _ = quiet_of(samples, iters_per_round, quiet_level_ms)
         if len(samples) == 1:
-            return summarize(samples[0]).ci_half_width <= until_ci
-        by_set = set_speedups(samples, iters_per_round, [[s == k for s in set_of_round] for k in sorted(set(set_of_round))])
+            return summarize(in_rounds(samples[0], iters_per_round, quiet)).ci_half_width <= until_ci
+        by_set = quiet_set_speedups(samples, iters_per_round, quiet, set_of_round)
         if len(by_set) < 2:
             return False
         speedup, (low, high) = speedup_over_sets(by_set)

@@ -1,4 +1,5 @@
-"""Draw the latency/importance frontier with the chosen plan marked (matplotlib imported lazily)."""
+"""Draw the latency/importance frontier with the chosen plan marked (matplotlib imported lazily); beside it,
+where given, the frontier of merging alone, so that a reader sees what pruning buys."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from dpcompress.graph.plan import Plan
 
 def plot_frontier(path: PathLike, frontier: Sequence[Plan], chosen: Optional[Plan] = None,
                   budget_ms: Optional[float] = None, original_latency_ms: Optional[float] = None,
-                  title: str = "latency / importance frontier") -> None:
-    """Write a PNG (or any format matplotlib knows from the suffix) of the frontier."""
+                  title: str = "latency / importance frontier", merge_only: Optional[Sequence[Plan]] = None) -> None:
+    """Write a PNG (or any format matplotlib knows from the suffix) of the frontier, and of ``merge_only``
+    (the frontier of the same tables without pruning options) where given."""
     try:
         import matplotlib
 
@@ -24,8 +26,15 @@ def plot_frontier(path: PathLike, frontier: Sequence[Plan], chosen: Optional[Pla
     importance = [p.importance for p in frontier]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     try:
+        if merge_only:
+            ax.step([p.latency_ms for p in merge_only], [p.importance for p in merge_only], where="post",
+                    color="tab:orange", linewidth=1, alpha=0.6)
+            ax.scatter([p.latency_ms for p in merge_only], [p.importance for p in merge_only], s=10, marker="x",
+                       color="tab:orange", label=f"merging alone ({len(merge_only)} plans)")
         ax.step(latency, importance, where="post", color="tab:blue", linewidth=1, alpha=0.6)
-        ax.scatter(latency, importance, s=10, color="tab:blue", label=f"Pareto-optimal plans ({len(frontier)})")
+        ax.scatter(latency, importance, s=10, color="tab:blue",
+                   label=(f"merging and pruning ({len(frontier)} plans)" if merge_only is not None
+                          else f"Pareto-optimal plans ({len(frontier)})"))
         if chosen is not None:
             ax.scatter([chosen.latency_ms], [chosen.importance], s=80, marker="*", color="tab:red", zorder=3,
                        label=f"chosen: {chosen.latency_ms:.4g} ms, {len(chosen.activations)} activations")

@@ -843,6 +843,18 @@ def solve_for_model(latency_table: LatencyTable, importance_table: Optional[Impo
     return plan, plans
 
 
+def merge_only_frontier(latency_table: LatencyTable, importance_table: Optional[ImportanceTable],
+                        chain: Optional[Chain] = None) -> List[Plan]:
+    """The frontier of the same tables without their pruning options: merging alone (none where it cannot
+    cover the chain)."""
+    unpruned = None if importance_table is None else replace(importance_table, pruned_importance={})
+    try:
+        return solve_for_model(replace(latency_table, pruned_latency_ms={}), unpruned, math.inf, chain,
+                               with_frontier=True)[1]
+    except UserError:
+        return []
+
+
 def load_chain(path: PathLike) -> Chain:
     """A chain from ``dpcompress trace --json`` output."""
     try:

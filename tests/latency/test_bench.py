@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from torch import nn
 
 from dpcompress.backends import Runner, get_backend
-from dpcompress.latency.bench import bench_modules, predicted_speedup, speedup_over_sets, time_in_session_sets
+from dpcompress.latency.bench import (bench_modules, predicted_speedup, quiet_set_speedups, speedup_over_sets,
+                                      time_in_session_sets)
 from dpcompress.cli import main
 from dpcompress.graph.plan import Plan
 from dpcompress.latency.timing import in_rounds, quiet_level, quiet_rounds, round_medians, summarize
@@ -42,6 +43,15 @@ def test_session_sets_build_and_run_each_network_twice_in_mirrored_order():
     assert set_of_round == [0, 0, 1, 1]  # whole sets: 4 rounds for the 3 asked
     assert [len(s) for s in samples] == [12, 12]
     assert samples[0][:3] == [7.0, 7.0, 10.0]  # a round's runs of A: its first session's, then its second's
+
+
+def test_a_set_counts_where_it_kept_two_quiet_rounds_if_two_sets_did():
+    # Three sets of two rounds, one run a round: the original 2.0 ms throughout, the compressed 1.0, 1.25, 1.0.
+    samples = [[2.0] * 6, [1.0, 1.0, 1.25, 1.25, 1.0, 1.0]]
+    sets = [0, 0, 1, 1, 2, 2]
+    assert quiet_set_speedups(samples, 1, [True, True, True, False, True, True], sets) == [2.0, 2.0]
+    # Only one set kept two: every set with a quiet round counts.
+    assert quiet_set_speedups(samples, 1, [True, True, True, False, False, True], sets) == [2.0, 1.6, 2.0]
 
 
 def test_speedup_over_sets_is_their_geometric_mean_with_a_t_interval():

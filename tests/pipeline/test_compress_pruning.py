@@ -41,9 +41,26 @@ def test_compress_prunes_to_reach_a_budget_the_unpruned_space_cannot(tmp_path):
     assert f"replaced by identity ({pruned})" in (out / "report.md").read_text()
     assert f"pruned convs: {len(result.plan.pruned)} replaced by identity ({pruned})" in plan_summary(result.plan)
 
-    # Without pruning the table is not reused (profiled anew, with no options) and the budget is out of reach.
+    # Without pruning, the table with options serves as well (its options dropped): the budget is out of reach.
+    lines = []
     with pytest.raises(UserError, match="smallest achievable latency"):
         compress_model(trained_tiny(), INPUT_SHAPE, tmp_path / "off", CompressSettings(
             budget_ms=smallest, budget_ratio=None, backend=CostBackend(), warmup=0, iters=1, tables_dir=str(tables),
-            measure=False, prune=False), model_spec=TINY_SPEC, say=lambda line: None)
-    assert not read_latency_table(tmp_path / "off" / "latency.csv").pruned_latency_ms
+            measure=False, prune=False), model_spec=TINY_SPEC, say=lines.append)
+    assert f"[2/7] latency table: reusing {tables / 'latency.csv'}" in lines
+    assert not (tmp_path / "off" / "latency.csv").exists()
+
+
+def test_a_table_without_pruning_options_is_profiled_again_with_them_saying_so(tmp_path):
+    traced = trace_model(trained_tiny(), INPUT_SHAPE, spec=TINY_SPEC)
+    tables = tmp_path / "tables"
+    profile_table(traced.chain, CostBackend(), tables / "latency.csv", warmup=0, iters=1, prune=False)
+    lines = []
+    settings = CompressSettings(budget_ratio=0.9, backend=CostBackend(), warmup=0, iters=1, tables_dir=str(tables),
+                                measure=False)  # pruning by default: the model has reducible convs
+    result = compress_model(trained_tiny(), INPUT_SHAPE, tmp_path / "out", settings, model_spec=TINY_SPEC,
+                            say=lines.append)
+    assert result.report["prune"] is True and result.report["latency_table"] == str(tmp_path / "out" / "latency.csv")
+    assert any("profiling" in line for line in lines)
+    assert f"      with pruning options, which {tables / 'latency.csv'} lacks (--no-prune uses it as it is)" in lines
+    assert read_latency_table(tmp_path / "out" / "latency.csv").pruned_latency_ms

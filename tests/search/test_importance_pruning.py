@@ -158,3 +158,20 @@ def test_solve_without_importance_prices_the_tables_options_as_uniform_importanc
                                        "--out", str(tmp_path / "plan.json")])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "plan.json").read_text())["pruned"]
+
+
+def test_the_frontier_plot_shows_merging_alone_beside_merging_and_pruning(traced, latency_table, tmp_path):
+    from dpcompress.search.frontier_plot import plot_frontier
+    from dpcompress.search.solver import merge_only_frontier
+
+    chain = traced.chain
+    merge_only = merge_only_frontier(latency_table, None, chain)
+    unpruned = replace(latency_table, pruned_latency_ms={})
+    expected = frontier(unpruned, None, chain.activation_positions)
+    assert [(p.latency_ms, p.importance, p.boundaries) for p in merge_only] == [
+        (lat, imp, p.boundaries) for lat, imp, p in expected]
+    assert not any(p.pruned for p in merge_only)
+    _, both = solve_for_model(latency_table, None, latency_table.original_latency_ms(), chain, with_frontier=True)
+    assert min(p.latency_ms for p in both) < min(p.latency_ms for p in merge_only)  # what pruning buys
+    plot_frontier(tmp_path / "f.png", both, merge_only=merge_only)
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
