@@ -55,7 +55,7 @@ def _backend(backend: "str | Backend", threads: Optional[int]) -> "Backend":
 def profile(model: "nn.Module", input_shape: Sequence[int], *, backend: "str | Backend" = "onnxruntime",
             out: Optional[PathLike] = None, submodule: Optional[str] = None, precision: str = "fp32",
             threads: Optional[int] = None, timing: Optional[str] = None, warmup: int = 10, iters: int = 50,
-            progress: bool = True, processes: int = 1) -> "LatencyTable":
+            progress: bool = True, processes: int = 1, prune: Optional[bool] = None) -> "LatencyTable":
     """Time every valid block of ``model`` (or ``submodule``) on ``backend`` and return the latency table.
 
     ``backend`` is a name (``onnxruntime``, ``openvino``, ``torch``, ``tensorrt``) or a Backend instance.
@@ -63,7 +63,8 @@ def profile(model: "nn.Module", input_shape: Sequence[int], *, backend: "str | B
     from them; without, they are written to a temporary folder and removed. ``timing`` is
     ``in-network`` or ``standalone`` (default: in-network where the backend can). With ``processes``
     above 1, the table is made that many times, each in a fresh process (``backend`` then by name),
-    and each row is the median of theirs (``latency.processes.profile_in_processes``).
+    and each row is the median of theirs (``latency.processes.profile_in_processes``). ``prune``: rows for
+    LayerMerge's pruning options too (default: where the model has convs that keep their input's shape).
     """
     import functools
 
@@ -73,7 +74,7 @@ def profile(model: "nn.Module", input_shape: Sequence[int], *, backend: "str | B
     if processes > 1 and not isinstance(backend, str):
         raise ValueError("profile with processes > 1 needs the backend by name: each process makes its own")
     make = functools.partial(_profile_into, model, tuple(input_shape), submodule, backend, threads, precision,
-                             timing, warmup, iters, progress)
+                             timing, warmup, iters, progress, prune)
 
     def run(path: Path) -> "LatencyTable":
         if processes > 1:
@@ -90,9 +91,10 @@ def profile(model: "nn.Module", input_shape: Sequence[int], *, backend: "str | B
 
 def _profile_into(model: "nn.Module", input_shape: Sequence[int], submodule: Optional[str], backend: "str | Backend",
                   threads: Optional[int], precision: str, timing: Optional[str], warmup: int, iters: int,
-                  progress: bool, path: Path) -> None:
+                  progress: bool, prune: Optional[bool], path: Path) -> None:
     """The table of :func:`profile` written at ``path`` (resumable), in this process."""
     from dpcompress.latency.profile import profile_table
+    from dpcompress.pipeline import prune_default
     from dpcompress.progress import profile_lines
 
     traced, site = _traced(model, input_shape, submodule)
@@ -100,7 +102,8 @@ def _profile_into(model: "nn.Module", input_shape: Sequence[int], submodule: Opt
     shape = site.input_shape if site is not None else tuple(input_shape)
     say = _progress_printer(progress)
     result = profile_table(traced.chain, runtime, path, input_shape=shape, precision=precision, warmup=warmup,
-                           iters=iters, traced=traced, timing=timing, progress=profile_lines(say))
+                           iters=iters, traced=traced, timing=timing, progress=profile_lines(say),
+                           prune=prune_default(prune, traced.chain))
     for note in result.notes:  # what the calibration could not do as intended
         say(note)
 

@@ -259,34 +259,44 @@ def time_in_session_sets(runners: Sequence["Runner"], warmup: int, rounds: int, 
                          ) -> Tuple[List[List[float]], List[int]]:
     """Each runner's samples, ``iters_per_round`` a round, and the session set of each round.
 
-    A set builds every network in two sessions of its own, in the order A B ... B' A' (a session built
-    later can run faster: the order cancels that), and each round runs A B ... then ... B' A', each with one
-    untimed pass first (switching networks is not charged to a timed run), half the round's runs each.
+    A set builds every network in two sessions of its own, in the order A B ... B' A', and each round runs
+    them in that order, each with one untimed pass first (switching networks is not charged to a timed
+    run), half the round's runs in each session. Every other set goes the other way (B A ... A' B'): a
+    session's speed depends on when it was built and where it runs in a round, and the orders cancel that.
     Sets of ``per_set`` rounds go on until ``rounds`` rounds were timed and ``enough`` says so, or until
     ``max_rounds``. The first set's first sessions are ``runners`` themselves.
     """
     samples: List[List[float]] = [[] for _ in runners]
     set_of_round: List[int] = []
     head = iters_per_round - iters_per_round // 2  # runs in the first session of each network, each round
-    firsts = list(runners)
+    firsts: List["Runner"] = list(runners)
     while True:
         index = len(set(set_of_round))
+        order = list(range(len(runners)))[::-1 if index % 2 else 1]
         if index:
-            firsts = [runner.another() for runner in firsts]
-        seconds = [runner.another() for runner in reversed(firsts)][::-1]
-        for runner in firsts + seconds[::-1]:
-            runner.time(warmup, 0)
+            firsts = _built_in_order(lambda k: firsts[k].another(), order)
+        seconds = _built_in_order(lambda k: firsts[k].another(), order[::-1])
+        for k in order:
+            firsts[k].time(warmup, 0)
+        for k in order[::-1]:
+            seconds[k].time(warmup, 0)
         for _ in range(per_set):
-            runs = [runner.time(1, head) for runner in firsts]
-            tail = [runner.time(1, iters_per_round - head) if iters_per_round > head else []
-                    for runner in reversed(seconds)][::-1]
-            for collected, first, second in zip(samples, runs, tail):
-                collected.extend(first + second)
+            runs = {k: firsts[k].time(1, head) for k in order}
+            tail = {k: seconds[k].time(1, iters_per_round - head) if iters_per_round > head else []
+                    for k in order[::-1]}
+            for k, collected in enumerate(samples):
+                collected.extend(runs[k] + tail[k])
             set_of_round.append(index)
         del seconds  # before the next set's sessions are built
         done = len(set_of_round)
         if done >= max_rounds or (done >= rounds and (enough is None or enough(samples, set_of_round))):
             return samples, set_of_round
+
+
+def _built_in_order(build: Callable[[int], "Runner"], order: Sequence[int]) -> List["Runner"]:
+    """``build(k)`` for each network k, called in ``order``; the list in network order."""
+    built = {k: build(k) for k in order}
+    return [built[k] for k in range(len(order))]
 
 
 def set_speedups(samples: Sequence[Sequence[float]], iters_per_round: int, masks: Iterable[Sequence[bool]]

@@ -6,7 +6,7 @@ import torch
 from dpcompress.errors import UserError
 from dpcompress.graph.geometry import block_geometry
 from dpcompress.graph.plan import Plan
-from dpcompress.graph.rewrite import max_merge_bytes, merge_reference, merged_model, reference_model
+from dpcompress.graph.rewrite import max_merge_bytes, merge_reference, merged_model, reference_model, unchanged_network
 from dpcompress.graph.trace import trace_model
 from tests.merge_checks import assert_geometry_matches, assert_merged_matches
 from tests.models_for_tests import TORCHVISION_MODELS, TinyResidual, calibrated, traced_strided
@@ -38,6 +38,12 @@ def test_single_conv_blocks_keep_every_activation_reproduce_the_model():
         expected = model(x)
         assert torch.allclose(reference_model(traced, plan)(x), expected, atol=1e-6)
         assert torch.allclose(merge_reference(reference_model(traced, plan))(x), expected, atol=1e-5)
+        # The bench's original: the same network, rebuilt by the path a plan's network takes (one conv per
+        # position, BatchNorms folded).
+        rebuilt = unchanged_network(traced)
+        assert torch.allclose(rebuilt(x), expected, atol=1e-5)
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in rebuilt.modules()) == chain.num_positions
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in rebuilt.modules())
 
 
 def test_removing_an_activation_changes_the_output():

@@ -21,7 +21,9 @@ BENCHMARKS = REPO / "benchmarks"
 # Each benchmark and the fields every result of its quick run has (bench_importance and bench_profile
 # record one summary, the others a list of results).
 RESULT_FIELDS = {
-    "bench_closed_loop": ("model", "ratio", "kept_original", "candidates", "measured_over_budget", "within"),
+    "bench_aa": ("model", "size", "backend", "benches", "holds_one", "median", "min", "max"),
+    "bench_closed_loop": ("model", "ratio", "kept_original", "met_budget", "steps", "candidates", "measured_speedup",
+                          "measured_speedup_interval", "within"),
     "bench_compress_digits": ("method", "ratio", "kept_original", "accuracy_of", "test_before", "test_merged",
                               "delta_points", "predicted_speedup", "measured_speedup", "target_met"),
     "bench_importance": ("model", "segments", "proxy_seconds", "finetune_seconds", "spearman_all",
