@@ -388,10 +388,11 @@ def _say_on_stderr(line: str) -> None:
 @click.option("--sessions", type=int, default=4, show_default=True,
               help="Session sets: each builds both models in two fresh sessions; the speed-up's interval is over "
                    "the sets (two sessions of one model can run a few percent apart).")
-@click.option("--ci", type=float, default=0.02, show_default=True,
+@click.option("--ci", type=float, default=0.0, show_default=True,
               help="After --rounds, go on with sets until the speed-up's 95%% interval (without --plan, the "
-                   "median's) is within this of it, relative (or --max-rounds); 0: stop at --rounds.")
-@click.option("--max-rounds", type=int, default=48, show_default=True, help="Stop here anyway.")
+                   "median's) is within this of it, relative (or --max-rounds); 0: no such target.")
+@click.option("--max-rounds", type=int, default=48, show_default=True,
+              help="Stop here anyway (sets go on past --rounds until --sessions of them met a quiet machine).")
 @click.option("--min-seconds", type=float, default=0.0, show_default=True,
               help="Go on with rounds until this long has passed: a shared machine switches between quiet and "
                    "loaded states for seconds at a time, and the figures come from its quiet rounds.")

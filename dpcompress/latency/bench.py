@@ -21,6 +21,7 @@ runtime and a measured speed-up is only what compression bought.
 
 from __future__ import annotations
 
+import collections
 import math
 import statistics
 import time
@@ -42,12 +43,10 @@ if TYPE_CHECKING:  # pragma: no cover
 MIN_QUIET_ROUNDS = 3
 # Quiet rounds a session set needs for its speed-up to count, where two sets or more have them.
 MIN_SET_ROUNDS = 2
-# Session sets a bench spreads its rounds over, and the rounds it times at least (docs/latency.md, "Sessions").
+# Session sets a bench spreads its rounds over, and the rounds it times at least (docs/latency.md, "Benches"):
+# sets go on until SESSION_SETS of them kept MIN_SET_ROUNDS quiet rounds each, up to MAX_ROUNDS.
 SESSION_SETS = 4
 DEFAULT_ROUNDS = 16
-# After those, sets go on until the speed-up's 95% interval is within this of it (relative half-width), up to
-# MAX_ROUNDS: a bench of a small network lasts a second, and one burst of load can tilt a set of it.
-DEFAULT_CI = 0.02
 MAX_ROUNDS = 48
 
 
@@ -152,16 +151,18 @@ def backend_record(backend: "Backend") -> Dict[str, Any]:
 def bench_modules(backend: "Backend", original: "torch.nn.Module", compressed: Optional["torch.nn.Module"] = None,
                   *, input_shape: Sequence[int], precision: str = "fp32", warmup: int = 10,
                   rounds: int = DEFAULT_ROUNDS, iters_per_round: int = 10, sessions: int = SESSION_SETS,
-                  plan: Optional["Plan"] = None, until_ci: Optional[float] = DEFAULT_CI, max_rounds: int = MAX_ROUNDS,
+                  plan: Optional["Plan"] = None, until_ci: Optional[float] = None, max_rounds: int = MAX_ROUNDS,
                   min_seconds: float = 0.0, quiet_level_ms: Optional[float] = None) -> BenchResult:
     """Time ``original`` (and ``compressed``) on ``backend`` in ``sessions`` session sets (module doc); the
     figures are those of the quiet rounds. With ``quiet_level_ms`` (a table's ``anchor_quiet_ms``: the state
     the table was made in), the original's rounds are judged against it instead of against the bench's own
     fastest tenth (within QUIET_MARGIN of it either way), where at least MIN_QUIET_ROUNDS rounds meet it.
 
-    With ``until_ci``, sets go on past ``rounds`` (up to ``max_rounds``) until the speed-up's 95% interval
-    (one network: its median's) is within ``until_ci`` of it (relative half-width). With ``min_seconds``,
-    they go on until that long has passed as well (up to ``max_rounds`` only if ``until_ci`` is set).
+    Past ``rounds``, sets go on (up to ``max_rounds``) until ``sessions`` of them kept MIN_SET_ROUNDS quiet
+    rounds each, and with ``until_ci`` until the speed-up's 95% interval (one network: its median's) is within
+    ``until_ci`` of it (relative half-width; a stop by the interval's width leaves intervals that are narrow by
+    chance too narrow, so it is not the default). With ``min_seconds``, they go on until that long has passed
+    as well (past ``max_rounds`` if need be).
     """
     if rounds < 1 or iters_per_round < 1 or sessions < 1:
         raise ValueError("rounds, iters_per_round and sessions must be at least 1")
@@ -169,11 +170,10 @@ def bench_modules(backend: "Backend", original: "torch.nn.Module", compressed: O
                                   precision)
     release_freed_memory()  # what the exports held
     per_set = max(1, math.ceil(rounds / sessions))
-    until = _stopping_rule(until_ci, min_seconds, iters_per_round, quiet_level_ms)
-    if min_seconds > 0 and not until_ci:
-        max_rounds = 1 << 30
+    until = _stopping_rule(until_ci, min_seconds, iters_per_round, quiet_level_ms, sessions, max_rounds,
+                           min(MIN_SET_ROUNDS, per_set))
     samples, set_of_round = time_in_session_sets(runners, warmup, rounds, per_set, iters_per_round, until,
-                                                 max(max_rounds, rounds))
+                                                 1 << 30 if min_seconds > 0 else max(max_rounds, rounds))
     quiet, quiet_level_ms = quiet_of(samples, iters_per_round, quiet_level_ms)
     kept = [in_rounds(collected, iters_per_round, quiet) for collected in samples]
     result = BenchResult(
@@ -230,25 +230,26 @@ def _plan_figures(plan: Optional["Plan"]) -> Optional[Dict[str, Any]]:
 
 
 def _stopping_rule(until_ci: Optional[float], min_seconds: float, iters_per_round: int,
-                   quiet_level_ms: Optional[float]) -> Optional[Callable[[List[List[float]], List[int]], bool]]:
-    """Whether the sets timed so far are enough: the time spent long enough, and the interval (from the quiet
-    rounds, as the bench's figures are) narrow enough."""
-    if not until_ci and min_seconds <= 0:
-        return None
+                   quiet_level_ms: Optional[float], sessions: int, max_rounds: int, set_rounds: int
+                   ) -> Callable[[List[List[float]], List[int]], bool]:
+    """Whether the sets timed so far are enough (``bench_modules``; a set counts with ``set_rounds`` quiet
+    rounds), judged by the quiet rounds as the bench's figures are."""
     began = time.perf_counter()
 
     def enough(samples: List[List[float]], set_of_round: List[int]) -> bool:
         if min_seconds > 0 and time.perf_counter() - began < min_seconds:
             return False
-        if not until_ci:
+        if len(set_of_round) >= max_rounds:
             return True
         quiet, _ = quiet_of(samples, iters_per_round, quiet_level_ms)
         if len(samples) == 1:
-            return summarize(in_rounds(samples[0], iters_per_round, quiet)).ci_half_width <= until_ci
-        by_set = quiet_set_speedups(samples, iters_per_round, quiet, set_of_round)
-        if len(by_set) < 2:
+            return not until_ci or summarize(in_rounds(samples[0], iters_per_round, quiet)).ci_half_width <= until_ci
+        quiet_by_set = collections.Counter(k for q, k in zip(quiet, set_of_round) if q)
+        if sum(count >= set_rounds for count in quiet_by_set.values()) < sessions:
             return False
-        speedup, (low, high) = speedup_over_sets(by_set)
+        if not until_ci:
+            return True
+        speedup, (low, high) = speedup_over_sets(quiet_set_speedups(samples, iters_per_round, quiet, set_of_round))
         return (high - low) / (2 * speedup) <= until_ci
 
     return enough
