@@ -1,8 +1,9 @@
 """Predicted vs measured speed-up of solved plans, per model and budget (issue 11's targets).
 
 For each model: a latency table (a given one, else profiled into ``--out-dir`` with the default
-timing, resumable), plans solved with uniform importance at each budget ratio and at the smallest
-feasible latency, and each plan's merged network benched against the original with
+timing and, where the model has reducible convs, pruning options, resumable), plans solved with uniform
+importance (which prices a table's pruning options, as compress does) at each budget ratio and at the
+smallest feasible latency, and each plan's merged network benched against the original with
 ``dpcompress.latency.bench.bench_modules`` (alternating rounds in one process), ``--repeats`` times,
 on ``--backend`` (ONNX Runtime or OpenVINO). Prints one markdown row per plan: predicted, the
 measured speed-ups, their median, the prediction error of the median, and the original's median
@@ -30,8 +31,8 @@ from table_state import bench_in_table_state, met_table_state  # benchmarks/ is 
 from dpcompress.backends import get_backend
 from dpcompress.graph.rewrite import merged_model, unchanged_network
 from dpcompress.latency.profile import default_timing, profile_table
-from dpcompress.pipeline import find_table
-from dpcompress.search.solver import frontier, resolve_budget, solve_for_model
+from dpcompress.pipeline import find_table, prune_default
+from dpcompress.search.solver import resolve_budget, solve_for_model
 from dpcompress.tables import read_latency_table
 
 QUICK = {"models": common.QUICK_SPEC, "size": common.QUICK_SIZE, "ratios": "0.7,min", "repeats": 1, "rounds": 4,
@@ -48,7 +49,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--ratios", default="0.9,0.7,0.5,min")
     parser.add_argument("--repeats", type=int, default=3, help="alternating benches per plan")
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--min-seconds", type=float, default=0.0, help="each bench lasts at least this long")
     parser.add_argument("--table-state", action="store_true",
@@ -62,15 +63,16 @@ def main() -> None:
     backend = get_backend(args.backend, threads=args.threads)
     shape = (args.batch_size, 3, args.size, args.size)
     print(f"# {backend.describe()}, input {'x'.join(map(str, shape))}")
-    rows = common.Table(["model", "budget", "blocks", "predicted", "measured (each bench)", "measured median",
+    rows = common.Table(["model", "budget", "blocks (pruned convs)", "predicted", "measured (each bench)", "measured median",
                          "error", "original in the benches / in the table"])
     records = []
     for name in args.models.split(","):
         spec = common.model_spec(name)
         _, traced = common.seeded_traced(spec, shape, args.seed)
         original = unchanged_network(traced)
+        prune = prune_default(None, traced.chain)
         found = find_table(Path(args.tables_dir), traced.chain.fingerprint(), backend.name, "fp32", args.batch_size,
-                           backend.threads, args.timing or default_timing(backend, traced))
+                           backend.threads, args.timing or default_timing(backend, traced), prune)
         if args.table or found:
             table_path = Path(args.table or found)
         else:
@@ -79,10 +81,11 @@ def main() -> None:
             if not table_path.exists():
                 began = time.perf_counter()
                 profile_table(traced.chain, backend, table_path, model_spec=spec, input_shape=shape,
-                              traced=traced, timing=args.timing)
+                              traced=traced, timing=args.timing, prune=prune)
                 print(f"<!-- profiled {table_path} in {time.perf_counter() - began:.0f} s -->", flush=True)
         table = read_latency_table(table_path)
-        smallest = frontier(table, None, traced.chain.activation_positions)[0][0]
+        smallest = min(p.latency_ms for p in solve_for_model(table, None, table.original_latency_ms(),
+                                                              chain=traced.chain, with_frontier=True)[1])
         for ratio in args.ratios.split(","):
             budget = smallest if ratio == "min" else resolve_budget(table, None, float(ratio))
             if budget < smallest:
@@ -105,7 +108,8 @@ def main() -> None:
             median = statistics.median(measured)
             label = "min" if ratio == "min" else ratio
             result_row = {"model": spec, "budget": label, "budget_ratio": budget / plan.original_latency_ms,
-                          "blocks": [list(b) for b in plan.blocks], "predicted": predicted, "measured": measured,
+                          "blocks": [list(b) for b in plan.blocks], "pruned": list(plan.pruned),
+                          "predicted": predicted, "measured": measured,
                           "measured_median": median, "error": predicted / median - 1, "table": str(table_path),
                           "input_shape": list(shape), "backend": backend.name, "originals_ms": originals_ms,
                           "table_original_ms": plan.original_latency_ms,
@@ -115,7 +119,8 @@ def main() -> None:
             benches = ", ".join(f"{m:.2f}x" + ("" if ok else " (never met)") for m, ok in zip(measured, met))
             if not_met:
                 benches += f"; {len(not_met)} run again: {', '.join(f'{m:.2f}x' for m in not_met)}"
-            rows.row([name, f"{label} ({result_row['budget_ratio']:.2f})", len(plan.blocks), f"{predicted:.2f}x",
+            rows.row([name, f"{label} ({result_row['budget_ratio']:.2f})", f"{len(plan.blocks)} ({len(plan.pruned)})",
+                      f"{predicted:.2f}x",
                       benches, f"{median:.2f}x", f"{result_row['error']:+.1%}",
                       f"{statistics.median(originals_ms) / plan.original_latency_ms:.2f}"])
             record.write(records)
