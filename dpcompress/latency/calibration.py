@@ -12,7 +12,8 @@ ran no nearer the quiet level.
 The network of single convs gives the table's ``rest_ms`` (head, pooling, layout conversions, the call). That
 rest grows with the network, and a node's time depends on the network around it (OpenVINO's run faster in a
 network as light as a deep plan), so once the rows are done the profile also times two plan networks
-(``plan_covers``: the cheapest cover of the chain by its rows, and every other merged block of it) and fits
+(``plan_covers``: the cheapest cover of the chain by its rows, pruning options included, and every other
+merged block of it: pruned plans cost less than any cover without pruning, so the line reaches them) and fits
 the rest as ``rest_ms`` plus ``rest_per_block`` times a plan's blocks. The method (``CalibrationSettings.
 rest_fit``) is over WHOLE_NETWORKS: each plan network's wall against its rows (``plan_network_rests``) and the
 network of single convs' against its own, where the plan networks ran within ``plan_network_margin`` of the
@@ -31,6 +32,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+from dpcompress.latency.blocks import Option
 from dpcompress.latency.timing import QUIET_MARGIN, quiet_level, quiet_rounds
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -199,32 +201,36 @@ def rest_fit_and_note(network_rests: Sequence[Sequence[Optional[float]]], plan_n
 _UNFITTED = "rest_ms is the network of single convs' own, the same for every plan"
 
 
-def cover_blocks(num_positions: int, merged: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
-    """Every block of the plan that merges ``merged`` (disjoint) and keeps every other conv single."""
-    inside = {p for start, end in merged for p in range(start + 1, end + 1)}
-    return [*merged, *((p - 1, p) for p in range(1, num_positions + 1) if p not in inside)]
+def cover_blocks(num_positions: int, merged: Sequence[Option]) -> List[Option]:
+    """Every block of the plan that merges (or prunes) ``merged`` (disjoint blocks, each with the convs it
+    prunes) and keeps every other conv single."""
+    inside = {p for start, end, _ in merged for p in range(start + 1, end + 1)}
+    return [*merged, *((p - 1, p, ()) for p in range(1, num_positions + 1) if p not in inside)]
 
 
-def plan_covers(num_positions: int, latency_ms: Dict[Tuple[int, int], float]) -> List[List[Tuple[int, int]]]:
-    """The merged blocks of the plan networks a profile times to check its rows as whole plans pay them:
-    the cheapest cover of positions 0..``num_positions`` by the blocks of ``latency_ms`` (a deep plan, as the
-    solver picks at its smallest budgets), and every other merged block of it (a plan half as deep). Empty
-    where the cheapest cover merges nothing."""
-    best: Dict[int, Tuple[float, int]] = {0: (0.0, 0)}  # position -> cheapest cost there, the block's start
-    for start, end in sorted(latency_ms, key=lambda block: block[1]):
+def plan_covers(num_positions: int, latency_ms: Dict[Option, float]) -> List[List[Option]]:
+    """The blocks of the plan networks a profile times to check its rows as whole plans pay them: the
+    cheapest cover of positions 0..``num_positions`` by the rows of ``latency_ms`` (blocks with the convs each
+    prunes: with pruning options, a pruned plan, as the solver picks at its smallest budgets), less its
+    single unpruned convs, and every other block of that (a plan half as deep). Empty where the cheapest
+    cover changes nothing."""
+    best: Dict[int, Tuple[float, Optional[Option]]] = {0: (0.0, None)}  # position -> cheapest cost, its block
+    for option in sorted(latency_ms, key=lambda block: block[1]):
+        start, end = option[0], option[1]
         if start in best:
-            cost = best[start][0] + latency_ms[(start, end)]
+            cost = best[start][0] + latency_ms[option]
             if end not in best or cost < best[end][0]:
-                best[end] = (cost, start)
+                best[end] = (cost, option)
     if num_positions not in best:
         return []
-    merged: List[Tuple[int, int]] = []
+    merged: List[Option] = []
     end = num_positions
     while end > 0:
-        start = best[end][1]
-        if end - start > 1:
-            merged.append((start, end))
-        end = start
+        option = best[end][1]
+        assert option is not None
+        if end - option[0] > 1 or option[2]:
+            merged.append(option)
+        end = option[0]
     merged.reverse()
     if not merged:
         return []
@@ -286,10 +292,10 @@ class NoCalibration:
         """Once every shape is timed: the shapes to time again (their rows to be dropped), once."""
         return []
 
-    def time_plan_networks(self, time_plans: Callable[[List[List[Tuple[int, int]]]], Timings], num_positions: int,
-                           row_ms: Dict[Tuple[int, int], float], meta: Dict[str, Any]) -> bool:
-        """Once the rows are done: time whole plans against ``row_ms`` (the timed rows that prune nothing).
-        True where the meta changed."""
+    def time_plan_networks(self, time_plans: Callable[[List[List[Option]]], Timings], num_positions: int,
+                           row_ms: Dict[Option, float], meta: Dict[str, Any]) -> bool:
+        """Once the rows are done: time whole plans against ``row_ms`` (the timed rows, by block and the convs
+        it prunes). True where the meta changed."""
         return False
 
     def finish(self, meta: Dict[str, Any]) -> None:
@@ -364,8 +370,8 @@ class QuietCalibration(NoCalibration):
         meta["retimed_shapes"] = len(again)
         return again
 
-    def time_plan_networks(self, time_plans: Callable[[List[List[Tuple[int, int]]]], Timings], num_positions: int,
-                           row_ms: Dict[Tuple[int, int], float], meta: Dict[str, Any]) -> bool:
+    def time_plan_networks(self, time_plans: Callable[[List[List[Option]]], Timings], num_positions: int,
+                           row_ms: Dict[Option, float], meta: Dict[str, Any]) -> bool:
         """A node's time depends on the network around it (OpenVINO's run faster in a light network): whole
         plans' walls against their rows' sums tell how a plan pays its rows."""
         anchor = self.anchor
@@ -375,7 +381,7 @@ class QuietCalibration(NoCalibration):
         meta["cheapest_cover_merges"] = self.cover_merges = bool(covers)
         if not covers or anchor is None:  # nothing to time, or no level to judge plan networks by
             return True
-        singles_wall_ms = math.fsum([*(row_ms[(p - 1, p)] for p in range(1, num_positions + 1)), self.rest_ms])
+        singles_wall_ms = math.fsum([*(row_ms[(p - 1, p, ())] for p in range(1, num_positions + 1)), self.rest_ms])
         for _ in range(self.settings.plan_network_tries):  # a loaded state can outlast one try's extra rounds
             results = time_plans(covers)
             level_ms = quiet_level(anchor.history)

@@ -428,12 +428,12 @@ class TableRun:
             pending = self._network_round(timer, pending, alone, per_round, model_bytes)
             if not pending:
                 pending = self._time_again()
-        row_ms = {(start, end): r["latency_ms"] for (start, end, pruned), r in self.rows.items()
-                  if not pruned and r["timed"]}
+        row_ms = {option: r["latency_ms"] for option, r in self.rows.items() if r["timed"]}
         calibration = self.calibration
         if calibration.time_plan_networks(
-                lambda covers: timer.time([packed_plan(traced.chain, cover) for cover in covers],
-                                          anchor=calibration.anchor),
+                lambda covers: timer.time([packed_plan(traced.chain, [(s, e) for s, e, _ in cover],
+                                                       [p for _, _, pruned in cover for p in pruned])
+                                           for cover in covers], anchor=calibration.anchor),
                 traced.chain.num_positions, row_ms, self.meta):
             self.table.save_meta(self.meta)
 

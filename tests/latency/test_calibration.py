@@ -86,9 +86,9 @@ def test_with_plans_near_the_level_the_rest_is_fitted_over_whole_networks_alone(
 
 
 def test_plan_covers_are_the_cheapest_cover_and_every_other_merged_block_of_it():
+    """Brute force over every partition, and every option of each block (pruning options included)."""
     import itertools
     import random
-
 
     def partitions(num_positions):
         for cuts in itertools.product((False, True), repeat=num_positions - 1):
@@ -98,15 +98,23 @@ def test_plan_covers_are_the_cheapest_cover_and_every_other_merged_block_of_it()
     rng = random.Random(0)
     for trial in range(30):
         num_positions = rng.randint(2, 7)
-        # Single convs always; merged blocks of up to four convs, some of them missing (untimed).
-        latency = {(p - 1, p): rng.uniform(0.5, 1.5) for p in range(1, num_positions + 1)}
-        latency.update({(s, e): rng.uniform(0.3, 2.5) for s in range(num_positions)
+        # Single convs always; merged blocks of up to four convs, some of them missing (untimed); some blocks
+        # with a pruning option (its last conv replaced by identity), single convs among them.
+        latency = {(p - 1, p, ()): rng.uniform(0.5, 1.5) for p in range(1, num_positions + 1)}
+        latency.update({(s, e, ()): rng.uniform(0.3, 2.5) for s in range(num_positions)
                         for e in range(s + 2, min(num_positions, s + 4) + 1) if rng.random() < 0.7})
-        cost = {tuple(cover): math.fsum(latency[b] for b in cover) for cover in partitions(num_positions)
-                if all(b in latency for b in cover)}
+        latency.update({(s, e, (e,)): rng.uniform(0.0, 1.5) for s, e, _ in list(latency) if rng.random() < 0.3})
+        options = {}
+        for s, e, pruned in latency:
+            options.setdefault((s, e), []).append((s, e, pruned))
+        cost = {}
+        for partition in partitions(num_positions):
+            if all(b in options for b in partition):
+                for cover in itertools.product(*(options[b] for b in partition)):
+                    cost[cover] = math.fsum(latency[o] for o in cover)
         best = min(cost.values())
         covers = plan_covers(num_positions, latency)
-        merged_in_best = [[b for b in cover if b[1] - b[0] > 1] for cover, c in cost.items() if c == best]
+        merged_in_best = [[o for o in cover if o[1] - o[0] > 1 or o[2]] for cover, c in cost.items() if c == best]
         if covers:
             assert covers[0] in merged_in_best, trial
             assert covers[1:] == ([covers[0][::2]] if len(covers[0]) > 1 else [])

@@ -132,11 +132,11 @@ def test_in_network_table_has_every_block_the_rest_and_says_how_it_was_timed(tin
     # The plan networks' blocks are summed by the table's rows: a cover's, as plan_covers finds it.
     from dpcompress.latency.calibration import DEFAULT_CALIBRATION, plan_covers
 
-    timed = {(r["start"], r["end"]): r["latency_ms"] for r in result.rows if r["pruned"] == "" and r["timed"]}
+    timed = {(r["start"], r["end"], ()): r["latency_ms"] for r in result.rows if r["pruned"] == "" and r["timed"]}
     covers = plan_covers(tiny_traced.chain.num_positions, timed)
-    cover_sums = [math.fsum([*(raw[b] for b in cover),
+    cover_sums = [math.fsum([*(raw[(s, e)] for s, e, _ in cover),
                              *(raw[(p - 1, p)] for p in range(1, table.num_positions + 1)
-                               if not any(s < p <= e for s, e in cover))]) for cover in covers]
+                               if not any(s < p <= e for s, e, _ in cover))]) for cover in covers]
     assert len(meta["plan_networks"]) <= DEFAULT_CALIBRATION.plan_network_tries * len(covers)  # timed again where loaded
     assert meta["cheapest_cover_merges"] == bool(covers)
     if not covers:  # the original is the cheapest plan the rows price: its own rest is the line

@@ -4,12 +4,14 @@ options free, resumable, and in-network timing of networks whose blocks prune co
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
 from dpcompress.backends import get_backend
 from dpcompress.graph.geometry import block_geometry, pruning_options
+from dpcompress.latency.calibration import cover_blocks, plan_covers
 from dpcompress.latency.network_timing import packed_network, packed_plan
 from dpcompress.latency.blocks import block_module, block_shape
 from dpcompress.latency.profile import profile_table
@@ -149,6 +151,15 @@ def test_in_network_profile_with_pruning_has_every_option(tiny_traced, tmp_path)
             assert table.block_latency(*option) == 0.0
         elif rows[option]["timed"]:
             assert table.block_latency(*option) > 0
+    # The plan networks the rest is fitted over are the cheapest cover by every timed row, pruned ones too:
+    # pruned plans lie below any cover without pruning, and the fit must reach them.
+    timed = {o: r["latency_ms"] for o, r in rows.items() if r["timed"]}
+    covers = plan_covers(chain.num_positions, timed)
+    assert covers and any(pruned for _, _, pruned in covers[0])
+    sums = [math.fsum(timed[o] for o in cover_blocks(chain.num_positions, cover)) for cover in covers]
+    assert result.meta["plan_networks"]
+    for blocks_ms, *_ in result.meta["plan_networks"]:
+        assert any(blocks_ms == pytest.approx(s, abs=1e-5) for s in sums)
 
 
 class CountingCostBackend(CostBackend):
