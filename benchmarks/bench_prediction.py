@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import common
@@ -56,6 +57,8 @@ def main() -> None:
                         help="judge each bench's rounds against the table's quiet level (anchor_quiet_ms)")
     parser.add_argument("--tries", type=int, default=1, help="runs of a bench that does not meet the table's state")
     parser.add_argument("--timing", default=None, help="in-network or standalone (profiling)")
+    parser.add_argument("--no-prune", action="store_true",
+                        help="merging alone: the table's pruning options dropped (as compress --no-prune)")
     args = common.parse(parser, QUICK)
 
     out = Path(args.out_dir)
@@ -84,6 +87,8 @@ def main() -> None:
                               traced=traced, timing=args.timing, prune=prune)
                 print(f"<!-- profiled {table_path} in {time.perf_counter() - began:.0f} s -->", flush=True)
         table = read_latency_table(table_path)
+        if args.no_prune:
+            table = replace(table, pruned_latency_ms={})
         smallest = min(p.latency_ms for p in solve_for_model(table, None, table.original_latency_ms(),
                                                               chain=traced.chain, with_frontier=True)[1])
         for ratio in args.ratios.split(","):
