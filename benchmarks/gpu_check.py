@@ -18,10 +18,10 @@ internals can move under it. Steps, each time-boxed (its own limit, clipped to w
    channels_last) at batch 128, as the papers time, in fp16, with LayerMerge's pruning options; the
    table and its meta are copied to DIR. Should profiling with CUDA graphs fail, it runs once more
    without them (recorded), and the benches then run without them too.
-4. plans: ``dpcompress importance --method uniform --prune`` (every segment 1, a pruned conv costs
-   what a removed activation does), then ``dpcompress solve`` at each budget twice: without the
-   importance table (uniform importance prices no pruning: Kim et al. 2023's search space) and with
-   it (LayerMerge's).
+4. plans: ``dpcompress importance --method uniform`` with ``--no-prune`` and with ``--prune`` (every
+   segment 1, a pruned conv costs what a removed activation does), then ``dpcompress solve`` at each
+   budget twice: with the table without pruned rows (the solver prunes nothing it has no row for: Kim et
+   al. 2023's search space) and with the one with them (LayerMerge's).
 5. bench: ``dpcompress bench --plan --json`` of each plan against the original on the same backend,
    then ``dpcompress export --verify`` of each (ONNX, checked against the unmerged network in ONNX
    Runtime). Benches first: their figures are what the check is for.
@@ -362,12 +362,14 @@ def plans(check: Check) -> None:
     with check.record.step("plans") as entry:
         if check.table is None:
             raise StepFailed("no latency table", "skipped")
-        importance = check.work / "importance_prune.csv"
-        commands = [{"name": "importance", "args": ["importance", *model_args(s), "--method", "uniform", "--prune",
-                                                    "--out", str(importance)]}]
+        # Uniform importance, with rows for the pruned sets or without: solve prices no pruning it has no row for.
+        importance = {prune: check.work / f"importance_{'prune' if prune else 'merge'}.csv" for prune in (False, True)}
+        commands = [{"name": f"importance_{'prune' if prune else 'merge'}",
+                     "args": ["importance", *model_args(s), "--method", "uniform", "--prune" if prune else "--no-prune",
+                              "--out", str(path)]} for prune, path in importance.items()]
         for name, budget, prune in plan_names(s):
             path = check.work / f"plan_{name}.json"
-            chosen = ["--importance", str(importance)] if prune else []
+            chosen = ["--importance", str(importance[prune])]
             commands.append({"name": name, "args": ["solve", "--latency-table", str(check.table), *chosen,
                                                     "--budget-ratio", f"{budget:g}", "--out", str(path)]})
         done = check.dpcompress("plans", commands, check.time_for("plans"))
@@ -382,7 +384,8 @@ def plans(check: Check) -> None:
         entry["solved"] = len(check.plans)
         if missing:
             raise StepFailed(f"no plan for {', '.join(missing)} (importance: exit "
-                             f"{done.get('importance', {}).get('exit', 'none')})")
+                             f"{done.get('importance_prune', {}).get('exit', 'none')}, without pruning "
+                             f"{done.get('importance_merge', {}).get('exit', 'none')})")
 
 
 def plan_entry(name: str, budget: float, prune: bool, path: Optional[Path]) -> Dict[str, Any]:

@@ -98,8 +98,8 @@ def realistic(model: nn.Module, shape=SHAPE) -> nn.Module:
 
 
 def deepest_plan(model: nn.Module, shape, submodule=None):
-    """The plan of the smallest latency in the cost model: it merges all that it can."""
-    table = dpcompress.profile(model, shape, backend=CostBackend(), submodule=submodule, progress=False)
+    """The plan of the smallest latency in the cost model without pruning: it merges all that it can."""
+    table = dpcompress.profile(model, shape, backend=CostBackend(), submodule=submodule, progress=False, prune=False)
     chain = dpcompress.trace(model, shape, submodule=submodule)
     _, frontier = solve_with_frontier(table, None, table.original_latency_ms(), chain.activation_positions)
     return dpcompress.solve(table, budget_ms=frontier[0].latency_ms, chain=chain), chain
@@ -299,3 +299,14 @@ def test_norm_act_modules_are_unfused_so_their_activations_can_go():
     x = torch.randn(2, *SHAPE[1:])
     with torch.no_grad():
         torch.testing.assert_close(traced.gm(x), model(x))
+
+
+def test_profile_has_pruning_options_by_default_where_a_conv_is_reducible():
+    from dpcompress.zoo import tiny_mobilenet_v2
+
+    model, shape = tiny_mobilenet_v2().eval(), (1, 3, 16, 16)
+    assert dpcompress.trace(model, shape).reducible_positions()
+    default = dpcompress.profile(model, shape, backend=CostBackend(), progress=False, timing="standalone")
+    assert default.pruned_latency_ms and default.meta["prune"] is True
+    off = dpcompress.profile(model, shape, backend=CostBackend(), progress=False, timing="standalone", prune=False)
+    assert not off.pruned_latency_ms and set(off.latency_ms) == set(default.latency_ms)
