@@ -21,7 +21,6 @@ runtime and a measured speed-up is only what compression bought.
 
 from __future__ import annotations
 
-import collections
 import math
 import statistics
 import time
@@ -217,9 +216,14 @@ def quiet_set_speedups(samples: Sequence[Sequence[float]], iters_per_round: int,
     """The speed-up of each session set over its quiet rounds: of the sets with MIN_SET_ROUNDS quiet rounds
     where two or more have (one round is a noisy figure, and under load a set may keep only one), else of
     every set with any."""
-    masks = [[q and s == k for q, s in zip(quiet, set_of_round)] for k in sorted(set(set_of_round))]
+    masks = quiet_masks_by_set(quiet, set_of_round)
     enough = [mask for mask in masks if sum(mask) >= MIN_SET_ROUNDS]
     return set_speedups(samples, iters_per_round, enough if len(enough) >= 2 else masks)
+
+
+def quiet_masks_by_set(quiet: Sequence[bool], set_of_round: Sequence[int]) -> List[List[bool]]:
+    """For each session set, in order, the rounds that were its own and quiet."""
+    return [[q and s == k for q, s in zip(quiet, set_of_round)] for k in sorted(set(set_of_round))]
 
 
 def _plan_figures(plan: Optional["Plan"]) -> Optional[Dict[str, Any]]:
@@ -244,8 +248,7 @@ def _stopping_rule(until_ci: Optional[float], min_seconds: float, iters_per_roun
         quiet, _ = quiet_of(samples, iters_per_round, quiet_level_ms)
         if len(samples) == 1:
             return not until_ci or summarize(in_rounds(samples[0], iters_per_round, quiet)).ci_half_width <= until_ci
-        quiet_by_set = collections.Counter(k for q, k in zip(quiet, set_of_round) if q)
-        if sum(count >= set_rounds for count in quiet_by_set.values()) < sessions:
+        if sum(sum(mask) >= set_rounds for mask in quiet_masks_by_set(quiet, set_of_round)) < sessions:
             return False
         if not until_ci:
             return True

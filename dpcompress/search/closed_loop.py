@@ -196,8 +196,9 @@ def _next_step(frontier: Sequence[Plan], candidates: Sequence[Candidate], budget
     benched = {plan_key(c.plan) for c in candidates}
     plans = candidate_plans(frontier, target_ms, count, predicted_over=0.0, below_ms=below_ms, benched=benched)
     if not plans:  # the scaled budget lies below the frontier's end, or no plan between: the cheapest left
-        plans = candidate_plans(frontier, below_ms, count, predicted_over=0.0, below_ms=below_ms, benched=benched)
-        plans = sorted(plans, key=lambda p: p.latency_ms)[:count]
+        left = [p for p in frontier if p.latency_ms is not None and p.latency_ms < below_ms
+                and plan_key(p) not in benched]
+        plans = sorted(left, key=lambda p: p.latency_ms)[:count]
     return plans, target_ms
 
 

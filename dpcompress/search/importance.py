@@ -64,6 +64,7 @@ from dpcompress.errors import UserError
 from dpcompress.fileio import PathLike, write_json_atomic
 from dpcompress.graph.geometry import pruning_options
 from dpcompress.graph.plan import Plan
+from dpcompress.search.solver import options_on_splits
 from dpcompress.tables import (PRUNED_COLUMN, ImportanceTable, Pruned, format_pruned, meta_path_for,
                                read_importance_table, write_importance_table)
 
@@ -118,16 +119,7 @@ def segment_pruning_options(chain: Chain, segment: Segment) -> List[Pruned]:
     start, end = segment
     if chain.is_valid_block(start, end):
         return pruning_options(chain, start, end)
-    inside = [(a, b) for a, b in chain.valid_blocks() if start <= a and b <= end]
-    reached, reaching = {start}, {end}  # positions a split can reach from start, and reach end from
-    for a, b in inside:  # sorted by start
-        if a in reached:
-            reached.add(b)
-    for a, b in sorted(inside, key=lambda block: -block[1]):
-        if b in reaching:
-            reaching.add(a)
-    options = {pruned for a, b in inside if a in reached and b in reaching
-               for pruned in pruning_options(chain, a, b)}
+    options = options_on_splits(chain.valid_blocks(), lambda block: pruning_options(chain, *block), start, end)
     return sorted(options, key=lambda pruned: (len(pruned), pruned))
 
 

@@ -42,7 +42,7 @@ import time
 from operator import itemgetter
 from pathlib import Path
 from dataclasses import dataclass, field, replace
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -489,15 +489,22 @@ def _segment_pruned_sets(blocks: Sequence[Block], rows: Mapping[Block, float], o
                          i: int, j: int) -> Set[Pruned]:
     if (i, j) in rows:
         return set(options.get((i, j), ()))
-    inside = [(a, b) for a, b in blocks if i <= a and b <= j]
-    reached, reaching = {i}, {j}
-    for a, b in inside:
+    return options_on_splits(blocks, lambda block: options.get(block, ()), i, j)
+
+
+def options_on_splits(blocks: Iterable[Block], options: Callable[[Block], Iterable[Pruned]], start: int, end: int
+                      ) -> Set[Pruned]:
+    """The pruned sets ``options`` gives the blocks that lie on some split of segment (start, end) into
+    ``blocks``: those reached from ``start`` and reaching ``end`` through blocks inside the segment."""
+    inside = sorted((a, b) for a, b in blocks if start <= a and b <= end)
+    reached, reaching = {start}, {end}
+    for a, b in inside:  # sorted by start: each start is final before it is extended
         if a in reached:
             reached.add(b)
     for a, b in sorted(inside, key=lambda block: -block[1]):
         if b in reaching:
             reaching.add(a)
-    return {pruned for a, b in inside if a in reached and b in reaching for pruned in options.get((a, b), ())}
+    return {pruned for a, b in inside if a in reached and b in reaching for pruned in options((a, b))}
 
 
 def uniform_segments(s1: Stage1Result, allowed_positions: Optional[Iterable[int]] = None) -> Segments:
