@@ -146,8 +146,10 @@ def export(model_spec: str, weights: Optional[str], input_shape: str, submodule:
 @click.option("--weights", default=None, type=click.Path(dir_okay=False), help="state_dict for --model.")
 @click.option("--input-shape", default="1,3,224,224", show_default=True, help="N,C,H,W, with --model.")
 @click.option("--measure", is_flag=True,
-              help="With --model: bench the most important candidate plans around the budget on --backend and "
-                   "write the best one measured within it (or the plan that merges nothing).")
+              help="With --model: the closed loop. Bench the most important candidate plans around the budget on "
+                   "--backend, stepping down the frontier while they measure over it, and write the best one "
+                   "measured within it (else the fastest measured faster than the original, else the plan that "
+                   "merges nothing).")
 @click.option("--candidates", type=int, default=3, show_default=True, help="With --measure: plans to bench.")
 @click.option("--backend", "backend_name", type=click.Choice(["onnxruntime", "openvino", "torch", "tensorrt"]),
               default=None,
@@ -530,8 +532,9 @@ def finetune(model_spec: str, weights: Optional[str], input_shape: str, plan_pat
 @click.option("--tables-dir", type=click.Path(file_okay=False), default=None,
               help="Where to look for a matching latency table [default: the shipped latency_tables/].")
 @click.option("--measure/--no-measure", default=True, show_default=True,
-              help="Closed loop: bench the most important candidate plans around the budget on the backend and "
-                   "keep the best one measured within it (or the original where none is).")
+              help="Closed loop: bench the most important candidate plans around the budget on the backend, "
+                   "stepping down the frontier while they measure over it, and keep the best one measured within "
+                   "it (else the fastest measured faster than the original, else the original).")
 @click.option("--candidates", type=int, default=3, show_default=True, help="Plans the closed loop benches.")
 @prune_option
 def compress(model_spec: str, weights: Optional[str], input_shape: str, submodule: Optional[str], out_dir: str,
