@@ -12,7 +12,7 @@ from torch import nn
 
 from dpcompress.backends import Backend, Runner, RunByRunProfile, export_onnx_bytes, get_backend
 from dpcompress.backends.onnxruntime_backend import _owner_of, part_owners
-from dpcompress.latency.network_timing import pack, packed_network, packed_plan, time_networks
+from dpcompress.latency.network_timing import pack, pack_alternatives, packed_network, packed_plan, time_networks
 from dpcompress.graph.geometry import block_geometry
 from dpcompress.latency.profile import profile_table
 from dpcompress.latency.timing import MIN_KEPT_FRACTION
@@ -458,3 +458,13 @@ def test_a_profile_that_starts_loaded_times_those_networks_again(tiny_traced, tm
     # Judged once more only: a profile wholly in one state keeps what it timed.
     meta, latency = profile(lambda mark: LOADED, "u.csv")
     assert meta["retimed_shapes"] == 0 and all(ms == pytest.approx(2.0) for ms in latency.values())
+
+
+def test_pack_places_an_item_at_whichever_of_its_positions_fits():
+    # Two items overlap at their first positions; the second has another that is free.
+    networks, left = pack_alternatives([[(0, 3)], [(1, 4), (4, 6)], [(2, 5)]], max_networks=1)
+    assert networks == [[(0, 3), (4, 6)]]
+    assert left == [[(2, 5)]]
+    # Without the alternative, the same items need a second network.
+    networks, left = pack_alternatives([[(0, 3)], [(1, 4)], [(2, 5)]], max_networks=1)
+    assert networks == [[(0, 3)]] and left == [[(1, 4)], [(2, 5)]]
