@@ -121,26 +121,19 @@ def packed_network(traced: "TracedModel", plan: Plan,
     return network.eval(), names
 
 
-def pack(blocks: Sequence[Tuple[int, ...]],
-         max_networks: int) -> Tuple[List[List[Tuple[int, ...]]], List[Tuple[int, ...]]]:
-    """First-fit of ``blocks`` (``(start, end, ...)``) into at most ``max_networks`` sets of disjoint
-    blocks (in the given order); the blocks that fit nowhere are returned for a later round."""
-    networks, left = pack_alternatives([[block] for block in blocks], max_networks)
-    return networks, [alternatives[0] for alternatives in left]
-
-
-def pack_alternatives(items: Sequence[Sequence[Tuple[int, ...]]],
-                      max_networks: int) -> Tuple[List[List[Tuple[int, ...]]], List[Sequence[Tuple[int, ...]]]]:
-    """First-fit of ``items`` into at most ``max_networks`` sets of disjoint blocks, in the given order, each
-    item placed as the first of its alternative blocks that fits (a shape times alike at any of its
-    positions); the items that fit nowhere are returned for a later round."""
+def pack(items: Sequence[Sequence[Tuple[int, ...]]],
+         max_networks: int) -> Tuple[List[List[Tuple[int, ...]]], List[Sequence[Tuple[int, ...]]]]:
+    """First-fit of ``items`` into at most ``max_networks`` sets of disjoint blocks (``(start, end, ...)``), in
+    the given order, each item placed as the first of its alternative blocks that fits (a shape times alike
+    at any of its positions); the items that fit nowhere are returned for a later round."""
     networks: List[List[Tuple[int, ...]]] = []
     left: List[Sequence[Tuple[int, ...]]] = []
     for alternatives in items:
         spot = next(((members, block) for members in networks for block in alternatives
                      if all(block[1] <= other[0] or other[1] <= block[0] for other in members)), None)
         if spot is not None:
-            spot[0].append(spot[1])
+            members, block = spot
+            members.append(block)
         elif len(networks) < max_networks:
             networks.append([alternatives[0]])
         else:

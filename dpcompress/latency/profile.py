@@ -85,7 +85,7 @@ from dpcompress.graph.chain import Chain
 from dpcompress.latency.blocks import (BlockShape, Option, TableBlocks, block_input_shape, block_module,
                                        enumerate_blocks, weight_bytes)
 from dpcompress.latency.calibration import DEFAULT_CALIBRATION, CalibrationSettings, NoCalibration, calibration_for
-from dpcompress.latency.network_timing import NetworkTimer, minimum_runs, pack_alternatives, packed_plan
+from dpcompress.latency.network_timing import NetworkTimer, minimum_runs, pack, packed_plan
 from dpcompress.latency.table_file import (PRUNED_TABLE_COLUMNS, TABLE_COLUMNS, PartialTable, Row, capped_option,
                                            existing_rows, option_entries, row_option, table_row)
 from dpcompress.latency.timing import MIN_KEPT_FRACTION, floored, kept_latency, time_runner
@@ -448,10 +448,10 @@ class TableRun:
         if singles_network:
             networks: List[List[Option]] = [[]]
         elif lone:
-            networks = [[self._member(shape)] for shape in lone]
+            networks = [self._members(shape)[:1] for shape in lone]
         else:
-            networks, _ = pack_alternatives([self._members(shape) for shape in
-                                             self._round_shapes(pending, per_round, model_bytes)], per_round)
+            networks, _ = pack([self._members(shape) for shape in self._round_shapes(pending, per_round, model_bytes)],
+                               per_round)
         plans = [packed_plan(timer.traced.chain, [(s, e) for s, e, _ in members],
                              pruned=[p for *_, pruned in members for p in pruned]) for members in networks]
         # The cap needs a bound to write: none before a rate was measured (the singles' network).
@@ -497,9 +497,6 @@ class TableRun:
     def _members(self, shape: BlockShape) -> List[Option]:
         """The blocks that can stand for a shape in a timed network: those without a row."""
         return [b for b in self.blocks.groups[shape] if b not in self.rows]
-
-    def _member(self, shape: BlockShape) -> Option:
-        return self._members(shape)[0]
 
     def _round_shapes(self, shapes: List[BlockShape], per_round: int, model_bytes: int) -> List[BlockShape]:
         """The first of ``shapes`` whose merged weights fit in the round beside the networks' own (at least

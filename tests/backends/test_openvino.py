@@ -124,7 +124,7 @@ def test_openvino_attributes_each_blocks_nodes_to_it():
 def test_openvino_attributes_a_packed_networks_blocks(tiny_traced):
     openvino()
     chain = tiny_traced.chain
-    members = pack([b for b in chain.valid_blocks() if b[1] - b[0] > 1], 1)[0][0]
+    members = pack([[b] for b in chain.valid_blocks() if b[1] - b[0] > 1], 1)[0][0]
     plan = packed_plan(chain, members)
     network, names = packed_network(tiny_traced, plan, {(*b, ()): block_geometry(chain, *b) for b in plan.blocks})
     _, profiled = get_backend("openvino", threads=1).prepare_network_timing(network, (1, 3, 16, 16), "fp32",
@@ -234,7 +234,7 @@ def test_openvino_rounds_are_read_from_its_running_averages():
 def test_conv_multiply_adds_are_read_from_the_model(tiny_traced):
     ov = openvino()
     chain = tiny_traced.chain
-    plan = packed_plan(chain, pack([b for b in chain.valid_blocks() if b[1] - b[0] > 1], 1)[0][0])
+    plan = packed_plan(chain, pack([[b] for b in chain.valid_blocks() if b[1] - b[0] > 1], 1)[0][0])
     network, names = packed_network(tiny_traced, plan, {(*b, ()): block_geometry(chain, *b) for b in plan.blocks})
     x = torch.randn(1, 3, 16, 16)
     expected = {}

@@ -12,7 +12,7 @@ from torch import nn
 
 from dpcompress.backends import Backend, Runner, RunByRunProfile, export_onnx_bytes, get_backend
 from dpcompress.backends.onnxruntime_backend import _owner_of, part_owners
-from dpcompress.latency.network_timing import pack, pack_alternatives, packed_network, packed_plan, time_networks
+from dpcompress.latency.network_timing import pack, packed_network, packed_plan, time_networks
 from dpcompress.graph.geometry import block_geometry
 from dpcompress.latency.profile import profile_table
 from dpcompress.latency.timing import MIN_KEPT_FRACTION
@@ -69,10 +69,10 @@ def test_profiled_node_names_map_back_to_their_part():
 
 def test_pack_makes_disjoint_sets_within_the_limit():
     blocks = [(0, 2), (1, 3), (2, 4), (3, 5), (0, 5), (4, 6)]
-    networks, left = pack(blocks, max_networks=2)
+    networks, left = pack([[b] for b in blocks], max_networks=2)
     assert len(networks) <= 2
     placed = [b for members in networks for b in members]
-    assert sorted(placed + left) == sorted(blocks)
+    assert sorted(placed + [b for (b,) in left]) == sorted(blocks)
     for members in networks:
         for i, (s1, e1) in enumerate(members):
             assert all(e1 <= s2 or e2 <= s1 for s2, e2 in members[i + 1:])
@@ -346,7 +346,7 @@ def test_an_anchor_keeps_the_loaded_rounds_out_of_the_blocks_times(tiny_traced):
     from dpcompress.latency.network_timing import Anchor
 
     chain = tiny_traced.chain
-    members = pack([b for b in chain.valid_blocks() if b[1] - b[0] > 1], 1)[0][0]
+    members = pack([[b] for b in chain.valid_blocks() if b[1] - b[0] > 1], 1)[0][0]
     plan = packed_plan(chain, members)
     geometries = {(*b, ()): block_geometry(chain, *b) for b in plan.blocks}
     first = min(packed_network(tiny_traced, plan, geometries)[1].items())  # the part slowed when loaded
@@ -462,9 +462,9 @@ def test_a_profile_that_starts_loaded_times_those_networks_again(tiny_traced, tm
 
 def test_pack_places_an_item_at_whichever_of_its_positions_fits():
     # Two items overlap at their first positions; the second has another that is free.
-    networks, left = pack_alternatives([[(0, 3)], [(1, 4), (4, 6)], [(2, 5)]], max_networks=1)
+    networks, left = pack([[(0, 3)], [(1, 4), (4, 6)], [(2, 5)]], max_networks=1)
     assert networks == [[(0, 3), (4, 6)]]
     assert left == [[(2, 5)]]
     # Without the alternative, the same items need a second network.
-    networks, left = pack_alternatives([[(0, 3)], [(1, 4)], [(2, 5)]], max_networks=1)
+    networks, left = pack([[(0, 3)], [(1, 4)], [(2, 5)]], max_networks=1)
     assert networks == [[(0, 3)]] and left == [[(1, 4)], [(2, 5)]]
